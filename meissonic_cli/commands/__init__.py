@@ -1,0 +1,1 @@
+"""One module per subcommand. Each defines `register(app)` and keeps heavy imports inside the command body."""

@@ -1,0 +1,65 @@
+"""Helpers shared by the typed config dataclasses of every stage.
+
+Each config field carries its documentation in `metadata={"help": ...}`; the CLI uses that same
+text for `--help` (`help_of`), so every field is documented exactly once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from .errors import ConfigError
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
+          flag: str | None = None) -> Any:
+    """A dataclass field with its help text (and optionally the CLI flag that sets it)."""
+    meta = {"help": help}
+    if flag:
+        meta["flag"] = flag
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def help_of(cls: type, name: str) -> str:
+    """The documented help text of field `name` of config dataclass `cls`."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.metadata.get("help", "")
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def flag_of(cls: type, name: str) -> str:
+    """The CLI flag for a field: explicit metadata, else `--field-name`."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.metadata.get("flag", "--" + name.replace("_", "-"))
+    raise KeyError(name)
+
+
+class Problems:
+    """Collects validation problems so a config reports all of them at once."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def check(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.items.append(message)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise ConfigError(self.items)
+
+
+def update_from_dict(cfg: Any, values: dict[str, Any], source: str = "config") -> Any:
+    """Return a copy of dataclass `cfg` with `values` applied; unknown keys are named in the error."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(k for k in values if k.replace("-", "_") not in names)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown field(s) {', '.join(unknown)}; valid fields are: {', '.join(sorted(names))}"
+        )
+    return dataclasses.replace(cfg, **{k.replace("-", "_"): v for k, v in values.items()})

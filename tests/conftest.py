@@ -1,0 +1,36 @@
+"""Shared test set-up: no network, small thread counts, isolated caches."""
+
+from __future__ import annotations
+
+import os
+
+# Set before anything imports huggingface_hub / img2dataset / albumentations.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    """Every test gets its own HF/torch cache dirs, so nothing reads or writes the user's caches."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    monkeypatch.setenv("TORCH_HOME", str(home / "torch"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / "cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def conformance_dir() -> Path:
+    """Directory of official reference vectors (MEISSONIC_CONFORMANCE_DIR, default ../shared/conformance)."""
+    path = Path(os.environ.get("MEISSONIC_CONFORMANCE_DIR", REPO_ROOT.parent / "shared" / "conformance"))
+    if not (path / "cases.json").is_file():
+        pytest.fail(f"conformance vectors not found at {path}; set MEISSONIC_CONFORMANCE_DIR")
+    return path
