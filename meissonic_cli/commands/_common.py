@@ -5,21 +5,31 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-import click
+import typer
 
 from ..errors import MeissonicError
 
 
+def fail(message: str, code: int = 1) -> "typer.Exit":
+    """Print `Error: <message>` on stderr and return the Exit to raise (exit code `code`)."""
+    typer.echo(f"Error: {message}", err=True)
+    return typer.Exit(code=code)
+
+
 def handle_errors(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a command so a `MeissonicError` prints `Error: <message>` and exits with code 1."""
+    """Wrap a command so a `MeissonicError` prints `Error: <message>` and exits with code 1.
+
+    Typer ships its own copy of click, so raising `click.ClickException` from here would not be
+    caught by it; printing and raising `typer.Exit` works with every Typer version.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
         except MeissonicError as err:
-            raise click.ClickException(str(err)) from None
+            raise fail(str(err)) from None
         except KeyboardInterrupt:
-            raise click.ClickException("interrupted; completed work is kept, rerun the same command to resume") from None
+            raise fail("interrupted; completed work is kept, rerun the same command to resume", 130) from None
 
     return wrapper

@@ -1,0 +1,103 @@
+"""`meissonic info`: a model folder's transformer config, parameter counts and released-layout parts."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from ._common import handle_errors
+
+# Sub-folders of a released model root and what each holds.
+LAYOUT = {
+    "transformer": "Meissonic transformer (config.json + safetensors)",
+    "vqvae": "VQ image tokenizer",
+    "text_encoder": "CLIP text encoder",
+    "tokenizer": "CLIP tokenizer",
+    "scheduler": "MaskGIT scheduler config",
+}
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("info", no_args_is_help=True)
+    @handle_errors
+    def info_command(
+        model: Optional[str] = typer.Option(
+            None, "--model", "-m", help="Model root (with transformer/, vqvae/, ...) or a transformer/ folder."
+        ),
+        config: Optional[str] = typer.Option(
+            None, "--config", help="Instead of a folder, a named configuration built on the meta device: 1b (released) or tiny."
+        ),
+    ) -> None:
+        """Print the transformer config, parameter counts and which parts of the released layout exist."""
+        from pathlib import Path
+
+        from rich.console import Console
+        from rich.table import Table
+
+        from ..errors import InputError
+        from ..model import (
+            NAMED_CONFIGS,
+            TransformerConfig,
+            build_on_meta,
+            check_state_dict,
+            num_parameters,
+            parameter_counts,
+            transformer_folder,
+            weight_shapes,
+        )
+
+        if (model is None) == (config is None):
+            raise InputError("give exactly one of --model DIR or --config NAME (e.g. meissonic info --config 1b)")
+        console = Console()
+        weights_note = None
+        if config is not None:
+            if config not in NAMED_CONFIGS:
+                raise InputError(f"unknown --config {config!r}; choose one of {', '.join(NAMED_CONFIGS)}")
+            cfg = NAMED_CONFIGS[config]()
+            title = f"configuration {config}"
+        else:
+            tdir = transformer_folder(model)
+            cfg = TransformerConfig.from_json(tdir / "config.json")
+            title = str(tdir)
+        meta_model = build_on_meta(cfg)
+        if config is None:
+            stored = weight_shapes(tdir)
+            check_state_dict(meta_model, {k: shape for k, (shape, _) in stored.items()}, f"weights in {tdir}")
+            dtypes = sorted({dtype for _, dtype in stored.values()})
+            weights_note = f"{len(stored)} tensors, dtype {', '.join(dtypes)}, keys and shapes match the config"
+
+        table = Table(title=f"Transformer config ({title})")
+        table.add_column("field")
+        table.add_column("value")
+        for key, value in cfg.to_json_dict().items():
+            if not key.startswith("_"):
+                table.add_row(key, str(value))
+        table.add_row("hidden width (derived)", str(cfg.inner_dim))
+        table.add_row("mask token id (derived)", str(cfg.mask_token_id))
+        console.print(table)
+
+        counts = Table(title="Parameters")
+        counts.add_column("prefix")
+        counts.add_column("parameters", justify="right")
+        for prefix, n in parameter_counts(meta_model).items():
+            counts.add_row(prefix, f"{n:,}")
+        total = num_parameters(meta_model)
+        counts.add_row("total", f"{total:,}", style="bold")
+        counts.add_row("total without compression layers", f"{num_parameters(meta_model, exclude_compression=True):,}")
+        console.print(counts)
+        if weights_note:
+            console.print(f"Weights: {weights_note}", highlight=False)
+
+        if model is not None:
+            root = Path(model)
+            if (root / "transformer").is_dir() or root.resolve() != tdir.resolve():
+                parts = Table(title="Released layout")
+                parts.add_column("folder")
+                parts.add_column("present")
+                parts.add_column("holds")
+                for name, what in LAYOUT.items():
+                    parts.add_row(f"{name}/", "yes" if (root / name).is_dir() else "no", what)
+                console.print(parts)
+            else:
+                console.print("(a transformer folder on its own; no other parts of the released layout)", highlight=False)
