@@ -394,14 +394,14 @@ def resolve_device(device: str) -> Any:
 
 
 def load_models(cfg: TokenizeConfig, device: Any) -> tuple[Any, Any | None]:
-    """(VQTokenizer, TextEncoder or None) on `device`."""
+    """(VQ tokenizer, TextEncoder or None) on `device`; the VQ is a diffusers VQModel or a PatchVQ."""
     import torch
 
     from .text_encoder import TextEncoder
-    from .vq import VQTokenizer
+    from .vq import load_vq
 
     dtype = getattr(torch, DTYPES[cfg.dtype])
-    vq = VQTokenizer.from_pretrained(cfg.vq or cfg.model, dtype=dtype).to(device).eval()
+    vq = load_vq(cfg.vq or cfg.model, dtype=dtype).to(device).eval()
     text = None
     if cfg.text_features != "none":
         text = TextEncoder.from_pretrained(cfg.text_encoder or cfg.model, dtype=dtype).to(device).eval()

@@ -41,11 +41,12 @@ def test_indices_are_nearest_codebook_entries(vq):
 
 
 def test_decode_uses_codebook_vectors(vq):
-    codes = torch.randint(0, vq.codebook_size, (1, 2, 3))
+    # Seeded, and compared at a float32-rounding tolerance: the two paths order a few ops differently.
+    codes = torch.randint(0, vq.codebook_size, (1, 2, 3), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         quant = vq.model.quantize.embedding.weight[codes].permute(0, 3, 1, 2)
         expected = vq.model.decoder(vq.model.post_quant_conv(quant)).clamp(0, 1)
-    torch.testing.assert_close(vq.decode(codes), expected)
+    torch.testing.assert_close(vq.decode(codes), expected, atol=1e-5, rtol=1e-4)
 
 
 def test_save_load_round_trip(vq, tmp_path):

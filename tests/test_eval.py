@@ -1,0 +1,300 @@
+"""`meissonic eval`: metric plumbing with tiny random-weight networks loaded through the real loaders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from meissonic_cli import shapes
+from meissonic_cli.cli import app
+from meissonic_cli.errors import ConfigError, InputError, ModelFormatError
+from meissonic_cli.evaluate import EvalConfig, load_items, read_eval_prompts, run_eval
+from meissonic_cli.metrics_clip import load_clip
+from meissonic_cli.metrics_fid import FIDInception, feature_stats, fid_from_features, frechet_distance
+
+runner = CliRunner()
+
+TINY_CLIP = {"embed_dim": 16,
+             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+TINY_DINO = {"img_size": 32, "patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> dict[str, Path]:
+    """Tiny CLIP / HPS / DINO checkpoints in the formats the real files use."""
+    import open_clip
+    from timm.models.vision_transformer import VisionTransformer
+
+    root = tmp_path_factory.mktemp("weights")
+    (root / "tiny_clip.json").write_text(json.dumps(TINY_CLIP))
+    (root / "tiny_dino.json").write_text(json.dumps(TINY_DINO))
+    torch.manual_seed(0)
+    torch.save(open_clip.model.CLIP(**TINY_CLIP).state_dict(), root / "open_clip_pytorch_model.bin")
+    # HPS v2 ships {"state_dict": ...}; a DDP-saved copy adds "module.".
+    hps = {f"module.{k}": v.half() for k, v in open_clip.model.CLIP(**TINY_CLIP).state_dict().items()}
+    torch.save({"state_dict": hps}, root / "HPS_v2_compressed.pt")
+    torch.save(VisionTransformer(num_classes=0, **TINY_DINO).state_dict(), root / "dino_tiny.pth")
+    return {"clip_model": root / "tiny_clip.json", "clip": root / "open_clip_pytorch_model.bin",
+            "hps": root / "HPS_v2_compressed.pt", "dino_model": root / "tiny_dino.json", "dino": root / "dino_tiny.pth"}
+
+
+def _image(colour: tuple[int, int, int], size: int = 32, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(colour)[None, None] + rng.integers(-40, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def _write(folder: Path, name: str, image: Image.Image, **meta) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    image.save(folder / f"{name}.png")
+    (folder / f"{name}.json").write_text(json.dumps(meta))
+    return folder / f"{name}.png"
+
+
+@pytest.fixture()
+def edits(tmp_path) -> Path:
+    """Edit outputs: two whose source is the same image, one with a different source."""
+    src, out = tmp_path / "src", tmp_path / "edits"
+    src.mkdir()
+    a, b = _image((200, 30, 30), seed=1), _image((30, 30, 200), seed=2)
+    a.save(src / "a.png")
+    b.save(src / "b.png")
+    _write(out, "e0", a, prompt="a red square", category="photo", source=str(src / "a.png"))
+    _write(out, "e1", b, prompt="a blue square", category="anime", source="../src/b.png", source_prompt="a red square")
+    _write(out, "e2", _image((30, 200, 30), seed=3), prompt="a green square", category="photo",
+           source=str(src / "a.png"), source_prompt="a red square")
+    return out
+
+
+def _cfg(images: Path, weights: dict[str, Path], suites: list[str], **kw) -> EvalConfig:
+    return EvalConfig(suites=suites, images=str(images), out=str(images.parent / "report"), device="cpu",
+                      clip_model=str(weights["clip_model"]), clip_checkpoint=str(weights["clip"]),
+                      hps_model=str(weights["clip_model"]), hps_checkpoint=str(weights["hps"]),
+                      dino_model=str(weights["dino_model"]), dino_checkpoint=str(weights["dino"]), batch_size=2, **kw)
+
+
+def test_clip_hps_dino_on_edits(edits, weights):
+    report = run_eval(_cfg(edits, weights, ["clip", "hps", "dino"]), progress=False)
+    rows = {r["file"]: r for r in report["per_image"]}
+    # Identical image and source: CLIP-I and DINO are 1 and L1 is 0 for any weights.
+    for name in ("e0.png", "e1.png"):
+        assert rows[name]["clip_i"] == pytest.approx(1.0, abs=1e-5)
+        assert rows[name]["dino"] == pytest.approx(1.0, abs=1e-5)
+        assert rows[name]["l1"] == 0.0
+    assert rows["e2.png"]["clip_i"] < 0.9999 and rows["e2.png"]["l1"] > 0.1
+    # CLIP-dir only where the sidecar names the source caption; e1's image equals its source -> zero direction.
+    assert "clip_dir" not in rows["e0.png"] and "clip_dir" in rows["e2.png"]
+
+    # HPS v2 = 100 x cos(image, prompt), checked against open_clip's own model on the same weights.
+    import open_clip
+
+    ref = open_clip.model.CLIP(**TINY_CLIP).eval()
+    state = torch.load(weights["hps"])["state_dict"]
+    ref.load_state_dict({k[len("module."):]: v.float() for k, v in state.items()})
+    pre = open_clip.image_transform(32, is_train=False)
+    with torch.no_grad():
+        img = ref.encode_image(pre(Image.open(edits / "e2.png").convert("RGB"))[None], normalize=True)
+        txt = ref.encode_text(open_clip.tokenize(["a green square"]), normalize=True)
+    assert rows["e2.png"]["hps"] == pytest.approx(100 * float((img * txt).sum()), abs=1e-3)
+
+    metrics = report["metrics"]
+    assert metrics["clip_t"]["n"] == 3 and metrics["clip_i"]["n"] == 3 and metrics["dino"]["n"] == 3
+    assert metrics["hps"]["by_category"]["photo"] == pytest.approx((rows["e0.png"]["hps"] + rows["e2.png"]["hps"]) / 2)
+    assert list(metrics["hps"]["by_category"]) == ["anime", "photo"]  # HPS v2 category order
+
+    out = edits.parent / "report"
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["metrics"]["clip_i"]["mean"] == pytest.approx(metrics["clip_i"]["mean"])
+    md = (out / "report.md").read_text()
+    assert "| CLIP-I |" in md and "## By category" in md and "![grid](grid.png)" in md
+    with Image.open(out / "grid.png") as grid:
+        assert grid.width >= 2 * 256
+
+
+@pytest.mark.slow  # four Inception forwards at 299x299 on CPU
+def test_inception_loader_and_fid_of_a_folder_with_itself(tmp_path):
+    # Random weights saved the way pt_inception is (a plain state dict without num_batches_tracked).
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        net = FIDInception()
+    net = net.to_empty(device="cpu")
+    state = {}
+    for k, v in net.net.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        if k.endswith("running_var"):
+            state[k] = torch.ones_like(v)
+        elif k.endswith("running_mean") or k.endswith("bias"):
+            state[k] = torch.zeros_like(v)
+        elif v.dim() > 1:
+            state[k] = torch.randn_like(v) / v[0].numel() ** 0.5
+        else:
+            state[k] = torch.ones_like(v)
+    torch.save(state, tmp_path / "pt_inception.pth")
+    images = tmp_path / "gen"
+    for i in range(2):
+        _write(images, f"g{i}", _image((60 * i + 40, 100, 160), seed=i), prompt="x")
+    ref = tmp_path / "ref"
+    shutil.copytree(images, ref)
+    cfg = EvalConfig(suites=["fid"], images=str(images), out=str(tmp_path / "r"), reference=str(ref), device="cpu",
+                     inception_checkpoint=str(tmp_path / "pt_inception.pth"), grid=0)
+    report = run_eval(cfg, progress=False)
+    assert report["fid"]["value"] == pytest.approx(0.0, abs=1e-6)
+    assert report["fid"]["reference_images"] == 2 and report["grid"] is None
+    # A wrong file is named as such.
+    torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "bad.pth")
+    with pytest.raises(ModelFormatError, match="not a FID Inception"):
+        run_eval(EvalConfig(suites=["fid"], images=str(images), out=str(tmp_path / "r"), reference=str(ref),
+                            device="cpu", inception_checkpoint=str(tmp_path / "bad.pth")), progress=False)
+
+
+def test_frechet_distance_matches_scipy_sqrtm():
+    linalg = pytest.importorskip("scipy.linalg")
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 12))
+    b = rng.normal(size=(7, 12)) @ rng.normal(size=(12, 12)) + 0.5
+    mu1, s1 = feature_stats(a)
+    mu2, s2 = feature_stats(b)
+    covmean = linalg.sqrtm(s1 @ s2)
+    expected = float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean).real)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
+    assert fid_from_features(a, b) == pytest.approx(expected, rel=1e-6)  # the low-rank path
+    big = rng.normal(size=(40, 3))
+    assert fid_from_features(big, big * 2 + 1) == pytest.approx(frechet_distance(*feature_stats(big), *feature_stats(big * 2 + 1)))
+    assert fid_from_features(a, a) == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(InputError, match="at least 2"):
+        fid_from_features(a[:1], b)
+
+
+def test_missing_weights_name_metric_file_and_source(edits, tmp_path):
+    result = runner.invoke(app, ["eval", "--suite", "clip,hps,dino,fid", "--images", str(edits),
+                                 "--reference", str(edits), "--inception-checkpoint", str(tmp_path / "nope.pth")])
+    assert result.exit_code == 1
+    message = result.output
+    for needle in ("HPS_v2_compressed.pt", "huggingface.co/xswu/HPSv2", "--hps-checkpoint",
+                   "open_clip_pytorch_model.bin", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                   "dino_deitsmall16_pretrain.pth", f"{tmp_path / 'nope.pth'} does not exist"):
+        assert needle in message, needle
+    assert not (edits.parent / "edits-eval").exists()  # nothing written
+
+    offline = runner.invoke(app, ["eval", "--suite", "hps", "--images", str(edits), "--allow-download"],
+                            env={"HF_HUB_OFFLINE": "1"})
+    assert offline.exit_code == 1 and "HF_HUB_OFFLINE is set" in offline.output
+
+
+def test_weights_config_relative_paths_and_flags_win(edits, weights, tmp_path):
+    conf = weights["clip"].parent / "weights.yaml"
+    conf.write_text(f"clip: {weights['clip'].name}\nclip_model: {weights['clip_model']}\nhps: missing.pt\n")
+    report = run_eval(EvalConfig(suites=["clip"], images=str(edits), out=str(tmp_path / "r1"), device="cpu",
+                                 weights_config=str(conf), grid=0), progress=False)
+    assert report["settings"]["weights"]["clip"] == str(weights["clip"])
+    with pytest.raises(ConfigError, match="missing.pt does not exist"):
+        run_eval(EvalConfig(suites=["hps"], images=str(edits), out=str(tmp_path / "r2"), weights_config=str(conf)),
+                 progress=False)
+    # The flag wins over the file.
+    report = run_eval(EvalConfig(suites=["hps"], images=str(edits), out=str(tmp_path / "r3"), device="cpu",
+                                 weights_config=str(conf), hps_checkpoint=str(weights["hps"]),
+                                 hps_model=str(weights["clip_model"]), grid=0), progress=False)
+    assert report["metrics"]["hps"]["n"] == 3
+
+
+def test_shapes_suite_on_ground_truth_and_wrong_prompts(tmp_path):
+    prompts = [p for p in shapes.benchmark_prompts() if p.category in ("object", "position")][::6]
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    for i, p in enumerate(prompts):
+        _write(good, f"{i:03d}", shapes.render(p.scene, 64), prompt=p.text)
+        # Shifted by one: each image is scored against another prompt's text (different colour or shape).
+        _write(bad, f"{i:03d}", shapes.render(prompts[(i + 1) % len(prompts)].scene, 64), prompt=p.text)
+    Image.new("RGB", (64, 64)).save(good / "grid.png")  # a sampler grid is not a sample
+    result = runner.invoke(app, ["eval", "--suite", "shapes", "--images", str(good), "--out", str(tmp_path / "rg")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "rg" / "report.json").read_text())
+    assert report["count"] == len(prompts)
+    assert report["shapes"]["overall"] == 1.0 and report["shapes"]["color"] == 1.0
+    assert (tmp_path / "rg" / "shapes_bench.json").is_file()
+    assert "Shapes benchmark" in (tmp_path / "rg" / "report.md").read_text()
+    assert "shapes overall" in result.output
+
+    wrong = run_eval(EvalConfig(suites=["shapes"], images=str(bad), out=str(tmp_path / "rb"), grid=0), progress=False)
+    assert wrong["shapes"]["overall"] < 0.5
+
+
+def test_prompts_mode_samples_then_scores_with_categories(tmp_path, weights):
+    from meissonic_cli.scaffold import build_tiny_model_folder
+
+    model = build_tiny_model_folder(tmp_path / "model")
+    prompt_dir = tmp_path / "hps_prompts"
+    prompt_dir.mkdir()
+    (prompt_dir / "anime.json").write_text(json.dumps(["a cat", "a dog"]))
+    (prompt_dir / "photo.json").write_text(json.dumps(["a car"]))
+    args = ["eval", "--suite", "clip", "--prompts", str(prompt_dir), "--model", str(model), "--out", str(tmp_path / "ev"),
+            "--clip-model", str(weights["clip_model"]), "--clip-checkpoint", str(weights["clip"]),
+            "--steps", "2", "--cfg", "2", "--resolution", "64", "--device", "cpu"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    assert report["count"] == 3 and set(report["metrics"]["clip_t"]["by_category"]) == {"anime", "photo"}
+    sidecars = sorted((tmp_path / "ev" / "images").glob("*.json"))
+    assert [json.loads(p.read_text())["category"] for p in sidecars] == ["anime", "anime", "photo"]
+    # A rerun samples nothing new and re-scores the same images.
+    mtimes = [p.stat().st_mtime_ns for p in sorted((tmp_path / "ev" / "images").glob("*.png"))]
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "ev" / "images").glob("*.png"))] == mtimes
+    assert json.loads((tmp_path / "ev" / "report.json").read_text())["metrics"]["clip_t"]["mean"] == \
+        pytest.approx(report["metrics"]["clip_t"]["mean"])
+    # The same folder scores the same through --images (categories come from the sidecars).
+    direct = run_eval(EvalConfig(suites=["clip"], images=str(tmp_path / "ev" / "images"), out=str(tmp_path / "ev2"),
+                                 device="cpu", clip_model=str(weights["clip_model"]), clip_checkpoint=str(weights["clip"]),
+                                 grid=0), progress=False)
+    assert direct["metrics"]["clip_t"]["by_category"] == pytest.approx(report["metrics"]["clip_t"]["by_category"])
+
+
+def test_bad_inputs_fail_with_one_clear_line(tmp_path, edits, weights):
+    plain = tmp_path / "plain"
+    _write(plain, "p0", _image((1, 2, 3)), prompt="a thing")
+    cases = [
+        (["eval", "--suite", "bogus", "--images", str(edits)], "--suite must list some of"),
+        (["eval", "--images", str(edits), "--prompts", "x.txt", "--model", "m"], "not both"),
+        (["eval", "--prompts", "x.txt", "--out", str(tmp_path / "o")], "--prompts needs --model"),
+        (["eval", "--suite", "fid", "--images", str(edits)], "needs --reference"),
+        (["eval", "--suite", "dino", "--images", str(plain), "--dino-checkpoint", str(weights["dino"])],
+         "needs a 'source' image"),
+    ]
+    for args, needle in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, args
+        assert needle in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+    (plain / "p1.png").write_bytes(b"not a png")
+    (plain / "p1.json").write_text(json.dumps({"prompt": "x"}))
+    result = runner.invoke(app, ["eval", "--images", str(plain), "--clip-model", str(weights["clip_model"]),
+                                 "--clip-checkpoint", str(weights["clip"]), "--device", "cpu"])
+    assert result.exit_code == 1 and "p1.png: cannot read the image" in result.output
+    # A checkpoint of the wrong architecture is named, not a shape traceback.
+    with pytest.raises(ModelFormatError, match="tensor shapes do not match|tensor\\(s\\) missing"):
+        load_clip("ViT-B-32", weights["clip"])
+
+
+def test_prompt_files(tmp_path):
+    (tmp_path / "p.txt").write_text("# comment\na cat\n\na dog\n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a cat", "category": "anime"}\n"a dog"\n')
+    (tmp_path / "p.json").write_text(json.dumps({"photo": ["a car"], "anime": [{"prompt": "a cat"}]}))
+    assert [e.prompt for e in read_eval_prompts(str(tmp_path / "p.txt"))] == ["a cat", "a dog"]
+    assert [(e.prompt, e.category) for e in read_eval_prompts(str(tmp_path / "p.jsonl"))] == [("a cat", "anime"), ("a dog", None)]
+    assert [(e.prompt, e.category) for e in read_eval_prompts(str(tmp_path / "p.json"))] == [("a car", "photo"), ("a cat", "anime")]
+    shapes_entries = read_eval_prompts("shapes")
+    assert len(shapes_entries) == len(shapes.benchmark_prompts()) and shapes_entries[0].extra["expects"]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": ""}\n')
+    with pytest.raises(InputError, match="line 1"):
+        read_eval_prompts(str(tmp_path / "bad.jsonl"))
+    with pytest.raises(InputError, match="no images"):
+        load_items(tmp_path)
