@@ -1,0 +1,153 @@
+"""`download` end to end: synthetic source served on 127.0.0.1 -> img2dataset -> webdataset shards."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from meissonic_cli.cli import app
+from meissonic_cli.download import DownloadConfig, download, summarize
+from meissonic_cli.errors import ConfigError, InputError, OutputExistsError
+from meissonic_cli.synthetic import ImageServer, generate_source
+
+ROWS = 40
+SHARD = 16
+
+
+@pytest.fixture()
+def served(tmp_path):
+    with ImageServer(tmp_path / "source") as server:
+        source = generate_source(tmp_path / "source", rows=ROWS, base_url=server.url, seed=3)
+        yield server, source
+
+
+def _tar_samples(path: Path) -> dict[str, dict[str, bytes]]:
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, ext = member.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+def _none_if_nan(v):
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
+@pytest.mark.slow
+def test_download_end_to_end_then_resume(tmp_path, served):
+    server, source = served
+    rows = pq.read_table(source.parquet_files[0]).to_pylist()
+    by_url: dict[str, list[dict]] = {}
+    for r in rows:
+        by_url.setdefault(r["URL"], []).append(r)
+    missing = [r for r in rows if "/missing/" in r["URL"]]
+    assert missing, "the synthetic source must hold some URLs that answer 404"
+
+    out = tmp_path / "shards"
+    cfg = DownloadConfig(inputs=[str(source.parquet_files[0])], output=str(out), image_size=32, shard_size=SHARD,
+                         threads=4, processes=1, timeout=5)
+    result = download(cfg)
+    s = result.summary
+    assert s["complete"] and s["shards"] == s["expected_shards"] == math.ceil(ROWS / SHARD)
+    assert s["count"] == ROWS
+    assert s["successes"] == ROWS - len(missing)
+    assert s["failed_to_download"] == len(missing)
+    assert s["failures_by_reason"] == {"HTTP Error 404: File not found": len(missing)}
+    assert json.loads((out / "_meissonic" / "download_summary.json").read_text())["successes"] == s["successes"]
+
+    seen = 0
+    for tar in sorted(out.glob("*.tar")):
+        for key, sample in _tar_samples(tar).items():
+            meta = json.loads(sample["json"])
+            assert meta["status"] == "success" and meta["key"] == key
+            assert sample["txt"].decode() == (meta["caption"] or "")
+            # a repeated URL may carry other metadata: the sample must match one of its rows exactly
+            assert any(meta["caption"] == src["TEXT"] and meta["hash"] == src["hash"]
+                       and meta["aesthetic"] == _none_if_nan(src["aesthetic"])
+                       and meta["pwatermark"] == _none_if_nan(src["pwatermark"])
+                       and meta["source_width"] == _none_if_nan(src["WIDTH"]) for src in by_url[meta["url"]])
+            img = Image.open(io.BytesIO(sample["jpg"]))
+            assert (meta["width"], meta["height"]) == img.size and min(img.size) == 32
+            assert min(meta["original_width"], meta["original_height"]) > 32
+            seen += 1
+    assert seen == s["successes"]
+    assert server.requested_paths and len(server.requested_paths) == ROWS
+
+    # Simulate an interrupted shard: its stats (written last) never appeared. A rerun through the
+    # CLI redoes that shard only.
+    (out / "00001_stats.json").unlink()
+    (out / "00001.tar").write_bytes(b"partial")
+    untouched = {p.name: p.stat().st_mtime_ns for p in out.glob("0000[02]*")}
+    server.requested_paths.clear()
+    res = CliRunner().invoke(app, ["download", str(source.parquet_files[0]), "-o", str(out), "--image-size", "32",
+                                   "--shard-size", str(SHARD), "--threads", "4", "--processes", "1", "--timeout", "5"])
+    assert res.exit_code == 0, res.output
+    assert len(server.requested_paths) == SHARD  # only the redone shard's URLs were fetched again
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("0000[02]*")} == untouched
+    assert summarize(out)["successes"] == s["successes"]
+    assert len(_tar_samples(out / "00001.tar")) > 0
+
+    # A rerun with other image options would mix two datasets in one folder: refused, nothing touched.
+    with pytest.raises(ConfigError, match="--overwrite"):
+        download(DownloadConfig(inputs=[str(source.parquet_files[0])], output=str(out), image_size=48,
+                                shard_size=SHARD))
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("0000[02]*")} == untouched
+
+
+def test_bad_inputs_are_refused_before_downloading(tmp_path, served):
+    _, source = served
+    with pytest.raises(InputError, match="does not exist"):
+        download(DownloadConfig(inputs=[str(tmp_path / "nope.parquet")], output=str(tmp_path / "o")))
+    fake = tmp_path / "fake.parquet"
+    fake.write_bytes(b"not parquet at all, just bytes")
+    with pytest.raises(InputError, match="not a parquet file"):
+        download(DownloadConfig(inputs=[str(fake)], output=str(tmp_path / "o")))
+    pq.write_table(pq.read_table(source.parquet_files[0]).drop(["URL"]), tmp_path / "nourl.parquet")
+    with pytest.raises(InputError, match="no url column.*columns present: TEXT"):
+        download(DownloadConfig(inputs=[str(tmp_path / "nourl.parquet")], output=str(tmp_path / "o")))
+    with pytest.raises(ConfigError, match="--resize-mode.*--shard-size"):
+        download(DownloadConfig(inputs=[str(source.parquet_files[0])], output=str(tmp_path / "o"),
+                                resize_mode="stretch", shard_size=0))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="holds no `meissonic download` state"):
+        download(DownloadConfig(inputs=[str(source.parquet_files[0])], output=str(foreign)))
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_distributor_package_is_a_clear_error(tmp_path, served, monkeypatch):
+    _, source = served
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    with pytest.raises(ConfigError, match="--distributor ray needs the ray package"):
+        download(DownloadConfig(inputs=[str(source.parquet_files[0])], output=str(tmp_path / "o"), distributor="ray"))
+    assert not (tmp_path / "o").exists()
+
+
+def test_server_serves_images_and_404s(served):
+    import urllib.error
+    import urllib.request
+
+    server, source = served
+    first = sorted(source.images_dir.iterdir())[0]
+    with urllib.request.urlopen(f"{server.url}/images/{first.name}", timeout=5) as resp:
+        assert resp.status == 200 and resp.read() == first.read_bytes()
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(f"{server.url}/missing/0000000.png", timeout=5)
+    assert err.value.code == 404
+    assert server.url.startswith("http://127.0.0.1:") and not server.url.endswith(":0")
+    assert os.path.basename(server.requested_paths[0]) == first.name
