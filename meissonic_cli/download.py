@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .atomic import write_json
 from .config import Problems, field, flag_of
 from .curate import ROLE_CANDIDATES, detect_columns, resolve_inputs
 from .errors import ConfigError, InputError, MeissonicError, OutputExistsError
@@ -181,12 +182,6 @@ def _fingerprint(files: list[Path], cfg: DownloadConfig) -> dict[str, Any]:
             "options": cfg.fingerprint_options()}
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def summarize(output: str | os.PathLike) -> dict[str, Any]:
     """Sum img2dataset's `*_stats.json` files of `output` into one summary."""
     out = Path(output)
@@ -246,7 +241,7 @@ def download(cfg: DownloadConfig) -> DownloadResult:
     stage = state / "input"
     rows, dropped, per_file = _stage_inputs(files, columns, stage)
     expected_shards = sum(math.ceil(n / cfg.shard_size) for n in per_file)
-    _write_json(manifest, {"fingerprint": fingerprint, "columns": columns, "saved_columns": saved,
+    write_json(manifest, {"fingerprint": fingerprint, "columns": columns, "saved_columns": saved,
                            "rows": rows, "rows_without_url": dropped})
 
     # img2dataset imports wandb and albumentations: keep both off the network.
@@ -295,7 +290,7 @@ def download(cfg: DownloadConfig) -> DownloadResult:
     summary.update({"rows": rows, "rows_without_url": dropped, "saved_columns": saved,
                     "expected_shards": expected_shards, "complete": summary["shards"] >= expected_shards,
                     "seconds": round(time.perf_counter() - start, 3)})
-    _write_json(state / "download_summary.json", summary)
+    write_json(state / "download_summary.json", summary)
     return DownloadResult(output=out, summary=summary)
 
 

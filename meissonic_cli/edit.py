@@ -37,14 +37,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
+from .atomic import atomic_write, write_json
 from .config import Problems, field
 from .errors import InputError, OutputExistsError
 from .sample import SampleConfig, parse_resolution, parse_temperature, slugify
@@ -533,7 +532,6 @@ def edit_image(pipe: Any, case: EditCase, callback: Optional[Callable[[int, int]
 
     case.check()
     image = load_image(case.image)
-    original_size = image.size
     f = int(pipe.vq.downsample_factor)
     multiple = int(pipe.pixel_multiple)
     pixel_mask = None
@@ -609,16 +607,6 @@ class EditRunResult:
     masked_tokens: list[int] = dataclasses.field(default_factory=list)
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _is_done(out: Path, case: EditCase) -> bool:
@@ -691,7 +679,7 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None) -> Ed
             edited = edit_image(pipeline, case, callback=lambda step, total: bar.update(steps_task, completed=step))
             seconds = time.perf_counter() - start
             png, side = out / f"{case.stem}.png", out / f"{case.stem}.json"
-            _atomic_write(png, lambda p, im=edited.image: im.save(p, format="PNG"))
+            atomic_write(png, lambda p, im=edited.image: im.save(p, format="PNG"))
             meta = {
                 **case.settings(),
                 "file": png.name, "width": edited.size[0], "height": edited.size[1],
@@ -702,7 +690,7 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None) -> Ed
                 "model": model_label, "seconds": round(seconds, 4),
                 **case.extra,
             }
-            _atomic_write(side, lambda p, m=meta: Path(p).write_text(json.dumps(m, indent=2) + "\n"))
+            write_json(side, meta)
             result.written.append(png)
             result.masked_tokens.append(edited.masked)
             result.seconds += seconds

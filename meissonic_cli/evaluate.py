@@ -28,11 +28,11 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
+from .atomic import atomic_write, write_text
 from .config import Problems, field
 from .errors import ConfigError, InputError
 from .sample import SampleConfig
@@ -433,21 +433,6 @@ def _read_prompt_file(path: Path) -> list[PromptEntry]:
     return entries
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda p: Path(p).write_text(text, encoding="utf-8"))
 
 
 def sample_prompts(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> list[EvalItem]:
@@ -471,7 +456,7 @@ def sample_prompts(cfg: EvalConfig, progress: bool = True, pipeline: Any = None)
                  if v is not None and k not in meta}
         if extra:
             meta.update(extra)
-            _write_text(sidecar, json.dumps(meta, indent=2) + "\n")
+            write_text(sidecar, json.dumps(meta, indent=2) + "\n")
         items.append(EvalItem(png, entry.prompt, entry.category, meta=meta))
     return items
 
@@ -771,7 +756,7 @@ def write_grid(items: Sequence[EvalItem], rows: Sequence[dict[str, Any]], path: 
         return None
     tiles = [ImageOps.pad(_open_rgb(it.path), (GRID_TILE, GRID_TILE), color="white") for it in items[:limit]]
     grid = make_grid(tiles, [_grid_caption(r) for r in rows[:limit]])
-    _atomic_write(path, lambda p: grid.save(p, format="PNG"))
+    atomic_write(path, lambda p: grid.save(p, format="PNG"))
     return path
 
 
@@ -835,8 +820,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> di
     out.mkdir(parents=True, exist_ok=True)
     grid = write_grid(items, scorer.rows, out / GRID_PNG, cfg.grid)
     report["grid"] = str(grid) if grid else None
-    _write_text(out / REPORT_JSON, json.dumps(report, indent=2) + "\n")
-    _write_text(out / REPORT_MD, _markdown(report, grid.name if grid else None))
+    write_text(out / REPORT_JSON, json.dumps(report, indent=2) + "\n")
+    write_text(out / REPORT_MD, _markdown(report, grid.name if grid else None))
     return report
 
 

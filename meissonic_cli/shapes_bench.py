@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from . import shapes
+from .atomic import write_text
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -523,18 +524,12 @@ def text_blind_baseline(images_per_prompt: int = 4, size: int = 64, seed: int = 
     return summarize(results)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(results: Sequence[dict[str, Any]], out_dir: str | os.PathLike) -> Path:
     """Write `out_dir/shapes_bench.json` (`{"summary": summarize(results), "results": results}`); returns its path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / REPORT_NAME
-    _atomic_write_text(path, json.dumps({"summary": summarize(results), "results": list(results)}, indent=2) + "\n")
+    write_text(path, json.dumps({"summary": summarize(results), "results": list(results)}, indent=2) + "\n")
     return path
 
 

@@ -45,11 +45,11 @@ import json
 import os
 import random
 import tarfile
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from .atomic import write_json
 from .errors import InputError
 
 if TYPE_CHECKING:  # numpy is imported where used: `meissonic --help` imports this module
@@ -104,16 +104,6 @@ def _npy(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
     return buf.getvalue()
-
-
-def _atomic_write_json(path: Path, data: Any) -> None:
-    # pid + thread id keep concurrent writers (torchrun ranks) off each other's temp file.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class TokenShardWriter:
@@ -186,7 +176,7 @@ class TokenShardWriter:
             "bytes": self.path.stat().st_size,
             **(extra_stats or {}),
         }
-        _atomic_write_json(stats_path(self.path), stats)
+        write_json(stats_path(self.path), stats, sort_keys=True)
         self._closed = True
         return stats
 
@@ -257,7 +247,7 @@ def read_dataset_info(directory: str | Path) -> dict[str, Any]:
 
 def write_dataset_info(directory: str | Path, info: dict[str, Any]) -> None:
     """Write `dataset.json` atomically (every rank may write the same content)."""
-    _atomic_write_json(Path(directory) / DATASET_INFO, info)
+    write_json(Path(directory) / DATASET_INFO, info, sort_keys=True)
 
 
 def read_shard_stats(shard: str | Path) -> dict[str, Any]:

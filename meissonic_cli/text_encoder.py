@@ -27,7 +27,6 @@ import functools
 import gzip
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,6 +34,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .atomic import write_text
 from .errors import ModelFormatError
 
 HF_CONFIG = "config.json"
@@ -217,10 +217,10 @@ class ClipTokenizer:
                    "unk_token": "<|endoftext|>"}
         config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.context_length,
                   "do_lower_case": True, "errors": "replace", **special}
-        _atomic_write_text(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-        _atomic_write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(_bundled_merges()) + "\n")
-        _atomic_write_text(folder / "special_tokens_map.json", json.dumps(special, indent=2))
-        _atomic_write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2))
+        write_text(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+        write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(_bundled_merges()) + "\n")
+        write_text(folder / "special_tokens_map.json", json.dumps(special, indent=2))
+        write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2))
 
 
 def _token_id(token: str, folder: Path) -> int:
@@ -406,7 +406,7 @@ class TextEncoder(nn.Module):
         tmp = folder / f".{HF_WEIGHTS}.tmp-{os.getpid()}"
         save_file({k: v.detach().contiguous().cpu() for k, v in hf.items()}, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, folder / HF_WEIGHTS)
-        _atomic_write_text(folder / HF_CONFIG, json.dumps(config, indent=2))
+        write_text(folder / HF_CONFIG, json.dumps(config, indent=2))
 
 
 def _config_from_open_clip(model_name: str) -> TextEncoderConfig:
@@ -568,16 +568,6 @@ def _read_safetensors_folder(folder: Path, weights: str, index: str) -> dict[str
     return state
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 __all__ = [
