@@ -21,6 +21,16 @@ app = typer.Typer(
 
 # Order here is the order in `meissonic --help`: the pipeline order.
 _COMMAND_MODULES = [
+    "demo",
+    "synth",
+    "curate",
+    "download",
+    "tokenize",
+    "train",
+    "sample",
+    "edit",
+    "eval",
+    "info",
 ]
 
 

@@ -488,7 +488,14 @@ class _MlmHead(nn.Module):
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """The same head on channels-last vectors (..., D) -> (..., K): 1x1 convs are linear layers."""
-        h = self.layer_norm(F.linear(x, self.conv1.weight.flatten(1)))
+        return self.logits_tokens(self.hidden_tokens(x))
+
+    def hidden_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The head up to its last layer, on channels-last vectors (..., D) -> (..., D)."""
+        return self.layer_norm(F.linear(x, self.conv1.weight.flatten(1)))
+
+    def logits_tokens(self, h: torch.Tensor) -> torch.Tensor:
+        """The head's last layer (linear, no bias) on `hidden_tokens` output: (..., D) -> (..., K)."""
         return F.linear(h, self.conv2.weight.flatten(1))
 
 
@@ -652,30 +659,52 @@ class MeissonicTransformer(nn.Module):
         timestep: torch.Tensor,
         cond: Conditioning,
         positions: Optional[torch.Tensor] = None,
+        head: str = "logits",
     ) -> torch.Tensor:
         """The forward pass with the step-invariant work taken from `cond`.
 
         Without `positions` it returns (B, K, H, W) logits, equal to `forward`. With `positions`
         (B, M) flat indices into the H*W grid (row-major) it returns (B, M, K): the MLM head, most of
-        the cost once most tokens are decided, runs only there.
+        the cost once most tokens are decided, runs only there. With positions and head="hidden" it
+        stops before the head's last (linear) layer and returns (B, M, D); `mlm_layer.logits_tokens`
+        finishes it, so a caller mixing logits linearly (classifier-free guidance) can mix these instead.
+        With positions, `cond` may hold k*B rows for B token grids (k prompt groups over the same
+        tokens, e.g. [uncond, cond]); the tokens are then embedded once and the output has k*B rows.
         """
+        if head not in ("logits", "hidden") or (head == "hidden" and positions is None):
+            raise InputError(f"head must be 'logits', or 'hidden' together with positions; got {head!r}")
         b, grid_h, grid_w = hidden_states.shape
         if (grid_h, grid_w) != tuple(cond.grid_hw):
             raise InputError(f"token grid {grid_h}x{grid_w} differs from the {cond.grid_hw[0]}x{cond.grid_hw[1]} grid the conditioning was built for")
         context = cond.context
+        repeats = 1
         if context.shape[0] != b:
-            if context.shape[0] != 1:
+            if context.shape[0] == 1:
+                context = context.expand(b, -1, -1)
+            elif positions is not None and context.shape[0] % b == 0:
+                # Classifier-free guidance runs the same tokens under each prompt group: embed them once.
+                repeats = context.shape[0] // b
+            else:
                 raise InputError(f"batch of {b} token grids but conditioning for {context.shape[0]} prompts")
-            context = context.expand(b, -1, -1)
         t = context.shape[1]
         temb = self.time_embedding(timestep) + cond.pooled_temb
-        if temb.shape[0] != b:
-            temb = temb.expand(b, -1)
+        if temb.shape[0] != b * repeats:
+            temb = temb.expand(b * repeats, -1)
         rope = cond.rope
 
-        x = self.down_block(self.embed(hidden_states.to(self.device)))
+        if positions is None:
+            x = self.embed(hidden_states.to(self.device))
+        else:
+            # Each distinct id has one embedding vector: run the embedding's 1x1 conv once per id.
+            ids, inverse = torch.unique(hidden_states.to(self.device), return_inverse=True)
+            x = self.embed(ids.view(1, -1, 1))[0, :, :, 0].t()[inverse].permute(0, 3, 1, 2)
+        x = self.down_block(x)
         h, w = x.shape[-2:]
         x = self.project_to_hidden(self.project_to_hidden_norm(x.flatten(2).transpose(1, 2)))
+        if repeats > 1:
+            x = x.repeat(repeats, 1, 1)
+            positions = positions.repeat(repeats, 1)
+            b = b * repeats
 
         checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         c = context
@@ -697,7 +726,8 @@ class MeissonicTransformer(nn.Module):
             return self.mlm_layer(y)
         y = y.flatten(2).transpose(1, 2)  # (B, H*W, D)
         picked = torch.gather(y, 1, positions.to(y.device)[..., None].expand(-1, -1, y.shape[-1]))
-        return self.mlm_layer.forward_tokens(picked)
+        hidden = self.mlm_layer.hidden_tokens(picked)
+        return hidden if head == "hidden" else self.mlm_layer.logits_tokens(hidden)
 
     # -- persistence ---------------------------------------------------------------------------
 

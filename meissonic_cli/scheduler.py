@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 
 from .config import field
 from .errors import ConfigError, InputError, ModelFormatError
@@ -24,6 +25,7 @@ from .errors import ConfigError, InputError, ModelFormatError
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
 SCHEDULER_CLASS_NAME = "Scheduler"
 SCHEDULES = ("cosine", "linear")
+DRAWS = ("multinomial", "inverse_cdf")
 
 
 @dataclasses.dataclass
@@ -53,6 +55,32 @@ class SchedulerOutput:
 @dataclasses.dataclass
 class MaskedStepOutput(SchedulerOutput):
     masked_positions: torch.Tensor  # (B, M') flat indices still masked after this step, ascending
+
+
+def draw_categorical(probs: torch.Tensor, generator: Optional[torch.Generator] = None, block: int = 128) -> torch.Tensor:
+    """One index per row of probs (N, K), drawn with probability proportional to the row, by inverse CDF.
+
+    One uniform number per row, from `generator` on its own device. Two levels keep it accurate
+    and cheap: the row's mass per block of `block` codes (summed in float32, accumulated in float64)
+    picks a block, a float64 cumulative sum inside that block picks the code; one float32 cumulative
+    sum over all 8192 codes would pile up rounding that misweights the rarest codes, and one in
+    float64 costs a pass over every code in double. Codes with zero probability are never drawn.
+    """
+    n, k = probs.shape
+    pad = (-k) % block
+    blocks = (F.pad(probs, (0, pad)) if pad else probs).reshape(n, -1, block)
+    sums = blocks.sum(-1).double()
+    cdf = sums.cumsum(-1)
+    total = cdf[:, -1:]
+    gen_device = generator.device if generator is not None else probs.device
+    u = torch.rand(n, 1, generator=generator, device=gen_device, dtype=torch.float64).to(probs.device) * total
+    # Rounding could put u at the very end of the mass, past the last code with probability > 0.
+    u = torch.minimum(u, total * (1 - 1e-12))
+    chosen = torch.searchsorted(cdf, u, right=True)
+    rest = u - (cdf.gather(1, chosen) - sums.gather(1, chosen))
+    inner = blocks.gather(1, chosen[:, :, None].expand(-1, -1, block))[:, 0].double().cumsum(-1)
+    rest = torch.minimum(rest, inner[:, -1:] * (1 - 1e-12))
+    return (chosen * block + torch.searchsorted(inner, rest, right=True))[:, 0]
 
 
 def _gumbel(uniform: torch.Tensor) -> torch.Tensor:
@@ -259,7 +287,7 @@ class MaskGITScheduler:
 
     def step_masked(self, logits_at_masked: torch.Tensor, masked_positions: torch.Tensor, sample: torch.Tensor,
                     step_index: int, generator: Optional[torch.Generator] = None,
-                    starting_mask_ratio: float = 1.0) -> MaskedStepOutput:
+                    starting_mask_ratio: float = 1.0, draw: str = "multinomial") -> MaskedStepOutput:
         """One decoding step that only touches the positions still masked.
 
         logits_at_masked (B, M, K) are the logits at masked_positions (B, M), flat indices into the
@@ -271,7 +299,13 @@ class MaskGITScheduler:
         only M multinomial and M uniform numbers are drawn per step instead of L each, so a seeded run
         does not reproduce `step`'s tokens. Exactly mask_len positions are re-masked even when
         confidences tie (the official comparison would then re-mask fewer).
+
+        draw="inverse_cdf" samples the tokens with `draw_categorical` (one uniform per position)
+        instead of `torch.multinomial` (one exponential per position and code on CPU): the same
+        distribution, another random stream, and on CPU tens of times cheaper for 8192 codes.
         """
+        if draw not in DRAWS:
+            raise InputError(f"draw must be one of {', '.join(DRAWS)}, got {draw!r}")
         mask_id = self.config.mask_token_id
         flat = sample.reshape(sample.shape[0], -1)
         b, m, k = logits_at_masked.shape
@@ -284,8 +318,11 @@ class MaskGITScheduler:
         probs = logits_at_masked.float().softmax(dim=-1)
         gen_device = generator.device if generator is not None else probs.device
         if m:
-            draws = torch.multinomial(probs.reshape(-1, k).to(gen_device), 1, generator=generator)
-            draws = draws[:, 0].view(b, m).to(flat.device)
+            if draw == "inverse_cdf":
+                draws = draw_categorical(probs.reshape(-1, k), generator).view(b, m).to(flat.device)
+            else:
+                draws = torch.multinomial(probs.reshape(-1, k).to(gen_device), 1, generator=generator)
+                draws = draws[:, 0].view(b, m).to(flat.device)
         else:
             draws = torch.empty(b, 0, dtype=flat.dtype, device=flat.device)
         pred = flat.scatter(1, positions, draws.to(flat.dtype))

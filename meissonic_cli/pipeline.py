@@ -1,0 +1,494 @@
+"""Text-to-image sampling: `MeissonicPipeline` loads a released-layout model folder and runs MaskGIT
+parallel decoding with classifier-free guidance (paper section 2.3).
+
+Python API::
+
+    from meissonic_cli.pipeline import MeissonicPipeline
+
+    pipe = MeissonicPipeline.from_pretrained("path/to/Meissonic", device="auto", dtype="fp32")
+    images = pipe(["a watercolor fox in the snow", "a red bicycle"], steps=48, guidance_scale=9.0, seed=0)
+    images[0].save("fox.png")
+
+`from_pretrained(folder)` reads the released layout: transformer/, vqvae/, text_encoder/,
+tokenizer/ (optional: CLIP's BPE ships with open_clip) and scheduler/. A Hugging Face repo id such
+as `MeissonFlow/Meissonic` is accepted only when it is already in the local Hugging Face cache, or
+with `allow_download=True` (and HF_HUB_OFFLINE unset); otherwise download it first with
+`huggingface-cli download MeissonFlow/Meissonic --local-dir DIR` and pass DIR.
+
+Calling the pipeline (`__call__`): prompts (a string or a list), `negative_prompt` (default "",
+one string or one per prompt), `steps` (48), `guidance_scale` (9; CFG runs when it is > 1),
+`height`/`width` (default: `default_resolution`, i.e. a 64x64 token grid (1024 px with the
+released f=16 VQ) for a model with 2x2 compression and a 32x32 grid (512 px) without; both must be
+multiples of `pixel_multiple`), `temperature` ((2, 0), or one number tau for linspace(tau, 0.01)),
+`micro_conds` (default (width, height, 0, 0, 6)), `seed` (one int for the batch, or one per image)
+or `generator`, `callback(step, steps)`, `output_type` ("pil" -> list of PIL images, "codes" ->
+int64 (B, h, w) code grids, "tensor" -> float (B, 3, H, W) in [0, 1]) and `exact`.
+
+The sampling loop (`sample_tokens`):
+- starts from an all-mask grid; text features, the pooled/micro-condition embedding and the rotary
+  tables are computed once per call (`MeissonicTransformer.prepare_conditioning`, for the negative
+  and the positive prompts together), so a step only recomputes the timestep embedding;
+- runs the negative and positive prompts as one batch [uncond, cond] per step, embedding the
+  shared tokens once, and runs the transformer's head only at the positions still masked, up to
+  its last layer (`forward_cached(..., positions, head="hidden")`); since that layer is linear, the
+  guidance mix `uncond + s*(cond - uncond)` is taken on its input and the 8192-way projection runs
+  for B rows instead of 2B (`masked_logits`; equal to the official logits within float rounding);
+- steps the scheduler with `step_masked`, which keeps exactly the official number of tokens masked
+  after every step (`MaskGITScheduler.masked_after_step`), drawing tokens by inverse CDF (one random
+  number per masked position instead of one per position and code).
+The timestep passed to the transformer is the scheduler's t as a (1,) int64 tensor, as in the
+official pipeline (the model multiplies it by 1000).
+
+`exact=True` runs the official loop instead (`exact_logits`): the full forward (conditioning
+recomputed, logits for every position) and the official `scheduler.step`, whose random draws cover
+every position. Given the same seed and device it reproduces the official sampler's tokens up to
+float rounding of the logits; the fast loop draws only for masked positions, so its tokens differ
+for the same seed while following the same distribution. Seeded runs of either mode are
+reproducible on the same device and batch layout. With a list of seeds each image draws from its
+own generator.
+
+The text encoder runs in float32 whatever `dtype` is (once per call); `dtype` sets the transformer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+from .errors import InputError, ModelFormatError
+from .model import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, Conditioning, MeissonicTransformer
+from .scheduler import SCHEDULER_CONFIG_NAME, MaskGITScheduler
+
+HUB_ID = "MeissonFlow/Meissonic"
+DTYPES = {
+    "fp32": torch.float32, "float32": torch.float32,
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+    "fp16": torch.float16, "float16": torch.float16,
+}
+OUTPUT_TYPES = ("pil", "codes", "tensor")
+# Token grid of the default resolution: the released 1024px model (with 2x2 compression) samples
+# a 64x64 grid, the 512px Monetico-style model (without) a 32x32 grid.
+DEFAULT_GRID_COMPRESSED = 64
+DEFAULT_GRID_PLAIN = 32
+DEFAULT_MICRO_SCORE = 6.0
+# How the fast loop draws tokens: inverse CDF needs one random number per position, torch.multinomial
+# one per position and code (8192), which on CPU costs as much as a tenth of a step.
+DRAW = "inverse_cdf"
+
+_HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+ProgressCallback = Callable[[int, int], None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices, dtypes, folders
+
+
+def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> torch.dtype:
+    """fp32/bf16/fp16 (or float32/bfloat16/float16, or a torch dtype) -> torch dtype; None is fp32."""
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise InputError(f"unsupported dtype {dtype}; use fp32, bf16 or fp16")
+        return dtype
+    key = str(dtype).lower()
+    if key not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}; use fp32, bf16 or fp16")
+    return DTYPES[key]
+
+
+def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
+    """auto (CUDA when available, else CPU), cpu, cuda, cuda:N or mps -> torch device, checked to exist."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {device!r}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise InputError(f"device {device!r}: MPS is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise InputError(f"unsupported device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    return dev
+
+
+def _hf_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def resolve_model_folder(model: Union[str, Path], allow_download: bool = False) -> Path:
+    """The local folder for `model`: a path, or a Hugging Face repo id found in the local HF cache
+    (downloaded only with `allow_download` and HF_HUB_OFFLINE unset)."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelFormatError(f"{path} is a file; expected a model folder holding transformer/, vqvae/, "
+                                   f"text_encoder/, tokenizer/ and scheduler/")
+        return path
+    name = str(model)
+    if not _HUB_ID_RE.fullmatch(name):
+        raise ModelFormatError(f"model folder not found: {path}")
+    hint = (f"model folder not found: {name} (if it is a Hugging Face repo id, download it first with "
+            f"`huggingface-cli download {name} --local-dir DIR` and pass DIR")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ModelFormatError(hint + ")") from None
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not in the local cache: any hub error means the same here
+        pass
+    if not allow_download:
+        raise ModelFormatError(hint + ", or allow the download with --allow-download)")
+    if _hf_offline():
+        raise ModelFormatError(hint + "; HF_HUB_OFFLINE is set, so nothing is downloaded)")
+    try:
+        return Path(snapshot_download(name))
+    except Exception as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ModelFormatError(f"could not download {name}: {first}; {hint[len('model folder not found: '):]})") from None
+
+
+def _need_one(folder: Path, names: Sequence[str], what: str) -> None:
+    if not folder.is_dir():
+        raise ModelFormatError(f"{what} folder missing: expected {folder}/ with {names[0]}")
+    if not any((folder / n).is_file() for n in names):
+        raise ModelFormatError(f"{what} file missing: expected {folder / names[0]}"
+                               + (f" (or {', '.join(names[1:])})" if len(names) > 1 else ""))
+
+
+def check_model_folder(root: Path) -> None:
+    """Raise ModelFormatError naming the first expected file of the released layout that is missing.
+
+    Checked before anything is loaded, so a broken folder fails in a second, not after reading weights.
+    """
+    from .text_encoder import HF_CONFIG, HF_WEIGHTS, HF_WEIGHTS_INDEX
+    from .vq import VQ_CONFIG
+
+    _need_one(root / "transformer", [CONFIG_NAME], "transformer config")
+    _need_one(root / "transformer", [WEIGHTS_NAME, WEIGHTS_INDEX_NAME], "transformer weights")
+    # The VQ's weight file name depends on its kind (diffusers VQModel or PatchVQ): its loader names it.
+    _need_one(root / "vqvae", [VQ_CONFIG], "VQ config")
+    _need_one(root / "text_encoder", [HF_CONFIG], "text encoder config")
+    _need_one(root / "text_encoder", [HF_WEIGHTS, HF_WEIGHTS_INDEX], "text encoder weights")
+    _need_one(root / "scheduler", [SCHEDULER_CONFIG_NAME], "scheduler config")
+
+
+def _load_vq(folder: Path, dtype: torch.dtype) -> Any:
+    from .vq import load_vq
+
+    return load_vq(folder, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampling loop
+
+
+def _generators(seed: Union[int, Sequence[int], None], generator: Any, batch: int,
+                device: torch.device) -> Union[torch.Generator, list[torch.Generator], None]:
+    if generator is not None and seed is not None:
+        raise InputError("give either seed or generator, not both")
+    if generator is not None:
+        if isinstance(generator, (list, tuple)) and len(generator) != batch:
+            raise InputError(f"{len(generator)} generators for {batch} prompts; give one per prompt or a single one")
+        return list(generator) if isinstance(generator, (list, tuple)) else generator
+    if seed is None:
+        return None
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != batch:
+            raise InputError(f"{len(seed)} seeds for {batch} prompts; give one per prompt or a single int")
+        return [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
+    return torch.Generator(device=device).manual_seed(int(seed))
+
+
+def exact_logits(transformer: MeissonicTransformer, tokens: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                 pooled: torch.Tensor, micro_conds: torch.Tensor, guidance_scale: Optional[float] = None) -> torch.Tensor:
+    """Logits (B, K, H, W) as the official pipeline computes them: the full forward, with guidance
+    `uncond + s*(cond - uncond)` when guidance_scale is given (text/pooled/micro_conds then hold
+    2B rows, [uncond, cond])."""
+    if guidance_scale is None:
+        return transformer(tokens, text, pooled, timestep, micro_conds=micro_conds)
+    uncond, cond = transformer(torch.cat([tokens, tokens]), text, pooled, timestep, micro_conds=micro_conds).chunk(2)
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def masked_logits(transformer: MeissonicTransformer, tokens: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,
+                  positions: torch.Tensor, guidance_scale: Optional[float] = None) -> torch.Tensor:
+    """The fast loop's logits (B, M, K) at positions (B, M): `exact_logits` gathered there, computed
+    with the conditioning prepared once (`cond`, 2B rows [uncond, cond] when guidance_scale is given)."""
+    if guidance_scale is None:
+        return transformer.forward_cached(tokens, timestep, cond, positions=positions)
+    uncond, guided = transformer.forward_cached(tokens, timestep, cond, positions=positions, head="hidden").chunk(2)
+    # The head's last layer is linear without bias: mixing its input equals mixing its output, and
+    # the 8192-way projection then runs on B rows instead of 2B.
+    return transformer.mlm_layer.logits_tokens(uncond + guidance_scale * (guided - uncond))
+
+
+def sample_tokens(
+    transformer: MeissonicTransformer,
+    scheduler: MaskGITScheduler,
+    text: torch.Tensor,
+    pooled: torch.Tensor,
+    micro_conds: torch.Tensor,
+    grid_hw: tuple[int, int],
+    steps: int = 48,
+    guidance_scale: float = 9.0,
+    negative_text: Optional[torch.Tensor] = None,
+    negative_pooled: Optional[torch.Tensor] = None,
+    temperature: Union[float, Sequence[float]] = (2, 0),
+    generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
+    callback: Optional[ProgressCallback] = None,
+    exact: bool = False,
+    num_codes: Optional[int] = None,
+) -> torch.Tensor:
+    """MaskGIT decoding from an all-mask grid; returns int64 code grids (B, H, W).
+
+    text (B, T, joint_dim), pooled (B, P) and micro_conds (B, 5) condition the prompts; with
+    guidance_scale > 1 the negative features (same shapes) are required. `generator` is one
+    generator for the batch, or one per row (each row then draws from its own). `num_codes` limits
+    sampling to the first codes (for a VQ with a smaller codebook than the transformer's head).
+    See the module docstring for the fast and the `exact` loop.
+    """
+    b = text.shape[0]
+    grid_h, grid_w = int(grid_hw[0]), int(grid_hw[1])
+    seq_len = grid_h * grid_w
+    guided = guidance_scale > 1.0
+    if guided and (negative_text is None or negative_pooled is None):
+        raise InputError("guidance_scale > 1 needs negative_text and negative_pooled (the negative prompt's features)")
+    device = transformer.device
+    per_row = isinstance(generator, (list, tuple))
+    if per_row and len(generator) != b:
+        raise InputError(f"{len(generator)} generators for a batch of {b}")
+    scheduler.set_timesteps(steps, temperature, device=device)
+    if guided:
+        all_text, all_pooled = torch.cat([negative_text, text]), torch.cat([negative_pooled, pooled])
+        all_micro = torch.cat([micro_conds, micro_conds])
+    else:
+        all_text, all_pooled, all_micro = text, pooled, micro_conds
+    mask_id = scheduler.config.mask_token_id
+    latents = torch.full((b, grid_h, grid_w), mask_id, dtype=torch.long, device=device)
+
+    def limit(logits: torch.Tensor, dim: int) -> torch.Tensor:
+        if num_codes is None or num_codes >= logits.shape[dim]:
+            return logits
+        return logits.narrow(dim, 0, num_codes)
+
+    with torch.inference_mode():
+        if exact:
+            # The official loop: every step recomputes the conditioning and the logits of every position.
+            for i, t in enumerate(scheduler.timesteps):
+                logits = limit(exact_logits(transformer, latents, t.view(1).long(), all_text, all_pooled, all_micro,
+                                            guidance_scale if guided else None), 1)
+                if per_row:
+                    latents = torch.cat([scheduler.step(logits[r:r + 1], t, latents[r:r + 1], generator[r]).prev_sample
+                                         for r in range(b)])
+                else:
+                    latents = scheduler.step(logits, t, latents, generator).prev_sample
+                if callback is not None:
+                    callback(i + 1, steps)
+            return latents
+
+        cond = transformer.prepare_conditioning(all_text, all_pooled, all_micro, (grid_h, grid_w))
+        positions = torch.arange(seq_len, device=device).expand(b, seq_len)
+        for i, t in enumerate(scheduler.timesteps):
+            logits = limit(masked_logits(transformer, latents, t.view(1).long(), cond, positions,
+                                         guidance_scale if guided else None), 2)
+            if per_row:
+                outs = [scheduler.step_masked(logits[r:r + 1], positions[r:r + 1], latents[r:r + 1], i, generator[r],
+                                              draw=DRAW) for r in range(b)]
+                latents = torch.cat([o.prev_sample for o in outs])
+                positions = torch.cat([o.masked_positions for o in outs])
+            else:
+                out = scheduler.step_masked(logits, positions, latents, i, generator, draw=DRAW)
+                latents, positions = out.prev_sample, out.masked_positions
+            if callback is not None:
+                callback(i + 1, steps)
+    return latents
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline
+
+
+@dataclasses.dataclass
+class MeissonicPipeline:
+    """Transformer + scheduler + text encoder + VQ, loaded from one released-layout folder."""
+
+    transformer: MeissonicTransformer
+    scheduler: MaskGITScheduler
+    text_encoder: Any  # meissonic_cli.text_encoder.TextEncoder
+    vq: Any  # meissonic_cli.vq.VQTokenizer (or what vq.load_vq returns)
+    model_path: Optional[Path] = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: Union[str, Path] = HUB_ID,
+        device: Union[str, torch.device, None] = "auto",
+        dtype: Union[str, torch.dtype, None] = "fp32",
+        allow_download: bool = False,
+    ) -> "MeissonicPipeline":
+        """Load a released-layout folder (or a cached Hugging Face repo id) onto `device` in `dtype`.
+
+        The text encoder always runs in float32, and so does the VQ when its config asks for it
+        (`force_upcast`, as the released one does); `dtype` is the transformer's.
+        """
+        from .text_encoder import TextEncoder
+
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype)
+        root = resolve_model_folder(model, allow_download=allow_download)
+        check_model_folder(root)
+        # Smallest parts first, so a broken folder fails before the transformer's weights are read.
+        scheduler = MaskGITScheduler.from_config_dir(root / "scheduler")
+        vq = _load_vq(root / "vqvae", dt).to(dev).eval()
+        # The text encoder runs once per call, so float32 costs little; its float32 layer norms also
+        # refuse half-precision weights on CPU.
+        text_encoder = TextEncoder.from_pretrained(root / "text_encoder", dtype=torch.float32).to(dev).eval()
+        transformer = MeissonicTransformer.from_pretrained(root, dtype=dt, device=dev)
+        pipe = cls(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, vq=vq, model_path=root)
+        pipe.check_parts()
+        return pipe
+
+    def check_parts(self) -> None:
+        """Raise ModelFormatError if the parts do not fit together."""
+        cfg = self.transformer.config
+        problems = []
+        if self.scheduler.config.mask_token_id != cfg.mask_token_id:
+            problems.append(f"scheduler mask_token_id {self.scheduler.config.mask_token_id} != transformer vocab_size-1 "
+                            f"({cfg.mask_token_id})")
+        if self.text_encoder.width != cfg.joint_attention_dim:
+            problems.append(f"text encoder width {self.text_encoder.width} != transformer joint_attention_dim "
+                            f"{cfg.joint_attention_dim}")
+        if self.text_encoder.pooled_dim != cfg.pooled_projection_dim:
+            problems.append(f"text encoder projection size {self.text_encoder.pooled_dim} != transformer "
+                            f"pooled_projection_dim {cfg.pooled_projection_dim}")
+        if self.vq.codebook_size > cfg.codebook_size:
+            problems.append(f"VQ codebook ({self.vq.codebook_size}) is larger than the transformer's ({cfg.codebook_size})")
+        if problems:
+            where = f" in {self.model_path}" if self.model_path else ""
+            raise ModelFormatError(f"model parts do not fit together{where}: {'; '.join(problems)}")
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sides must be multiples of this: the VQ factor, times 2 with the 2x2 compression."""
+        return int(self.vq.downsample_factor) * (2 if self.transformer.config.downsample else 1)
+
+    @property
+    def default_resolution(self) -> int:
+        """Side of the default square image: a 64x64 token grid with compression, 32x32 without."""
+        grid = DEFAULT_GRID_COMPRESSED if self.transformer.config.downsample else DEFAULT_GRID_PLAIN
+        return grid * int(self.vq.downsample_factor)
+
+    def check_resolution(self, height: int, width: int) -> tuple[int, int]:
+        """The token grid (h, w) for an image size, or InputError naming the valid sizes."""
+        m = self.pixel_multiple
+        bad = [s for s in (height, width) if int(s) <= 0 or int(s) % m]
+        if bad:
+            s = int(bad[0])
+            lower, upper = max(m, s // m * m), max(m, -(-s // m) * m)
+            near = f"{lower}" if lower == upper else f"{lower} or {upper}"
+            why = f"the VQ factor {self.vq.downsample_factor}" + (" x 2 for the model's 2x2 compression"
+                                                                  if self.transformer.config.downsample else "")
+            raise InputError(f"resolution {width}x{height} is not divisible by {m} ({why}); use multiples of {m} "
+                             f"(nearest to {s}: {near}; default {self.default_resolution})")
+        f = int(self.vq.downsample_factor)
+        return int(height) // f, int(width) // f
+
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(text (B, 77, D), pooled (B, P)) in the transformer's dtype."""
+        with torch.inference_mode():
+            seq, pooled = self.text_encoder.encode(list(prompts))
+        return seq.to(self.device, self.dtype), pooled.to(self.device, self.dtype)
+
+    def __call__(
+        self,
+        prompts: Union[str, Sequence[str]],
+        negative_prompt: Union[str, Sequence[str]] = "",
+        steps: int = 48,
+        guidance_scale: float = 9.0,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        temperature: Union[float, Sequence[float]] = (2, 0),
+        micro_conds: Optional[Union[Sequence[float], torch.Tensor]] = None,
+        seed: Union[int, Sequence[int], None] = None,
+        generator: Union[torch.Generator, Sequence[torch.Generator], None] = None,
+        callback: Optional[ProgressCallback] = None,
+        output_type: str = "pil",
+        exact: bool = False,
+    ) -> Any:
+        """Generate one image per prompt; see the module docstring for every argument."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise InputError("no prompts given")
+        if output_type not in OUTPUT_TYPES:
+            raise InputError(f"unknown output_type {output_type!r}; use one of {', '.join(OUTPUT_TYPES)}")
+        if int(steps) < 1:
+            raise InputError(f"steps must be >= 1, got {steps}")
+        b = len(prompts)
+        negatives = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != b:
+            raise InputError(f"{len(negatives)} negative prompts for {b} prompts; give one, or one per prompt")
+        height = int(height or width or self.default_resolution)
+        width = int(width or height)
+        grid = self.check_resolution(height, width)
+        micro = self._micro_conds(micro_conds, b, width, height)
+        gens = _generators(seed, generator, b, self.device)
+
+        text, pooled = self.encode_prompts(prompts)
+        neg_text = neg_pooled = None
+        if guidance_scale > 1.0:
+            neg_text, neg_pooled = self.encode_prompts(negatives)
+        vq_codes = int(self.vq.codebook_size)
+        codes = sample_tokens(
+            self.transformer, self.scheduler, text, pooled, micro, grid, steps=int(steps),
+            guidance_scale=float(guidance_scale), negative_text=neg_text, negative_pooled=neg_pooled,
+            temperature=temperature, generator=gens, callback=callback, exact=exact,
+            num_codes=vq_codes if vq_codes < self.transformer.config.codebook_size else None,
+        )
+        if output_type == "codes":
+            return codes
+        images = self.vq.decode(codes)
+        if output_type == "tensor":
+            return images
+        from .vq import tensor_to_images
+
+        return tensor_to_images(images)
+
+    def _micro_conds(self, micro_conds: Any, b: int, width: int, height: int) -> torch.Tensor:
+        if micro_conds is None:
+            micro = torch.tensor([[width, height, 0, 0, DEFAULT_MICRO_SCORE]], dtype=torch.float32)
+        else:
+            micro = torch.as_tensor(micro_conds, dtype=torch.float32)
+            if micro.dim() == 1:
+                micro = micro[None]
+        if micro.dim() != 2 or micro.shape[1] != 5 or micro.shape[0] not in (1, b):
+            raise InputError(f"micro_conds must be 5 numbers (orig_width, orig_height, crop_top, crop_left, score) "
+                             f"or ({b}, 5), got shape {tuple(micro.shape)}")
+        return micro.expand(b, 5).to(self.device)
+
+
+__all__ = [
+    "DTYPES", "HUB_ID", "MeissonicPipeline", "check_model_folder", "exact_logits", "masked_logits", "resolve_device",
+    "resolve_dtype", "resolve_model_folder", "sample_tokens",
+]

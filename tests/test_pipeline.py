@@ -1,0 +1,189 @@
+"""The sampling loop and `MeissonicPipeline`: mask counts, fast vs exact logits, seeds, loading, bad input."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures_models import copy_model_dir, one_thread, tiny_model_dir  # noqa: F401 (fixtures)
+
+from meissonic_cli.errors import InputError, ModelFormatError
+from meissonic_cli.model import MeissonicTransformer, meissonic_tiny
+from meissonic_cli.pipeline import (
+    MeissonicPipeline,
+    exact_logits,
+    masked_logits,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_folder,
+    sample_tokens,
+)
+from meissonic_cli.scheduler import MaskGITScheduler, draw_categorical
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir: Path) -> MeissonicPipeline:
+    return MeissonicPipeline.from_pretrained(tiny_model_dir, device="cpu", dtype="fp32")
+
+
+def _features(model: MeissonicTransformer, b: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.config
+    text = torch.randn(2 * b, 77, cfg.joint_attention_dim, generator=g)
+    pooled = torch.randn(2 * b, cfg.pooled_projection_dim, generator=g)
+    return text, pooled
+
+
+class _CountingScheduler(MaskGITScheduler):
+    """Records how many tokens each row still has masked after every step."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.counts: list[list[int]] = []
+
+    def _record(self, out):
+        self.counts.append((out.prev_sample.reshape(out.prev_sample.shape[0], -1) == self.config.mask_token_id).sum(1).tolist())
+        return out
+
+    def step(self, *args, **kwargs):
+        return self._record(super().step(*args, **kwargs))
+
+    def step_masked(self, *args, **kwargs):
+        return self._record(super().step_masked(*args, **kwargs))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_both_loops_keep_the_official_mask_counts(exact: bool) -> None:
+    torch.manual_seed(0)
+    model = MeissonicTransformer(meissonic_tiny()).eval()
+    b, grid, steps = 2, (8, 8), 48  # n=48, L=64 includes the float32 step (i=31 keeps 31, not 32)
+    text, pooled = _features(model, b)
+    micro = torch.tensor([[128.0, 128.0, 0.0, 0.0, 6.0]] * b)
+    scheduler = _CountingScheduler(mask_token_id=model.config.mask_token_id)
+    calls = []
+    codes = sample_tokens(model, scheduler, text[b:], pooled[b:], micro, grid, steps=steps, guidance_scale=9.0,
+                          negative_text=text[:b], negative_pooled=pooled[:b], exact=exact,
+                          generator=torch.Generator().manual_seed(1), callback=lambda i, n: calls.append((i, n)))
+    table = scheduler.masked_after_step(steps, 64)
+    assert table[31] == 31
+    assert scheduler.counts == [[c] * b for c in table]
+    assert calls == [(i + 1, steps) for i in range(steps)]
+    assert codes.shape == (b, 8, 8) and codes.dtype == torch.long
+    assert ((codes >= 0) & (codes < model.config.codebook_size)).all()
+
+
+@pytest.mark.parametrize("downsample", [True, False])
+def test_fast_logits_equal_the_exact_guided_logits(downsample: bool) -> None:
+    torch.manual_seed(0)
+    model = MeissonicTransformer(meissonic_tiny(downsample=downsample, upsample=downsample)).eval()
+    b, (h, w), scale = 2, (4, 6), 9.0
+    text, pooled = _features(model, b, seed=3)
+    micro = torch.tensor([[96.0, 64.0, 0.0, 0.0, 6.0], [64.0, 64.0, 8.0, 0.0, 5.0]]).repeat(2, 1)
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, model.config.codebook_size, (b, h, w), generator=g)
+    positions = torch.stack([torch.randperm(h * w, generator=g)[:10].sort().values for _ in range(b)])
+    tokens.view(b, -1).scatter_(1, positions, model.config.mask_token_id)
+    timestep = torch.tensor([7])
+    with torch.inference_mode():
+        full = exact_logits(model, tokens, timestep, text, pooled, micro, scale)
+        expected = torch.gather(full.flatten(2).transpose(1, 2), 1, positions[..., None].expand(-1, -1, full.shape[1]))
+        cond = model.prepare_conditioning(text, pooled, micro, (h, w))
+        fast = masked_logits(model, tokens, timestep, cond, positions, scale)
+        plain = masked_logits(model, tokens, timestep, model.prepare_conditioning(text[b:], pooled[b:], micro[b:], (h, w)),
+                              positions)
+        unguided = torch.gather(exact_logits(model, tokens, timestep, text[b:], pooled[b:], micro[b:]).flatten(2).transpose(1, 2),
+                                1, positions[..., None].expand(-1, -1, full.shape[1]))
+    assert fast.shape == (b, 10, model.config.codebook_size)
+    torch.testing.assert_close(fast, expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(plain, unguided, atol=1e-5, rtol=1e-5)
+
+
+def test_inverse_cdf_draw_follows_the_distribution() -> None:
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(3, 200, generator=g) ** 6
+    probs[:, 50:70] = 0  # never drawn
+    probs /= probs.sum(-1, keepdim=True)
+    n = 20000
+    draws = draw_categorical(probs.repeat_interleave(n, 0), torch.Generator().manual_seed(1), block=64).view(3, n)
+    freq = torch.stack([torch.bincount(row, minlength=200) for row in draws]).double() / n
+    assert ((draws >= 0) & (draws < 200)).all() and freq[:, 50:70].sum() == 0
+    sigma = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert ((freq - probs.double()).abs() <= 5 * sigma + 1e-4).all()
+    one_hot = torch.zeros(2, 129)
+    one_hot[0, 128], one_hot[1, 0] = 1.0, 1.0  # edges of a padded last block / the first block
+    assert draw_categorical(one_hot, torch.Generator().manual_seed(2)).tolist() == [128, 0]
+
+
+def test_pipeline_returns_images_and_seeded_runs_repeat(pipe: MeissonicPipeline) -> None:
+    prompts = ["a red circle", "a blue square"]
+    images = pipe(prompts, steps=3, height=64, width=32, seed=0)
+    assert [im.size for im in images] == [(32, 64), (32, 64)] and images[0].mode == "RGB"
+    first = pipe(prompts, steps=3, height=64, seed=[10, 11], output_type="codes")
+    again = pipe(prompts, steps=3, height=64, seed=[10, 11], output_type="codes")
+    other = pipe(prompts, steps=3, height=64, seed=[12, 13], output_type="codes")
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert first.shape == (2, 4, 4)
+    exact = pipe(prompts, steps=3, height=64, seed=4, output_type="codes", exact=True)
+    assert torch.equal(exact, pipe(prompts, steps=3, height=64, seed=4, output_type="codes", exact=True))
+    tensor = pipe("one prompt", steps=2, height=32, guidance_scale=1.0, seed=0, output_type="tensor")
+    assert tensor.shape == (1, 3, 32, 32) and 0 <= float(tensor.min()) and float(tensor.max()) <= 1
+
+
+def test_pipeline_half_precision_runs(tiny_model_dir: Path) -> None:
+    pipe = MeissonicPipeline.from_pretrained(tiny_model_dir, device="cpu", dtype="bf16")
+    assert pipe.dtype == torch.bfloat16 and pipe.vq.dtype == torch.float32  # the VQ asks for float32
+    codes = pipe(["a green triangle"], steps=2, height=32, seed=0, output_type="codes")
+    assert codes.shape == (1, 2, 2) and ((codes >= 0) & (codes < pipe.vq.codebook_size)).all()
+
+
+def test_resolution_must_fit_the_grid(pipe: MeissonicPipeline) -> None:
+    assert pipe.pixel_multiple == 32 and pipe.default_resolution == 1024  # f=16 VQ, 2x2 compression
+    assert pipe.check_resolution(64, 96) == (4, 6)
+    with pytest.raises(InputError, match=r"100x64 is not divisible by 32.*nearest to 100: 96 or 128"):
+        pipe(["x"], steps=1, height=64, width=100)
+    with pytest.raises(InputError, match="output_type"):
+        pipe(["x"], steps=1, height=32, output_type="png")
+    with pytest.raises(InputError, match="micro_conds"):
+        pipe(["x"], steps=1, height=32, micro_conds=[1, 2, 3])
+    with pytest.raises(InputError, match="2 seeds for 1 prompts"):
+        pipe(["x"], steps=1, height=32, seed=[1, 2])
+
+
+def test_dtype_and_device_names() -> None:
+    assert resolve_dtype("bf16") == torch.bfloat16 and resolve_dtype("float16") == torch.float16
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(InputError, match="unknown dtype 'fp8'; use fp32, bf16 or fp16"):
+        resolve_dtype("fp8")
+    with pytest.raises(InputError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+def test_model_folder_errors(tiny_model_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    with pytest.raises(ModelFormatError, match="model folder not found"):
+        MeissonicPipeline.from_pretrained(tmp_path / "nowhere", device="cpu")
+    # A repo id that is not in the (isolated, empty) Hugging Face cache: nothing is downloaded.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelFormatError, match="huggingface-cli download MeissonFlow/Meissonic --local-dir DIR"):
+        resolve_model_folder("MeissonFlow/Meissonic")
+    with pytest.raises(ModelFormatError, match="HF_HUB_OFFLINE is set"):
+        resolve_model_folder("MeissonFlow/Meissonic", allow_download=True)
+
+    broken = copy_model_dir(tiny_model_dir, tmp_path / "broken")
+    os.remove(broken / "transformer" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ModelFormatError, match=r"transformer/diffusion_pytorch_model\.safetensors"):
+        MeissonicPipeline.from_pretrained(broken, device="cpu")
+    other = copy_model_dir(tiny_model_dir, tmp_path / "other")
+    os.remove(other / "scheduler" / "scheduler_config.json")
+    with pytest.raises(ModelFormatError, match=r"scheduler/scheduler_config\.json"):
+        MeissonicPipeline.from_pretrained(other, device="cpu")
+    vq = copy_model_dir(tiny_model_dir, tmp_path / "vq")
+    os.remove(vq / "vqvae" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ModelFormatError, match=r"diffusion_pytorch_model\.safetensors"):
+        MeissonicPipeline.from_pretrained(vq, device="cpu")
