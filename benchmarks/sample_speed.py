@@ -76,21 +76,25 @@ def build_transformer(args, dtype, device):
 
 
 def forward_flops(config, rows: int, grid_h: int, grid_w: int, text_len: int, head_positions: int,
-                  head_out_rows: int, with_context: bool = True) -> float:
+                  head_out_rows: int, with_context: bool = True, token_rows: int | None = None) -> float:
     """Multiply-add FLOPs (x2) of one forward over `rows` sequences.
 
     head_positions: positions (summed over rows) through the head's first layer; head_out_rows:
-    positions through its last (D -> codebook) layer. with_context: include the text projection
-    (hoisted out of the fast loop).
+    positions through its last (D -> codebook) layer. with_context: include the text projection and
+    the pooled/micro-condition MLPs (hoisted out of the fast loop). token_rows: rows whose tokens are
+    embedded (default `rows`; the fast loop embeds the tokens shared by the guidance rows once). The
+    embedding's 1x1 conv is counted at every position, an upper bound for the fast loop, which runs
+    it once per distinct token id.
     """
     d, k = config.inner_dim, config.codebook_size
+    token_rows = rows if token_rows is None else token_rows
     n_full = grid_h * grid_w
     n = n_full // 4 if config.downsample else n_full
     s = text_len + n
-    f = rows * n_full * d * d  # embed 1x1 conv
+    f = token_rows * n_full * d * d  # embed 1x1 conv
     if config.downsample:
-        f += rows * n * 4 * d * d + rows * n * d * 4 * d  # 2x2 strided conv + transposed conv
-    f += 2 * rows * n * d * d  # project_to_hidden / project_from_hidden
+        f += token_rows * n * 4 * d * d + rows * n * d * 4 * d  # 2x2 strided conv + transposed conv
+    f += token_rows * n * d * d + rows * n * d * d  # project_to_hidden / project_from_hidden
     if with_context:
         f += rows * text_len * config.joint_attention_dim * d
     blocks = config.num_layers + config.num_single_layers
@@ -113,7 +117,8 @@ def loop_flops(config, scheduler_table: list[int], batch: int, guided: bool, gri
         if exact:
             total += forward_flops(config, rows, grid_h, grid_w, TEXT_TOKENS, rows * n_full, rows * n_full, True)
         else:
-            total += forward_flops(config, rows, grid_h, grid_w, TEXT_TOKENS, rows * masked, batch * masked, False)
+            total += forward_flops(config, rows, grid_h, grid_w, TEXT_TOKENS, rows * masked, batch * masked, False,
+                                   token_rows=batch)
         masked = remaining
     return total
 

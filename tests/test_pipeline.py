@@ -187,3 +187,38 @@ def test_model_folder_errors(tiny_model_dir: Path, tmp_path: Path, monkeypatch) 
     os.remove(vq / "vqvae" / "diffusion_pytorch_model.safetensors")
     with pytest.raises(ModelFormatError, match=r"diffusion_pytorch_model\.safetensors"):
         MeissonicPipeline.from_pretrained(vq, device="cpu")
+
+
+def test_speed_benchmark_counts_flops_and_reports(capsys) -> None:
+    import json
+    import sys
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sample_speed
+
+    torch.manual_seed(0)
+    model = MeissonicTransformer(meissonic_tiny()).eval()
+    cfg, b, (h, w) = model.config, 2, (8, 8)
+    text, pooled = _features(model, 1)
+    micro = torch.tensor([[128.0, 128.0, 0.0, 0.0, 6.0]] * b)
+    seq = 77 + h * w // 4
+    # FlopCounterMode does not see CPU flash attention: compare everything else.
+    attention = 2.0 * (cfg.num_layers + cfg.num_single_layers) * b * 2 * seq * seq * cfg.inner_dim
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(torch.full((b, h, w), cfg.mask_token_id), text, pooled, torch.tensor([3]), micro_conds=micro)
+    assert sample_speed.forward_flops(cfg, b, h, w, 77, b * h * w, b * h * w) - attention == counter.get_total_flops()
+    cond = model.prepare_conditioning(text, pooled, micro, (h, w))
+    distinct = torch.randperm(h * w).view(1, h, w)  # 64 distinct ids: the embedding runs at every position
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        masked_logits(model, distinct, torch.tensor([3]), cond, torch.arange(20)[None], guidance_scale=9.0)
+    fast = sample_speed.forward_flops(cfg, b, h, w, 77, b * 20, 20, with_context=False, token_rows=1)
+    assert fast - attention == counter.get_total_flops()
+
+    result = sample_speed.main(["--config", "tiny", "--resolution", "64", "--steps", "3", "--repeats", "1",
+                                "--warmup-steps", "0", "--compare-official-style", "--json"])
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line == json.loads(json.dumps(result))
+    assert line["seconds_per_step"] > 0 and line["total_seconds"] > 0 and line["speedup_vs_official_style"] > 0
+    assert line["official_style_gflop_per_step"] > line["gflop_per_step"] > 0 and line["peak_matmul_gflops"] > 0
