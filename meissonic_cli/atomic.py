@@ -3,13 +3,15 @@
 A writer gets a temporary path in the destination folder (same file system, so `os.replace` is an
 atomic rename); on any failure the temporary file is removed and the old file, if any, is kept.
 The temporary name carries the pid and thread id so concurrent writers (torchrun ranks, download
-threads) never share one.
+threads) never share one. A whole output folder is built under a temporary name and moved into
+place with `replace_directory`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -46,3 +48,29 @@ def write_json(path: str | os.PathLike, data: Any, *, sort_keys: bool = False) -
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Atomically write raw bytes."""
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def replace_directory(new: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Move the finished folder `new` to `final`; returns `final`.
+
+    An existing `final` (folder or file) is renamed aside first and deleted only once `new` is in
+    place (and put back if the move fails), so a failure never leaves neither.
+    """
+    new, final = Path(new), Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    try:
+        os.replace(new, final)
+    except BaseException:
+        if old is not None:
+            os.replace(old, final)
+        raise
+    if old is not None:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    return final

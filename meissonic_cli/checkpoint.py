@@ -22,7 +22,6 @@ complete, so a crash never leaves a half-written `step-*` directory and readers 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import random
 import re
@@ -116,12 +115,6 @@ def remove_stale_temporaries(run_dir: str | Path) -> None:
         for path in run_dir.iterdir():
             if path.is_dir() and re.match(r"^\.(tmp|old|del)-step-\d{8}-\d+$", path.name):
                 shutil.rmtree(path, ignore_errors=True)
-
-
-def write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
 
 
 def rng_state(generator: Any) -> dict[str, Any]:

@@ -7,9 +7,12 @@ text for `--help` (`help_of`), so every field is documented exactly once.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
 
-from .errors import ConfigError
+from .errors import ConfigError, MeissonicError, ModelFormatError
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
@@ -37,6 +40,22 @@ def flag_of(cls: type, name: str) -> str:
         if f.name == name:
             return f.metadata.get("flag", "--" + name.replace("_", "-"))
     raise KeyError(name)
+
+
+def read_json_object(path: str | os.PathLike, missing: Optional[str] = None,
+                     error: type[MeissonicError] = ModelFormatError) -> dict[str, Any]:
+    """The JSON object stored in `path` (a config file), or `error` naming the file when it is
+    missing (message `missing`, default "PATH not found"), not valid JSON or not a JSON object."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(missing or f"{path} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 class Problems:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import math
 import os
 import shutil
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .atomic import replace_directory, write_json
 from .config import Problems, field, flag_of
 from .errors import InputError, OutputExistsError
 
@@ -438,7 +438,7 @@ def curate(cfg: CurateConfig) -> CurateResult:
     try:
         result = _curate(cfg, files, tmp, start)
         if tmp is not None and out is not None:
-            _swap_into_place(tmp, out)
+            replace_directory(tmp, out)
             tmp = None
             result.output = out
             result.shards = [out / p.name for p in result.shards]
@@ -446,17 +446,6 @@ def curate(cfg: CurateConfig) -> CurateResult:
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    # The new output is complete before the old one goes, so a failure never leaves neither.
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _curate(cfg: CurateConfig, files: list[Path], tmp: Path | None, start: float) -> CurateResult:
@@ -571,8 +560,8 @@ def _curate(cfg: CurateConfig, files: list[Path], tmp: Path | None, start: float
         number_sql = (f"CREATE TEMP TABLE numbered AS SELECT {out_items}, row_number() OVER (ORDER BY {order}) - 1 "
                       f"AS __n FROM ranked WHERE __keep")
         sql_parts.append(number_sql)
-        copy_sql = (f"COPY (SELECT * EXCLUDE (__n) FROM numbered WHERE __n >= {{lo}} AND __n < {{hi}} ORDER BY __n)\n"
-                    f"TO {{path}} (FORMAT parquet, COMPRESSION zstd)")
+        copy_sql = ("COPY (SELECT * EXCLUDE (__n) FROM numbered WHERE __n >= {lo} AND __n < {hi} ORDER BY __n)\n"
+                    "TO {path} (FORMAT parquet, COMPRESSION zstd)")
     sql_parts.append(copy_sql.format(lo="<first row>", hi="<end row>", path="'part-NNNNN.parquet'"))
     if tmp is not None:
         if n_shards > 1:
@@ -604,9 +593,7 @@ def _curate(cfg: CurateConfig, files: list[Path], tmp: Path | None, start: float
     }
     if tmp is not None:
         shutil.rmtree(tmp / ".spill", ignore_errors=True)
-        stats_tmp = tmp / f".{STATS_NAME}.tmp"
-        stats_tmp.write_text(json.dumps(stats, indent=2) + "\n", encoding="utf-8")
-        os.replace(stats_tmp, tmp / STATS_NAME)
+        write_json(tmp / STATS_NAME, stats)
     return CurateResult(stats=stats, sql=full_sql, shards=shards, output=None)
 
 

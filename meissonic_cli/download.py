@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_json
+from .atomic import atomic_write, write_json
 from .config import Problems, field, flag_of
 from .curate import ROLE_CANDIDATES, detect_columns, resolve_inputs
 from .errors import ConfigError, InputError, MeissonicError, OutputExistsError
@@ -171,9 +171,7 @@ def _stage_inputs(files: list[Path], cols: dict[str, str], stage: Path) -> tuple
         dropped += table.num_rows - kept.num_rows
         rows += kept.num_rows
         per_file.append(kept.num_rows)
-        tmp = stage / f".part-{k:05d}.parquet.tmp"
-        pq.write_table(kept, tmp)
-        os.replace(tmp, stage / f"part-{k:05d}.parquet")
+        atomic_write(stage / f"part-{k:05d}.parquet", lambda tmp, t=kept: pq.write_table(t, tmp))
     return rows, dropped, per_file
 
 

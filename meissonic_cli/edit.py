@@ -2,10 +2,10 @@
 
 The transformer learned P(x_i | x_visible) for arbitrary visible subsets, so every edit is the same
 three moves: encode the image to VQ tokens, replace the tokens to change by the mask id, and run
-MaskGIT decoding from that partial grid with the new prompt. Decoding starts with the masked
-fraction as the scheduler's `starting_mask_ratio` (as the official inpainting pipeline does) and only
-ever writes masked positions (`MaskGITScheduler.step_masked`), so every token that was not masked
-comes out bit-identical.
+MaskGIT decoding from that partial grid with the new prompt (the pipeline's own sampling loop, given
+`init_tokens`). Decoding starts with the masked fraction as the scheduler's `starting_mask_ratio` (as
+the official inpainting pipeline does) and only ever writes masked positions, so every token that
+was not masked comes out bit-identical.
 
 Modes:
 - `inpaint`: a mask PNG (white = edit; same size as the image) or `--box x0,y0,x1,y1` (pixels,
@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 from .atomic import atomic_write, write_json
 from .config import Problems, field
 from .errors import InputError, OutputExistsError
+from .progress import make_progress
 from .sample import SampleConfig, parse_resolution, parse_temperature, slugify
 
 if TYPE_CHECKING:
@@ -409,95 +410,16 @@ def feather_blend(decoded: "Image.Image", original: "Image.Image", keep: "np.nda
 
 
 # ----------------------------------------------------------------------------------------------
-# Decoding from a partial grid
-
-
-def _prompt_features(pipe: Any, prompt: str, negative: str, guided: bool) -> tuple[Any, Any, Any, Any]:
-    text, pooled = pipe.encode_prompts([prompt])
-    if not guided:
-        return text, pooled, None, None
-    neg_text, neg_pooled = pipe.encode_prompts([negative])
-    return text, pooled, neg_text, neg_pooled
-
-
-def _micro(width: int, height: int, device: Any) -> "torch.Tensor":
-    import torch
-
-    from .pipeline import DEFAULT_MICRO_SCORE
-
-    return torch.tensor([[width, height, 0, 0, DEFAULT_MICRO_SCORE]], dtype=torch.float32, device=device)
-
-
-class _Guided:
-    """The transformer with its step-invariant conditioning for one prompt (+ negative when guided)."""
-
-    def __init__(self, pipe: Any, prompt: str, negative: str, guidance_scale: float, grid: tuple[int, int],
-                 size: tuple[int, int]):
-        import torch
-
-        self.t = pipe.transformer
-        self.scale = float(guidance_scale)
-        self.guided = self.scale > 1.0
-        text, pooled, neg_text, neg_pooled = _prompt_features(pipe, prompt, negative, self.guided)
-        micro = _micro(size[0], size[1], self.t.device)
-        if self.guided:
-            text, pooled, micro = torch.cat([neg_text, text]), torch.cat([neg_pooled, pooled]), torch.cat([micro, micro])
-        with torch.inference_mode():
-            self.cond = self.t.prepare_conditioning(text, pooled, micro, grid)
-        vq_codes = int(pipe.vq.codebook_size)
-        self.num_codes = vq_codes if vq_codes < self.t.config.codebook_size else None
-
-    def logits(self, tokens: "torch.Tensor", timestep: "torch.Tensor", positions: "torch.Tensor") -> "torch.Tensor":
-        """(1, M, K) guided logits at `positions` (1, M) of `tokens` (1, h, w)."""
-        import torch
-
-        if self.guided:
-            hidden = self.t.forward_cached(torch.cat([tokens, tokens]), timestep, self.cond,
-                                           positions=torch.cat([positions, positions]), head="hidden")
-            uncond, cond = hidden.chunk(2)
-            # The head's last layer is linear without bias: guiding its input equals guiding the logits.
-            out = self.t.mlm_layer.logits_tokens(uncond + self.scale * (cond - uncond))
-        else:
-            out = self.t.forward_cached(tokens, timestep, self.cond, positions=positions)
-        return out if self.num_codes is None else out[..., :self.num_codes]
-
-
-def decode_masked(pipe: Any, tokens: "torch.Tensor", model: _Guided, steps: int, temperature: Any,
-                  generator: Optional["torch.Generator"], callback: Optional[Callable[[int, int], None]] = None
-                  ) -> "torch.Tensor":
-    """MaskGIT decoding of the mask-id positions of `tokens` (1, h, w); every other token is kept as it is.
-
-    The scheduler runs its usual `steps` with `starting_mask_ratio` = masked / all, so the number of
-    tokens still masked after step i is the full-grid schedule scaled to the masked part.
-    """
-    import torch
-
-    scheduler = pipe.scheduler
-    mask_id = scheduler.config.mask_token_id
-    flat = tokens.reshape(1, -1)
-    positions = (flat[0] == mask_id).nonzero()[:, 0][None]
-    masked = positions.shape[1]
-    if masked == 0:
-        return tokens
-    ratio = masked / flat.shape[1]
-    scheduler.set_timesteps(steps, temperature, device=model.t.device)
-    latents = tokens
-    with torch.inference_mode():
-        for i, t in enumerate(scheduler.timesteps):
-            logits = model.logits(latents, t.view(1).long(), positions)
-            out = scheduler.step_masked(logits, positions, latents, i, generator, starting_mask_ratio=ratio)
-            latents, positions = out.prev_sample, out.masked_positions
-            if callback is not None:
-                callback(i + 1, steps)
-    return latents
+# Choosing the tokens to redraw
 
 
 def remask_positions(tokens: "torch.Tensor", count: int, how: str, generator: Optional["torch.Generator"] = None,
-                     model: Optional[_Guided] = None) -> "torch.Tensor":
+                     logits: Optional["torch.Tensor"] = None) -> "torch.Tensor":
     """Flat indices (ascending) of the `count` tokens of `tokens` (1, h, w) to re-mask.
 
     random: a uniform draw; confidence: the lowest log-probabilities of the current tokens under
-    `model` (one forward with nothing masked, timestep 0).
+    `logits` (1, L, K), the guided logits of one forward with nothing masked
+    (`MeissonicPipeline.logits(tokens, prompt, ...)`, timestep 0).
     """
     import torch
 
@@ -506,14 +428,11 @@ def remask_positions(tokens: "torch.Tensor", count: int, how: str, generator: Op
         gen_device = generator.device if generator is not None else torch.device("cpu")
         order = torch.randperm(n, generator=generator, device=gen_device)
         return order[:count].sort().values.to(tokens.device)
-    if model is None:
-        raise InputError("confidence re-masking needs the model")
-    everywhere = torch.arange(n, device=tokens.device)[None]
-    with torch.inference_mode():
-        logits = model.logits(tokens, torch.zeros(1, dtype=torch.long, device=tokens.device), everywhere)
-        logp = torch.log_softmax(logits.float(), dim=-1)[0]
-        current = torch.gather(logp, -1, tokens.reshape(-1, 1))[:, 0]
-    return current.topk(count, largest=False).indices.sort().values
+    if logits is None:
+        raise InputError("confidence re-masking needs the model's logits of the current tokens")
+    logp = torch.log_softmax(logits.float(), dim=-1)[0]
+    current = torch.gather(logp, -1, tokens.reshape(-1, 1).to(logp.device))[:, 0]
+    return current.topk(count, largest=False).indices.sort().values.to(tokens.device)
 
 
 def _to_tensor(image: "Image.Image", device: Any) -> "torch.Tensor":
@@ -565,11 +484,9 @@ def edit_image(pipe: Any, case: EditCase, callback: Optional[Callable[[int, int]
         canvas = Image.new("RGB", (cw, ch))
         canvas.paste(image, (left, top))
         size = (cw, ch)
-        model = _Guided(pipe, case.prompt, case.negative_prompt, case.cfg, (gh, gw), size)
     else:
         size = image.size
         canvas = image
-        model = _Guided(pipe, case.prompt, case.negative_prompt, case.cfg, tuple(source_tokens.shape[1:]), size)
         tokens = source_tokens.clone()
         if case.mode == "inpaint":
             cells = token_mask(pixel_mask, f, case.dilate).to(device)  # type: ignore[arg-type]
@@ -578,12 +495,18 @@ def edit_image(pipe: Any, case: EditCase, callback: Optional[Callable[[int, int]
             tokens[0][cells] = mask_id
         else:
             count = max(1, int(round(case.strength * tokens.numel())))
-            chosen = remask_positions(source_tokens, count, case.remask, generator, model)
+            logits = None
+            if case.remask == "confidence":
+                logits = pipe.logits(source_tokens, [case.prompt], case.negative_prompt, case.cfg)
+            chosen = remask_positions(source_tokens, count, case.remask, generator, logits)
             tokens.view(-1)[chosen] = mask_id
         keep_pixels = None
 
     tokens_in = tokens.clone()
-    decoded_tokens = decode_masked(pipe, tokens, model, case.steps, case.temperature, generator, callback)
+    # Decoding starts from the partial grid: only mask-id positions are drawn, the rest is kept as is.
+    decoded_tokens = pipe([case.prompt], negative_prompt=case.negative_prompt, steps=case.steps,
+                          guidance_scale=case.cfg, width=size[0], height=size[1], temperature=case.temperature,
+                          generator=generator, callback=callback, output_type="codes", init_tokens=tokens)
     out = tensor_to_images(pipe.vq.decode(decoded_tokens))[0]
     edited = (tokens_in == mask_id)[0]
     if case.blend > 0:
@@ -667,10 +590,7 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None) -> Ed
         model_label = str(getattr(pipeline, "model_path", None) or cfg.model)
     out.mkdir(parents=True, exist_ok=True)
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  disable=not progress) as bar:
+    with make_progress(progress, remaining=False) as bar:
         cases_task = bar.add_task("edits", total=len(cases), completed=result.skipped)
         steps_task = bar.add_task("steps", total=todo[0].steps)
         for case in todo:
@@ -714,6 +634,6 @@ def summary_table(result: EditRunResult) -> Any:
     return t
 
 
-__all__ = ["EditCase", "EditConfig", "EditResult", "EditRunResult", "MODES", "REMASK", "box_mask", "decode_masked",
-           "edit_image", "feather_blend", "load_image", "load_mask", "outpaint_layout", "read_cases", "remask_positions",
-           "round_size", "run_edit", "single_case", "summary_table", "token_mask"]
+__all__ = ["EditCase", "EditConfig", "EditResult", "EditRunResult", "MODES", "REMASK", "box_mask", "edit_image",
+           "feather_blend", "load_image", "load_mask", "outpaint_layout", "read_cases", "remask_positions", "round_size",
+           "run_edit", "single_case", "summary_table", "token_mask"]

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 from .atomic import atomic_write, write_text
 from .config import Problems, field
 from .errors import ConfigError, InputError
+from .progress import make_progress
 from .sample import SampleConfig
 
 if TYPE_CHECKING:
@@ -613,21 +614,12 @@ class _Scorer:
         self._free(model)
 
     def shapes(self) -> None:
-        from . import shapes as world
         from . import shapes_bench
 
         lookup = shapes_bench.prompt_lookup()
         specs = []
         for it in self.items:
-            spec = lookup.get(it.prompt or "") or shapes_bench.parse_prompt(it.prompt or "")
-            expects = it.meta.get("expects")
-            if spec is None and isinstance(expects, list) and it.meta.get("category") in shapes_bench.TESTED:
-                try:
-                    spec = shapes_bench.PromptSpec(it.prompt or "", it.meta["category"], tuple(
-                        world.Expect(e["colour"], e["shape"], e.get("position"), int(e.get("count", 1)))
-                        for e in expects))
-                except (KeyError, TypeError, ValueError):
-                    spec = None
+            spec = shapes_bench.spec_from_sidecar({**it.meta, "prompt": it.prompt or ""}, lookup)
             if spec is None:
                 raise InputError(f"--suite shapes: {it.path.name}'s prompt {it.prompt!r} is not a shapes-world caption; "
                                  f"sample the benchmark prompts with --prompts shapes")
@@ -784,10 +776,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> di
     if "fid" in cfg.suites and len(items) < 2:
         raise InputError(f"--suite fid needs at least 2 images, found {len(items)}")
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    bar_columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*bar_columns, disable=not progress) as bar:
+    with make_progress(progress, remaining=False) as bar:
         scorer = _Scorer(cfg, items, weights, models, device, bar)
         for suite in cfg.suites:
             getattr(scorer, suite)()

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .atomic import atomic_write
 from .errors import ModelFormatError
 
 # Every attention projection of the MMDiT blocks (image and text streams) and of the single blocks.
@@ -148,17 +149,12 @@ def merged_state_dict(model: nn.Module, lora: LoRA) -> dict[str, torch.Tensor]:
 
 def save_lora(path: str | Path, lora: LoRA, adapters: dict[str, torch.Tensor] | None = None) -> None:
     """Write adapters (default: `lora`'s live ones) as safetensors, atomically, with rank and alpha in the metadata."""
-    import os
-
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     adapters = lora.adapter_state_dict() if adapters is None else adapters
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in adapters.items()}
-    save_file(tensors, str(tmp), metadata={"format": "meissonic-lora", "rank": str(lora.rank), "alpha": repr(lora.alpha)})
-    os.replace(tmp, path)
+    meta = {"format": "meissonic-lora", "rank": str(lora.rank), "alpha": repr(lora.alpha)}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:

@@ -16,13 +16,13 @@ checkpoint's tensors are adopted as they are, so a ViT-H-14 loads without a thro
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from .config import read_json_object
 from .errors import ModelFormatError
 
 # Buffers that checkpoints may lack and that are rebuilt after loading: open_clip's causal text mask
@@ -34,15 +34,10 @@ def open_clip_model_config(model: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model config, preprocess overrides) for an open_clip config name or a config JSON path."""
     path = Path(model)
     if path.suffix == ".json":
-        if not path.is_file():
-            raise ModelFormatError(f"open_clip model config not found: {path}")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ModelFormatError(f"{path}: not valid JSON ({err})") from None
-        if isinstance(data, dict) and "model_cfg" in data:
+        data = read_json_object(path, f"open_clip model config not found: {path}")
+        if "model_cfg" in data:
             return dict(data["model_cfg"]), dict(data.get("preprocess_cfg") or {})
-        if not isinstance(data, dict) or not {"embed_dim", "vision_cfg", "text_cfg"} <= set(data):
+        if not {"embed_dim", "vision_cfg", "text_cfg"} <= set(data):
             raise ModelFormatError(f"{path}: expected an open_clip model config with embed_dim, vision_cfg and text_cfg")
         return dict(data), {}
     import open_clip

@@ -12,13 +12,13 @@ arguments (tests use a tiny one).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from .config import read_json_object
 from .errors import ModelFormatError
 from .metrics_clip import adopt_state, load_state_file
 
@@ -39,13 +39,7 @@ def dino_arch(arch: str) -> dict[str, Any]:
         return {"img_size": 224, **DINO_ARCHS[arch]}
     path = Path(arch)
     if path.suffix == ".json" and path.is_file():
-        try:
-            kwargs = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ModelFormatError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(kwargs, dict):
-            raise ModelFormatError(f"{path}: expected a JSON object of VisionTransformer arguments")
-        return {"img_size": 224, **kwargs}
+        return {"img_size": 224, **read_json_object(path)}
     raise ModelFormatError(f"unknown DINO architecture {arch!r}; choose one of {', '.join(DINO_ARCHS)} "
                            f"or give a JSON file of timm VisionTransformer arguments")
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError, ModelFormatError
+from .errors import InputError
 from .metrics_clip import adopt_state, load_state_file
 
 FID_CLASSES = 1008

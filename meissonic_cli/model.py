@@ -29,9 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -39,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import field
+from .atomic import atomic_write, write_json
+from .config import field, read_json_object
 from .errors import ConfigError, InputError, ModelFormatError
 
 CONFIG_NAME = "config.json"
@@ -147,15 +146,7 @@ class TransformerConfig:
 
     @classmethod
     def from_json(cls, path: Union[str, Path]) -> "TransformerConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ModelFormatError(f"transformer config not found: expected {path}")
-        try:
-            values = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ModelFormatError(f"{path} is not valid JSON: {err}") from None
-        if not isinstance(values, dict):
-            raise ModelFormatError(f"{path} must hold a JSON object")
+        values = read_json_object(path, f"transformer config not found: expected {path}")
         return cls.from_dict(values, source=str(path))
 
 
@@ -903,18 +894,6 @@ def _parse_size(size: Union[int, str]) -> int:
     return int(float(m.group(1)) * scale)
 
 
-def _atomic_write_bytes(path: Path, write: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_pretrained(model: MeissonicTransformer, folder: Union[str, Path], max_shard_size: Union[int, str, None] = None) -> Path:
     """Write `folder/config.json` and the weights in the released transformer/ layout.
 
@@ -940,21 +919,20 @@ def save_pretrained(model: MeissonicTransformer, folder: Union[str, Path], max_s
     written: set[str] = set()
     meta = {"format": "pt"}
     if len(shards) == 1:
-        _atomic_write_bytes(folder / WEIGHTS_NAME, lambda p: save_file(shards[0], p, metadata=meta))
+        atomic_write(folder / WEIGHTS_NAME, lambda p: save_file(shards[0], p, metadata=meta))
         written.add(WEIGHTS_NAME)
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            _atomic_write_bytes(folder / name, lambda p, s=shard: save_file(s, p, metadata=meta))
+            atomic_write(folder / name, lambda p, s=shard: save_file(s, p, metadata=meta))
             weight_map.update({k: name for k in shard})
             written.add(name)
         total = sum(v.numel() * v.element_size() for v in state.values())
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        _atomic_write_bytes(folder / WEIGHTS_INDEX_NAME, lambda p: Path(p).write_text(json.dumps(index, indent=2) + "\n"))
+        write_json(folder / WEIGHTS_INDEX_NAME, index)
         written.add(WEIGHTS_INDEX_NAME)
-    config_text = json.dumps(model.config.to_json_dict(), indent=2) + "\n"
-    _atomic_write_bytes(folder / CONFIG_NAME, lambda p: Path(p).write_text(config_text))
+    write_json(folder / CONFIG_NAME, model.config.to_json_dict())
     stale = re.compile(r"diffusion_pytorch_model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?")
     for path in folder.iterdir():
         if stale.fullmatch(path.name) and path.name not in written:

@@ -24,7 +24,6 @@ either kind.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -37,7 +36,11 @@ import torch
 from torch import nn
 
 from . import shapes
+from .atomic import atomic_write, replace_directory, write_json
+from .config import read_json_object
 from .errors import ConfigError, InputError, ModelFormatError, OutputExistsError
+from .progress import make_progress
+from .vq import CodeGrid
 
 PATCH_VQ_CLASS = "PatchVQ"
 PATCH_VQ_CONFIG = "config.json"
@@ -51,7 +54,7 @@ _ENCODE_CHUNK = 8192
 _ALPHA_LEVELS = 64
 
 
-class PatchVQ(nn.Module):
+class PatchVQ(CodeGrid, nn.Module):
     """Images in [0, 1] <-> grids of codes, each code one f x f RGB patch of a fixed codebook."""
 
     force_upcast = True  # float32 always: the codebook is tiny and half precision would move ties
@@ -78,19 +81,10 @@ class PatchVQ(nn.Module):
         return {"_class_name": PATCH_VQ_CLASS, "patch_size": self.downsample_factor,
                 "codebook_size": self.codebook_size, "fit": self.fit_info}
 
-    def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """Code grid `(h, w)` for an image of `height x width` pixels; both must be multiples of f."""
-        f = self.downsample_factor
-        if height % f or width % f or height <= 0 or width <= 0:
-            raise InputError(f"image size {width}x{height} is not a positive multiple of the VQ's downsample factor {f}")
-        return height // f, width // f
-
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Code indices int64 `(B, H/f, W/f)` for float images `(B, 3, H, W)` in [0, 1]: the nearest patch in RGB."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise InputError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-        h, w = self.grid_size(images.shape[2], images.shape[3])
+        h, w = self._grid_of_images(images)
         patches = _to_patches(images.to(self.device, torch.float32), self.downsample_factor).flatten(1)
         if not len(patches):
             return torch.zeros(images.shape[0], h, w, dtype=torch.long, device=self.device)
@@ -99,10 +93,7 @@ class PatchVQ(nn.Module):
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Float images `(B, 3, h*f, w*f)` in [0, 1] for code grids `(B, h, w)`: the codebook patches, tiled."""
-        if codes.ndim != 3:
-            raise InputError(f"expected code grids of shape (B, h, w), got {tuple(codes.shape)}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
-            raise InputError(f"code ids must lie in [0, {self.codebook_size}); got {int(codes.min())}..{int(codes.max())}")
+        self._check_codes(codes)
         b, h, w = codes.shape
         f = self.downsample_factor
         tiles = self.codebook[codes.to(self.device).long()]  # (B, h, w, 3, f, f)
@@ -120,15 +111,10 @@ class PatchVQ(nn.Module):
         if (folder / "vqvae").is_dir():
             folder = folder / "vqvae"
         config_path, weights_path = folder / PATCH_VQ_CONFIG, folder / PATCH_VQ_WEIGHTS
-        if not config_path.is_file():
-            raise ModelFormatError(f"{folder}: expected {PATCH_VQ_CONFIG} (a PatchVQ config); fit one with patch_vq.fit_demo_vq")
-        try:
-            config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ModelFormatError(f"{config_path}: not valid JSON ({err})") from None
-        if not isinstance(config, dict) or config.get("_class_name") != PATCH_VQ_CLASS:
-            found = config.get("_class_name") if isinstance(config, dict) else None
-            raise ModelFormatError(f"{config_path}: _class_name is {found!r}, expected {PATCH_VQ_CLASS!r}")
+        config = read_json_object(config_path, f"{folder}: expected {PATCH_VQ_CONFIG} (a PatchVQ config); fit one "
+                                               f"with patch_vq.fit_demo_vq")
+        if config.get("_class_name") != PATCH_VQ_CLASS:
+            raise ModelFormatError(f"{config_path}: _class_name is {config.get('_class_name')!r}, expected {PATCH_VQ_CLASS!r}")
         if not weights_path.is_file():
             raise ModelFormatError(f"{folder}: expected {PATCH_VQ_WEIGHTS} next to {PATCH_VQ_CONFIG}")
         try:
@@ -148,13 +134,9 @@ class PatchVQ(nn.Module):
         from safetensors.torch import save_file
 
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        weights_tmp = folder / f".{PATCH_VQ_WEIGHTS}.tmp-{os.getpid()}"
-        save_file({"codebook": self.codebook.detach().cpu().contiguous()}, str(weights_tmp))
-        os.replace(weights_tmp, folder / PATCH_VQ_WEIGHTS)
-        config_tmp = folder / f".{PATCH_VQ_CONFIG}.tmp-{os.getpid()}"
-        config_tmp.write_text(json.dumps(self.config, indent=2) + "\n")
-        os.replace(config_tmp, folder / PATCH_VQ_CONFIG)
+        codebook = {"codebook": self.codebook.detach().cpu().contiguous()}
+        atomic_write(folder / PATCH_VQ_WEIGHTS, lambda tmp: save_file(codebook, tmp))
+        write_json(folder / PATCH_VQ_CONFIG, self.config)
 
 
 def _to_patches(images: torch.Tensor, f: int) -> torch.Tensor:
@@ -284,9 +266,7 @@ def fit_patch_vq(images: torch.Tensor, *, patch_size: int = 8, codebook_size: in
     steps, converged = 0, True
     masks = torch.zeros(0, patch_size * patch_size)
     if k:
-        from rich.progress import Progress
-
-        with Progress(transient=True, disable=not show_progress) as progress:
+        with make_progress(show_progress, transient=True) as progress:
             task = progress.add_task(f"k-means: {k} edge shapes from {len(points)} patches", total=max_iterations)
             masks, steps, converged = _kmeans(points, weights, k, generator, max_iterations, deadline,
                                               lambda: progress.advance(task))
@@ -373,17 +353,7 @@ def fit_demo_vq(out_folder: str | os.PathLike, image_size: int = 64, seed: int =
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     vq.save_pretrained(tmp)
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-        os.replace(tmp, out)
-        if old.is_dir():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
+    replace_directory(tmp, out)
     result["seconds"] = time.monotonic() - start
     result["folder"] = str(out)
     return result

@@ -22,12 +22,18 @@ released f=16 VQ) for a model with 2x2 compression and a 32x32 grid (512 px) wit
 multiples of `pixel_multiple`), `temperature` ((2, 0), or one number tau for linspace(tau, 0.01)),
 `micro_conds` (default (width, height, 0, 0, 6)), `seed` (one int for the batch, or one per image)
 or `generator`, `callback(step, steps)`, `output_type` ("pil" -> list of PIL images, "codes" ->
-int64 (B, h, w) code grids, "tensor" -> float (B, 3, H, W) in [0, 1]) and `exact`.
+int64 (B, h, w) code grids, "tensor" -> float (B, 3, H, W) in [0, 1]), `exact` and `init_tokens`.
+
+`init_tokens` (B, h, w) starts decoding from given token grids instead of an all-mask grid: the
+positions holding the mask id are decoded, every other token comes back bit-identical (what
+inpainting, outpainting and mask-free editing need, `meissonic_cli.edit`). With M of the L tokens
+masked the schedule runs with starting_mask_ratio M/L, as the official inpainting pipeline does, in
+both loops. `pipe.logits(tokens, prompts)` gives the guided logits of one forward over given tokens.
 
 The sampling loop (`sample_tokens`):
-- starts from an all-mask grid; text features, the pooled/micro-condition embedding and the rotary
-  tables are computed once per call (`MeissonicTransformer.prepare_conditioning`, for the negative
-  and the positive prompts together), so a step only recomputes the timestep embedding;
+- starts from an all-mask grid (or `init_tokens`); text features, the pooled/micro-condition
+  embedding and the rotary tables are computed once per call (`MeissonicTransformer.prepare_conditioning`,
+  for the negative and the positive prompts together), so a step only recomputes the timestep embedding;
 - runs the negative and positive prompts as one batch [uncond, cond] per step, embedding the
   shared tokens once, and runs the transformer's head only at the positions still masked, up to
   its last layer (`forward_cached(..., positions, head="hidden")`); since that layer is linear, the
@@ -186,12 +192,6 @@ def check_model_folder(root: Path) -> None:
     _need_one(root / "scheduler", [SCHEDULER_CONFIG_NAME], "scheduler config")
 
 
-def _load_vq(folder: Path, dtype: torch.dtype) -> Any:
-    from .vq import load_vq
-
-    return load_vq(folder, dtype=dtype)
-
-
 # ----------------------------------------------------------------------------------------------
 # The sampling loop
 
@@ -236,6 +236,34 @@ def masked_logits(transformer: MeissonicTransformer, tokens: torch.Tensor, times
     return transformer.mlm_layer.logits_tokens(uncond + guidance_scale * (guided - uncond))
 
 
+def guidance_batch(text: torch.Tensor, pooled: torch.Tensor, micro_conds: torch.Tensor,
+                   negative_text: Optional[torch.Tensor], negative_pooled: Optional[torch.Tensor],
+                   guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(text, pooled, micro_conds) as the transformer runs them: [uncond, cond] (2B rows) when
+    guidance_scale > 1, else the prompts' own (B rows)."""
+    if guidance_scale <= 1.0:
+        return text, pooled, micro_conds
+    if negative_text is None or negative_pooled is None:
+        raise InputError("guidance_scale > 1 needs negative_text and negative_pooled (the negative prompt's features)")
+    return torch.cat([negative_text, text]), torch.cat([negative_pooled, pooled]), torch.cat([micro_conds, micro_conds])
+
+
+def _check_init_tokens(init_tokens: torch.Tensor, b: int, grid_hw: tuple[int, int],
+                       mask_id: int) -> tuple[torch.Tensor, int]:
+    """init_tokens as int64 (B, H, W) and the number of masked positions, which every row must share."""
+    tokens = torch.as_tensor(init_tokens)
+    if tokens.dim() == 2:
+        tokens = tokens[None]
+    if tuple(tokens.shape) != (b, *grid_hw) or tokens.is_floating_point() or tokens.is_complex():
+        raise InputError(f"init_tokens must be integer token grids of shape ({b}, {grid_hw[0]}, {grid_hw[1]}), "
+                         f"got {tokens.dtype} {tuple(tokens.shape)}")
+    counts = (tokens.reshape(b, -1) == mask_id).sum(1).tolist()
+    if len(set(counts)) > 1:
+        raise InputError(f"init_tokens rows have {counts} masked positions; every row of a batch must have the same "
+                         f"number (decode rows with different masks in separate calls)")
+    return tokens.to(torch.long, copy=True), int(counts[0])
+
+
 def sample_tokens(
     transformer: MeissonicTransformer,
     scheduler: MaskGITScheduler,
@@ -252,33 +280,41 @@ def sample_tokens(
     callback: Optional[ProgressCallback] = None,
     exact: bool = False,
     num_codes: Optional[int] = None,
+    init_tokens: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """MaskGIT decoding from an all-mask grid; returns int64 code grids (B, H, W).
+    """MaskGIT decoding from an all-mask grid (or from `init_tokens`); returns int64 code grids (B, H, W).
 
     text (B, T, joint_dim), pooled (B, P) and micro_conds (B, 5) condition the prompts; with
     guidance_scale > 1 the negative features (same shapes) are required. `generator` is one
     generator for the batch, or one per row (each row then draws from its own). `num_codes` limits
     sampling to the first codes (for a VQ with a smaller codebook than the transformer's head).
+    `init_tokens` (B, H, W) starts from a partial grid (inpainting, outpainting, editing): only its
+    mask-id positions are decoded, every other token comes back unchanged. Every row must hold the
+    same number M of masked positions; the schedule then runs with starting_mask_ratio M/L, so the
+    count still masked after each step is `masked_after_step(steps, L, M/L)`.
     See the module docstring for the fast and the `exact` loop.
     """
     b = text.shape[0]
     grid_h, grid_w = int(grid_hw[0]), int(grid_hw[1])
     seq_len = grid_h * grid_w
     guided = guidance_scale > 1.0
-    if guided and (negative_text is None or negative_pooled is None):
-        raise InputError("guidance_scale > 1 needs negative_text and negative_pooled (the negative prompt's features)")
     device = transformer.device
     per_row = isinstance(generator, (list, tuple))
     if per_row and len(generator) != b:
         raise InputError(f"{len(generator)} generators for a batch of {b}")
-    scheduler.set_timesteps(steps, temperature, device=device)
-    if guided:
-        all_text, all_pooled = torch.cat([negative_text, text]), torch.cat([negative_pooled, pooled])
-        all_micro = torch.cat([micro_conds, micro_conds])
-    else:
-        all_text, all_pooled, all_micro = text, pooled, micro_conds
+    all_text, all_pooled, all_micro = guidance_batch(text, pooled, micro_conds, negative_text, negative_pooled,
+                                                     guidance_scale)
     mask_id = scheduler.config.mask_token_id
-    latents = torch.full((b, grid_h, grid_w), mask_id, dtype=torch.long, device=device)
+    if init_tokens is None:
+        latents = torch.full((b, grid_h, grid_w), mask_id, dtype=torch.long, device=device)
+        masked, ratio = seq_len, 1.0
+    else:
+        latents, masked = _check_init_tokens(init_tokens, b, (grid_h, grid_w), mask_id)
+        latents = latents.to(device)
+        if masked == 0:
+            return latents
+        ratio = masked / seq_len
+    scheduler.set_timesteps(steps, temperature, device=device)
 
     def limit(logits: torch.Tensor, dim: int) -> torch.Tensor:
         if num_codes is None or num_codes >= logits.shape[dim]:
@@ -292,26 +328,31 @@ def sample_tokens(
                 logits = limit(exact_logits(transformer, latents, t.view(1).long(), all_text, all_pooled, all_micro,
                                             guidance_scale if guided else None), 1)
                 if per_row:
-                    latents = torch.cat([scheduler.step(logits[r:r + 1], t, latents[r:r + 1], generator[r]).prev_sample
-                                         for r in range(b)])
+                    latents = torch.cat([scheduler.step(logits[r:r + 1], t, latents[r:r + 1], generator[r],
+                                                        starting_mask_ratio=ratio).prev_sample for r in range(b)])
                 else:
-                    latents = scheduler.step(logits, t, latents, generator).prev_sample
+                    latents = scheduler.step(logits, t, latents, generator, starting_mask_ratio=ratio).prev_sample
                 if callback is not None:
                     callback(i + 1, steps)
             return latents
 
         cond = transformer.prepare_conditioning(all_text, all_pooled, all_micro, (grid_h, grid_w))
-        positions = torch.arange(seq_len, device=device).expand(b, seq_len)
+        if init_tokens is None:
+            positions = torch.arange(seq_len, device=device).expand(b, seq_len)
+        else:
+            # nonzero lists row by row in ascending order, and every row has `masked` entries.
+            positions = (latents.reshape(b, seq_len) == mask_id).nonzero()[:, 1].view(b, masked)
         for i, t in enumerate(scheduler.timesteps):
             logits = limit(masked_logits(transformer, latents, t.view(1).long(), cond, positions,
                                          guidance_scale if guided else None), 2)
             if per_row:
                 outs = [scheduler.step_masked(logits[r:r + 1], positions[r:r + 1], latents[r:r + 1], i, generator[r],
-                                              draw=DRAW) for r in range(b)]
+                                              starting_mask_ratio=ratio, draw=DRAW) for r in range(b)]
                 latents = torch.cat([o.prev_sample for o in outs])
                 positions = torch.cat([o.masked_positions for o in outs])
             else:
-                out = scheduler.step_masked(logits, positions, latents, i, generator, draw=DRAW)
+                out = scheduler.step_masked(logits, positions, latents, i, generator, starting_mask_ratio=ratio,
+                                            draw=DRAW)
                 latents, positions = out.prev_sample, out.masked_positions
             if callback is not None:
                 callback(i + 1, steps)
@@ -346,6 +387,7 @@ class MeissonicPipeline:
         (`force_upcast`, as the released one does); `dtype` is the transformer's.
         """
         from .text_encoder import TextEncoder
+        from .vq import load_vq
 
         dev = resolve_device(device)
         dt = resolve_dtype(dtype)
@@ -353,7 +395,7 @@ class MeissonicPipeline:
         check_model_folder(root)
         # Smallest parts first, so a broken folder fails before the transformer's weights are read.
         scheduler = MaskGITScheduler.from_config_dir(root / "scheduler")
-        vq = _load_vq(root / "vqvae", dt).to(dev).eval()
+        vq = load_vq(root / "vqvae", dtype=dt).to(dev).eval()
         # The text encoder runs once per call, so float32 costs little; its float32 layer norms also
         # refuse half-precision weights on CPU.
         text_encoder = TextEncoder.from_pretrained(root / "text_encoder", dtype=torch.float32).to(dev).eval()
@@ -436,8 +478,13 @@ class MeissonicPipeline:
         callback: Optional[ProgressCallback] = None,
         output_type: str = "pil",
         exact: bool = False,
+        init_tokens: Optional[torch.Tensor] = None,
     ) -> Any:
-        """Generate one image per prompt; see the module docstring for every argument."""
+        """Generate one image per prompt; see the module docstring for every argument.
+
+        `init_tokens` (B, h, w) decodes only the mask-id positions of given token grids (see
+        `sample_tokens`); height and width then default to the grid's image size.
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise InputError("no prompts given")
@@ -445,26 +492,18 @@ class MeissonicPipeline:
             raise InputError(f"unknown output_type {output_type!r}; use one of {', '.join(OUTPUT_TYPES)}")
         if int(steps) < 1:
             raise InputError(f"steps must be >= 1, got {steps}")
-        b = len(prompts)
-        negatives = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) != b:
-            raise InputError(f"{len(negatives)} negative prompts for {b} prompts; give one, or one per prompt")
-        height = int(height or width or self.default_resolution)
-        width = int(width or height)
-        grid = self.check_resolution(height, width)
-        micro = self._micro_conds(micro_conds, b, width, height)
-        gens = _generators(seed, generator, b, self.device)
-
-        text, pooled = self.encode_prompts(prompts)
-        neg_text = neg_pooled = None
-        if guidance_scale > 1.0:
-            neg_text, neg_pooled = self.encode_prompts(negatives)
-        vq_codes = int(self.vq.codebook_size)
+        if init_tokens is not None and height is None and width is None:
+            f = int(self.vq.downsample_factor)
+            height, width = int(init_tokens.shape[-2]) * f, int(init_tokens.shape[-1]) * f
+        height, width, grid = self._image_size(height, width)
+        gens = _generators(seed, generator, len(prompts), self.device)
+        text, pooled, neg_text, neg_pooled, micro = self._prompt_inputs(prompts, negative_prompt, guidance_scale,
+                                                                        width, height, micro_conds)
         codes = sample_tokens(
             self.transformer, self.scheduler, text, pooled, micro, grid, steps=int(steps),
             guidance_scale=float(guidance_scale), negative_text=neg_text, negative_pooled=neg_pooled,
-            temperature=temperature, generator=gens, callback=callback, exact=exact,
-            num_codes=vq_codes if vq_codes < self.transformer.config.codebook_size else None,
+            temperature=temperature, generator=gens, callback=callback, exact=exact, num_codes=self._num_codes(),
+            init_tokens=init_tokens,
         )
         if output_type == "codes":
             return codes
@@ -474,6 +513,66 @@ class MeissonicPipeline:
         from .vq import tensor_to_images
 
         return tensor_to_images(images)
+
+    def logits(
+        self,
+        tokens: torch.Tensor,
+        prompts: Union[str, Sequence[str]],
+        negative_prompt: Union[str, Sequence[str]] = "",
+        guidance_scale: float = 9.0,
+        timestep: int = 0,
+        positions: Optional[torch.Tensor] = None,
+        micro_conds: Optional[Union[Sequence[float], torch.Tensor]] = None,
+    ) -> torch.Tensor:
+        """Guided logits (B, M, K) of token grids (B, h, w) at flat `positions` (B, M) (default: every
+        position), from one forward at `timestep` (0 is the nothing-masked end of the schedule); K is
+        the VQ's codebook size. The same logits the fast sampling loop draws from."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        f = int(self.vq.downsample_factor)
+        grid = (int(tokens.shape[-2]), int(tokens.shape[-1]))
+        width, height = grid[1] * f, grid[0] * f
+        tokens = tokens.reshape(-1, *grid).to(self.device, torch.long)
+        if tokens.shape[0] != len(prompts):
+            raise InputError(f"{tokens.shape[0]} token grids for {len(prompts)} prompts")
+        text, pooled, neg_text, neg_pooled, micro = self._prompt_inputs(prompts, negative_prompt, guidance_scale,
+                                                                        width, height, micro_conds)
+        if positions is None:
+            positions = torch.arange(grid[0] * grid[1], device=self.device).expand(len(prompts), -1)
+        guided = guidance_scale > 1.0
+        with torch.inference_mode():
+            cond = self.transformer.prepare_conditioning(
+                *guidance_batch(text, pooled, micro, neg_text, neg_pooled, guidance_scale), grid)
+            out = masked_logits(self.transformer, tokens, torch.tensor([int(timestep)], device=self.device), cond,
+                                positions.to(self.device), float(guidance_scale) if guided else None)
+        num_codes = self._num_codes()
+        return out if num_codes is None else out[..., :num_codes]
+
+    def _num_codes(self) -> Optional[int]:
+        """The VQ's codebook size when it is smaller than the transformer's head (sampling stays inside it)."""
+        vq_codes = int(self.vq.codebook_size)
+        return vq_codes if vq_codes < self.transformer.config.codebook_size else None
+
+    def _image_size(self, height: Optional[int], width: Optional[int]) -> tuple[int, int, tuple[int, int]]:
+        height = int(height or width or self.default_resolution)
+        width = int(width or height)
+        return height, width, self.check_resolution(height, width)
+
+    def _prompt_inputs(self, prompts: list[str], negative_prompt: Union[str, Sequence[str]], guidance_scale: float,
+                       width: int, height: int, micro_conds: Any) -> tuple[torch.Tensor, ...]:
+        """(text, pooled, negative text or None, negative pooled or None, micro_conds) for the prompts;
+        the negative prompts are encoded only when guidance runs."""
+        if not prompts:
+            raise InputError("no prompts given")
+        b = len(prompts)
+        negatives = [negative_prompt] * b if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != b:
+            raise InputError(f"{len(negatives)} negative prompts for {b} prompts; give one, or one per prompt")
+        micro = self._micro_conds(micro_conds, b, width, height)
+        text, pooled = self.encode_prompts(prompts)
+        neg_text = neg_pooled = None
+        if guidance_scale > 1.0:
+            neg_text, neg_pooled = self.encode_prompts(negatives)
+        return text, pooled, neg_text, neg_pooled, micro
 
     def _micro_conds(self, micro_conds: Any, b: int, width: int, height: int) -> torch.Tensor:
         if micro_conds is None:
@@ -489,6 +588,6 @@ class MeissonicPipeline:
 
 
 __all__ = [
-    "DTYPES", "HUB_ID", "MeissonicPipeline", "check_model_folder", "exact_logits", "masked_logits", "resolve_device",
-    "resolve_dtype", "resolve_model_folder", "sample_tokens",
+    "DTYPES", "HUB_ID", "MeissonicPipeline", "check_model_folder", "exact_logits", "guidance_batch", "masked_logits",
+    "resolve_device", "resolve_dtype", "resolve_model_folder", "sample_tokens",
 ]

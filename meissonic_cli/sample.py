@@ -20,16 +20,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
+from .atomic import atomic_write, write_json
 from .config import Problems, field
 from .errors import InputError, OutputExistsError
+from .progress import make_progress
 
 JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "cfg")
 # Sidecar fields that must equal the current run's for a done image to be skipped.
@@ -230,18 +230,6 @@ def read_prompts(cfg: SampleConfig) -> list[PromptItem]:
 # Output
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _is_done(out: Path, item: PromptItem) -> bool:
     return (out / f"{item.stem}.png").is_file() and (out / f"{item.stem}.json").is_file()
 
@@ -302,32 +290,6 @@ def make_grid(images: Sequence[Any], captions: Sequence[str], columns: Optional[
 # The run
 
 
-class _NoProgress:
-    def __enter__(self) -> "_NoProgress":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    def add_task(self, *args: Any, **kwargs: Any) -> int:
-        return 0
-
-    def update(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-    def advance(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-def _progress(enabled: bool) -> Any:
-    if not enabled:
-        return _NoProgress()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn())
-
-
 def _batches(items: Sequence[PromptItem], size: int) -> list[list[PromptItem]]:
     """Consecutive runs of items with equal steps and cfg, at most `size` each."""
     out: list[list[PromptItem]] = []
@@ -378,7 +340,7 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
     result = SampleResult(out_dir=out, model=model_label, device=str(pipeline.device), dtype=dtype_name,
                           resolution=(width, height), skipped=len(items) - len(todo))
     out.mkdir(parents=True, exist_ok=True)
-    with _progress(progress) as bar:
+    with make_progress(progress) as bar:
         images_task = bar.add_task("images", total=len(items), completed=result.skipped)
         steps_task = bar.add_task("steps", total=todo[0].steps, visible=False) if todo else None
         for batch in _batches(todo, cfg.batch_size):
@@ -395,9 +357,8 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
             seconds = time.perf_counter() - start
             for item, image in zip(batch, images):
                 png, side = out / f"{item.stem}.png", out / f"{item.stem}.json"
-                _atomic_write(png, lambda p, im=image: im.save(p, format="PNG"))
-                meta = _sidecar(item, cfg, width, height, model_label, seconds / len(batch), dtype_name)
-                _atomic_write(side, lambda p, m=meta: Path(p).write_text(json.dumps(m, indent=2) + "\n"))
+                atomic_write(png, lambda p, im=image: im.save(p, format="PNG"))
+                write_json(side, _sidecar(item, cfg, width, height, model_label, seconds / len(batch), dtype_name))
                 result.written.append(png)
             result.seconds += seconds
             result.steps_run += batch[0].steps
@@ -412,7 +373,7 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
                 tiles.append(im.convert("RGB"))
         grid = make_grid(tiles, [it.prompt for it in items])
         result.grid = out / GRID_NAME
-        _atomic_write(result.grid, lambda p: grid.save(p, format="PNG"))
+        atomic_write(result.grid, lambda p: grid.save(p, format="PNG"))
     return result
 
 

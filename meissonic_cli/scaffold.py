@@ -22,7 +22,6 @@ The folder is built in a temporary sibling directory and renamed into place.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .atomic import replace_directory
 from .errors import ConfigError, OutputExistsError
 from .model import MeissonicTransformer, TransformerConfig, meissonic_tiny
 from .scheduler import MaskGITScheduler, SchedulerConfig
@@ -88,22 +88,11 @@ def build_model_folder(out_dir: str | Path, transformer_config: TransformerConfi
                                                      masking_schedule=masking_schedule))
         scheduler.save_config(tmp / "scheduler")
         (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
-        _move_into_place(tmp, out)
+        replace_directory(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if out.exists():
-        # Keep the old folder until the new one is in place, so a failure never leaves neither.
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def tiny_configs() -> tuple[TransformerConfig, TextEncoderConfig, dict[str, Any]]:

@@ -11,7 +11,6 @@ positions still masked (see its docstring for how it differs).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -19,7 +18,8 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .config import field
+from .atomic import write_json
+from .config import field, read_json_object
 from .errors import ConfigError, InputError, ModelFormatError
 
 SCHEDULER_CONFIG_NAME = "scheduler_config.json"
@@ -110,14 +110,7 @@ class MaskGITScheduler:
         path = folder / SCHEDULER_CONFIG_NAME
         if not path.is_file() and (folder / "scheduler" / SCHEDULER_CONFIG_NAME).is_file():
             path = folder / "scheduler" / SCHEDULER_CONFIG_NAME
-        if not path.is_file():
-            raise ModelFormatError(f"scheduler config not found: expected {folder / SCHEDULER_CONFIG_NAME}")
-        try:
-            values = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ModelFormatError(f"{path} is not valid JSON: {err}") from None
-        if not isinstance(values, dict):
-            raise ModelFormatError(f"{path} must hold a JSON object")
+        values = read_json_object(path, f"scheduler config not found: expected {folder / SCHEDULER_CONFIG_NAME}")
         names = {f.name for f in dataclasses.fields(SchedulerConfig)}
         unknown = sorted(k for k in values if not k.startswith("_") and k not in names)
         if unknown:
@@ -129,18 +122,8 @@ class MaskGITScheduler:
 
     def save_config(self, folder: Union[str, Path]) -> Path:
         """Write `folder/scheduler_config.json` (released layout), atomically."""
-        import os
-        import tempfile
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
         data = {"_class_name": SCHEDULER_CLASS_NAME, **dataclasses.asdict(self.config)}
-        path = folder / SCHEDULER_CONFIG_NAME
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_json(Path(folder) / SCHEDULER_CONFIG_NAME, data)
 
     # -- schedule --------------------------------------------------------------------------------
 
@@ -192,14 +175,15 @@ class MaskGITScheduler:
         return (seq_len * mask_ratio).floor()[0, 0]
 
     def masked_after_step(self, num_inference_steps: int, seq_len: int, starting_mask_ratio: float = 1.0) -> list[int]:
-        """Tokens still masked after each step, from an all-mask start with no confidence ties.
+        """Tokens still masked after each step, with no confidence ties, from a start with
+        round(seq_len * starting_mask_ratio) masked (all of them by default).
 
         RNG-free: each step re-masks max(1, min(still_masked - 1, raw)); the last step reveals all.
         Leaves this scheduler's timesteps/temperatures untouched.
         """
         probe = MaskGITScheduler(self.config)
         probe.set_timesteps(num_inference_steps)
-        remaining, table = seq_len, []
+        remaining, table = int(round(seq_len * starting_mask_ratio)), []
         for i in range(num_inference_steps):
             if i == num_inference_steps - 1:
                 remaining = 0

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 from . import shapes
 from .atomic import write_text
 from .errors import InputError
+from .progress import make_progress
 
 if TYPE_CHECKING:
     import numpy as np
@@ -377,7 +378,10 @@ def score_image(image: Any, prompt: shapes.BenchmarkPrompt | PromptSpec | str,
     return result
 
 
-def _spec_from_sidecar(meta: dict[str, Any], lookup: dict[str, PromptSpec]) -> PromptSpec | None:
+def spec_from_sidecar(meta: dict[str, Any], lookup: dict[str, PromptSpec] | None = None) -> PromptSpec | None:
+    """What an image's sidecar asks for: its own `category` + `expects` when it states valid ones,
+    else the benchmark prompt (`lookup`, default `prompt_lookup()`) or a parse of its `prompt`;
+    None when the prompt is not a shapes-world caption."""
     text = meta.get("prompt")
     if not isinstance(text, str):
         return None
@@ -389,7 +393,7 @@ def _spec_from_sidecar(meta: dict[str, Any], lookup: dict[str, PromptSpec]) -> P
             expects = ()
         if expects and all(e.colour in shapes.PALETTE and e.shape in shapes.SHAPES for e in expects):
             return PromptSpec(text, meta["category"], expects)
-    return lookup.get(text) or parse_prompt(text)
+    return (prompt_lookup() if lookup is None else lookup).get(text) or parse_prompt(text)
 
 
 def score_folder(folder: str | os.PathLike, prompts: Iterable[shapes.BenchmarkPrompt] | None = None,
@@ -422,7 +426,7 @@ def score_folder(folder: str | os.PathLike, prompts: Iterable[shapes.BenchmarkPr
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             problems.append(f"{sidecar.name}: not valid JSON ({err})")
             continue
-        spec = _spec_from_sidecar(meta, lookup) if isinstance(meta, dict) else None
+        spec = spec_from_sidecar(meta, lookup) if isinstance(meta, dict) else None
         if spec is None:
             problems.append(f"{sidecar.name}: 'prompt' missing or not a shapes-world caption")
             continue
@@ -431,10 +435,8 @@ def score_folder(folder: str | os.PathLike, prompts: Iterable[shapes.BenchmarkPr
         raise InputError(f"{root}: {len(problems)} of {len(images)} images cannot be scored (first: {problems[0]}); "
                          f"each image needs a NAME.json sidecar whose 'prompt' is a shapes benchmark prompt")
 
-    from rich.progress import Progress
-
     results = []
-    with Progress(transient=True, disable=not show_progress) as progress:
+    with make_progress(show_progress, transient=True) as progress:
         task = progress.add_task("scoring", total=len(jobs))
         for path, spec in jobs:
             try:
@@ -564,4 +566,4 @@ def print_report(summary: dict[str, Any], console: "Console | None" = None) -> N
 
 __all__ = ["ATTRIBUTES", "DetectedObject", "MIN_AREA", "PromptSpec", "TESTED", "chance_levels", "classify_shape",
            "detect_objects", "label_components", "parse_prompt", "print_report", "prompt_lookup", "report_table",
-           "score_folder", "score_image", "summarize", "text_blind_baseline", "write_report"]
+           "score_folder", "score_image", "spec_from_sidecar", "summarize", "text_blind_baseline", "write_report"]

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from . import shapes
+from .atomic import atomic_write
 from .errors import InputError, OutputExistsError
 
 if TYPE_CHECKING:
@@ -253,9 +254,7 @@ def _build(rows: int, *, schema: str, seed: int, base_url: str, sides: Sequence[
 def _write_parquet_atomic(table: "pa.Table", path: Path) -> None:
     import pyarrow.parquet as pq
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def _render_image(scene: shapes.Scene, width: int, height: int) -> "Any":

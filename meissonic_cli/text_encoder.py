@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import gzip
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -34,7 +33,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .atomic import write_text
+from .atomic import atomic_write, write_text
+from .config import read_json_object
 from .errors import ModelFormatError
 
 HF_CONFIG = "config.json"
@@ -372,12 +372,9 @@ class TextEncoder(nn.Module):
         if not folder.is_dir():
             raise ModelFormatError(f"text encoder folder not found: {folder}")
         config_path = folder / HF_CONFIG
-        if not config_path.is_file():
-            raise ModelFormatError(f"{folder}: expected {HF_CONFIG} (a CLIPTextModelWithProjection config)")
-        try:
-            config = TextEncoderConfig.from_hf(json.loads(config_path.read_text()), str(config_path))
-        except json.JSONDecodeError as err:
-            raise ModelFormatError(f"{config_path}: not valid JSON ({err})") from None
+        config = TextEncoderConfig.from_hf(
+            read_json_object(config_path, f"{folder}: expected {HF_CONFIG} (a CLIPTextModelWithProjection config)"),
+            str(config_path))
         tokenizer_dir = root / "tokenizer"
         tokenizer = (ClipTokenizer.from_pretrained(tokenizer_dir, config.context_length)
                      if tokenizer_dir.is_dir() else ClipTokenizer(config.context_length))
@@ -403,9 +400,8 @@ class TextEncoder(nn.Module):
         folder.mkdir(parents=True, exist_ok=True)
         hf = open_clip_to_hf(self.model.state_dict(), self.config)
         config = {**self.config.to_hf(), "torch_dtype": str(self.dtype).replace("torch.", "")}
-        tmp = folder / f".{HF_WEIGHTS}.tmp-{os.getpid()}"
-        save_file({k: v.detach().contiguous().cpu() for k, v in hf.items()}, str(tmp), metadata={"format": "pt"})
-        os.replace(tmp, folder / HF_WEIGHTS)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in hf.items()}
+        atomic_write(folder / HF_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
         write_text(folder / HF_CONFIG, json.dumps(config, indent=2))
 
 

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from .config import Problems, field
 from .errors import ConfigError, InputError
+from .progress import make_progress
 from .shards import (
     DATASET_INFO,
     FORMAT_NAME,
@@ -375,21 +376,14 @@ def _prepare_or_error(raw: RawSample, cfg: TokenizeConfig) -> Prepared | tuple[s
 
 
 def resolve_device(device: str) -> Any:
+    """`pipeline.resolve_device`, except that a bare auto/cuda on a torchrun rank picks that rank's GPU (LOCAL_RANK)."""
     import torch
 
-    if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        return torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {device!r} is not a device name (use auto, cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device}: CUDA is not available here; use --device cpu")
-        if dev.index is None and "LOCAL_RANK" in os.environ:
-            dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    from .pipeline import resolve_device as resolve
+
+    dev = resolve(device)
+    if dev.type == "cuda" and dev.index is None and (device == "auto" or "LOCAL_RANK" in os.environ):
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return dev
 
 
@@ -572,7 +566,7 @@ def tokenize(cfg: TokenizeConfig, rank: int | None = None, world_size: int | Non
         else:
             todo.append(unit)
 
-    progress = _progress(show_progress and rank == 0)
+    progress = make_progress(show_progress and rank == 0, unit="images")
     total_images = sum(u.expected or 0 for u in todo) if all(u.expected is not None for u in todo) else None
     started = time.perf_counter()
     with progress:
@@ -598,29 +592,6 @@ def tokenize(cfg: TokenizeConfig, rank: int | None = None, world_size: int | Non
             result.dataset_bytes += int(stats.get("bytes", 0))
     result.feature_bytes = feature_bytes(grid, info["text_dim"], info["pooled_dim"], info["context_length"])
     return result
-
-
-class _NoProgress:
-    def __enter__(self) -> "_NoProgress":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    def add_task(self, *args: Any, **kwargs: Any) -> int:
-        return 0
-
-    def advance(self, *args: Any, **kwargs: Any) -> None:
-        return None
-
-
-def _progress(enabled: bool) -> Any:
-    if not enabled:
-        return _NoProgress()
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
-                    TimeElapsedColumn(), TimeRemainingColumn())
 
 
 def summary_table(result: TokenizeResult) -> Any:

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint as ckpt
+from .atomic import atomic_write, write_json, write_text
 from .errors import ConfigError, InputError, MeissonicError, OutputExistsError
 from .lora import LoRA, merge_adapters, save_lora, read_lora_file
 from .model import (
@@ -55,6 +56,7 @@ from .model import (
     load_state_dict_files,
     transformer_folder,
 )
+from .progress import make_progress
 from .shards import TokenSample, list_token_shards, rank_shards, read_dataset_info, read_token_shard
 from .train_config import TrainConfig
 
@@ -452,9 +454,7 @@ class RunLog:
         path = self.out_dir / "metrics.jsonl"
         if path.exists():
             kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            write_text(path, "".join(line + "\n" for line in kept))
         self._metrics = open(path, "a", encoding="utf-8")
         if self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -485,12 +485,9 @@ class RunLog:
     def start_progress(self, start: int, total: int) -> None:
         if not self.enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import TextColumn
 
-        self._progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-            TextColumn("{task.fields[stats]}"), console=self.console,
-        )
+        self._progress = make_progress(extra=[TextColumn("{task.fields[stats]}")], console=self.console)
         self._progress.start()
         self._task = self._progress.add_task("train", total=total, completed=start, stats="")
 
@@ -940,7 +937,7 @@ class Trainer:
                 (tmp / "rng").mkdir()
                 for rank, state in enumerate(rngs):
                     torch.save(state, tmp / "rng" / f"rank-{rank:05d}.pt")
-                ckpt.write_json(tmp / ckpt.DATA_CURSOR, {
+                write_json(tmp / ckpt.DATA_CURSOR, {
                     "world_size": self.env.world_size,
                     "ranks": cursors,
                 })
@@ -1045,7 +1042,7 @@ class Trainer:
         if self.env.is_main:
             self.output.mkdir(parents=True, exist_ok=True)
             ckpt.remove_stale_temporaries(self.output)
-            (self.output / ckpt.CONFIG_FILE).write_text(cfg.to_yaml())
+            write_text(self.output / ckpt.CONFIG_FILE, cfg.to_yaml())
         self.env.barrier()
         if self.resume_from is not None:
             self.load_checkpoint(self.resume_from, full=True)
@@ -1150,10 +1147,7 @@ class Trainer:
                           height=cfg.resolution, width=cfg.resolution, seed=cfg.seed)
             grid = make_grid(images, list(cfg.validation_prompts))
             path = self.output / "samples" / f"{ckpt.checkpoint_name(self.step)}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp")
-            grid.save(tmp, format="PNG")
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
             self.log.message(f"validation samples ({'EMA' if self.ema is not None else 'current'} weights): {path}")
             del pipe, transformer
         self.env.barrier()
@@ -1162,13 +1156,13 @@ class Trainer:
     def _validation_parts(self) -> tuple[Any, Any, Any]:
         """Scheduler, VQ and frozen text encoder for validation sampling, loaded once."""
         if getattr(self, "_val_parts", None) is None:
-            from .pipeline import _load_vq
             from .scheduler import MaskGITScheduler
             from .text_encoder import TextEncoder
+            from .vq import load_vq
 
             root = self.base_root
             scheduler = MaskGITScheduler.from_config_dir(root / "scheduler")
-            vq = _load_vq(root / "vqvae", torch.float32).to(self.device).eval()
+            vq = load_vq(root / "vqvae", dtype=torch.float32).to(self.device).eval()
             text = None
             if not self.cfg.train_text_encoder:
                 if self.text_encoder is not None:

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .config import read_json_object
 from .errors import InputError, ModelFormatError
 
 VQ_CONFIG = "config.json"
@@ -68,7 +69,33 @@ def tiny_vq_config(codebook_size: int = 64, levels: int = 5, channels: int = 16,
     return cfg
 
 
-class VQTokenizer(nn.Module):
+class CodeGrid:
+    """What every VQ kind (`VQTokenizer`, `patch_vq.PatchVQ`) checks about the images it encodes and
+    the code grids it decodes; the class sets `downsample_factor` and `codebook_size`."""
+
+    downsample_factor: int
+    codebook_size: int
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Code grid `(h, w)` for an image of `height x width` pixels; both must be multiples of f."""
+        f = self.downsample_factor
+        if height % f or width % f or height <= 0 or width <= 0:
+            raise InputError(f"image size {width}x{height} is not a positive multiple of the VQ's downsample factor {f}")
+        return height // f, width // f
+
+    def _grid_of_images(self, images: torch.Tensor) -> tuple[int, int]:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise InputError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        return self.grid_size(images.shape[2], images.shape[3])
+
+    def _check_codes(self, codes: torch.Tensor) -> None:
+        if codes.ndim != 3:
+            raise InputError(f"expected code grids of shape (B, h, w), got {tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise InputError(f"code ids must lie in [0, {self.codebook_size}); got {int(codes.min())}..{int(codes.max())}")
+
+
+class VQTokenizer(CodeGrid, nn.Module):
     """Images in [0, 1] <-> VQ code grids, wrapping a diffusers `VQModel`."""
 
     def __init__(self, model: nn.Module):
@@ -92,19 +119,10 @@ class VQTokenizer(nn.Module):
     def config(self) -> dict[str, Any]:
         return dict(self.model.config)
 
-    def grid_size(self, height: int, width: int) -> tuple[int, int]:
-        """Code grid `(h, w)` for an image of `height x width` pixels; both must be multiples of f."""
-        f = self.downsample_factor
-        if height % f or width % f or height <= 0 or width <= 0:
-            raise InputError(f"image size {width}x{height} is not a positive multiple of the VQ's downsample factor {f}")
-        return height // f, width // f
-
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Code indices int64 `(B, H/f, W/f)` for float images `(B, 3, H, W)` in [0, 1]."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise InputError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-        h, w = self.grid_size(images.shape[2], images.shape[3])
+        h, w = self._grid_of_images(images)
         x = images.to(device=self.device, dtype=self.dtype)
         latents = self.model.encode(x).latents
         indices = self.model.quantize(latents)[2][2]
@@ -113,10 +131,7 @@ class VQTokenizer(nn.Module):
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Float images `(B, 3, h*f, w*f)` in [0, 1] for code grids `(B, h, w)`."""
-        if codes.ndim != 3:
-            raise InputError(f"expected code grids of shape (B, h, w), got {tuple(codes.shape)}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
-            raise InputError(f"code ids must lie in [0, {self.codebook_size}); got {int(codes.min())}..{int(codes.max())}")
+        self._check_codes(codes)
         b, h, w = codes.shape
         codes = codes.to(self.device).long()
         shape = (b, h, w, self.embed_dim)
@@ -158,12 +173,7 @@ class VQTokenizer(nn.Module):
         if not folder.is_dir():
             raise ModelFormatError(f"VQ folder not found: {folder}")
         config_path = folder / VQ_CONFIG
-        if not config_path.is_file():
-            raise ModelFormatError(f"{folder}: expected {VQ_CONFIG} (a diffusers VQModel config)")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError as err:
-            raise ModelFormatError(f"{config_path}: not valid JSON ({err})") from None
+        config = read_json_object(config_path, f"{folder}: expected {VQ_CONFIG} (a diffusers VQModel config)")
         if config.get("_class_name", "VQModel") != "VQModel":
             raise ModelFormatError(f"{config_path}: _class_name is {config.get('_class_name')!r}, expected 'VQModel'")
         if not ((folder / VQ_WEIGHTS).is_file() or (folder / VQ_WEIGHTS_INDEX).is_file()):
@@ -230,5 +240,5 @@ def tensor_to_images(batch: torch.Tensor) -> list[Any]:
     return [Image.fromarray(a) for a in arr]
 
 
-__all__ = ["VQTokenizer", "images_to_tensor", "load_vq", "meissonic_vq_config", "psnr", "tensor_to_images",
+__all__ = ["CodeGrid", "VQTokenizer", "images_to_tensor", "load_vq", "meissonic_vq_config", "psnr", "tensor_to_images",
            "tiny_vq_config"]

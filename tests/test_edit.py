@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from meissonic_cli import shapes
 from meissonic_cli.cli import app
-from meissonic_cli.edit import (EditCase, _Guided, box_mask, edit_image, load_mask, outpaint_layout,
-                                remask_positions, token_mask)
+from meissonic_cli.edit import (EditCase, box_mask, edit_image, load_mask, outpaint_layout, remask_positions,
+                                token_mask)
 from meissonic_cli.errors import InputError
 from meissonic_cli.vq import images_to_tensor
 
@@ -122,8 +122,7 @@ def test_mask_free_edit_remasks_round_strength_times_tokens(pipe, source, streng
 
 def test_confidence_remask_picks_the_least_likely_tokens(pipe, source):
     original = _encode(pipe, source)[None]
-    guided = _Guided(pipe, "a red circle", "", 3.0, (4, 4), (64, 64))
-    chosen = remask_positions(original, 5, "confidence", model=guided)
+    chosen = remask_positions(original, 5, "confidence", logits=pipe.logits(original, ["a red circle"], "", 3.0))
     # Independent check through the plain forward: full logits for [uncond, cond], guided, log-softmax.
     text, pooled = pipe.encode_prompts(["", "a red circle"])
     micro = torch.tensor([[64, 64, 0, 0, 6.0]] * 2)

@@ -76,6 +76,75 @@ def test_both_loops_keep_the_official_mask_counts(exact: bool) -> None:
     assert ((codes >= 0) & (codes < model.config.codebook_size)).all()
 
 
+@pytest.mark.parametrize("exact", [False, True])
+def test_init_tokens_keep_known_tokens_and_follow_the_partial_schedule(exact: bool) -> None:
+    torch.manual_seed(0)
+    model = MeissonicTransformer(meissonic_tiny()).eval()
+    mask_id = model.config.mask_token_id
+    b, (h, w), steps, masked = 2, (8, 8), 12, 24
+    text, pooled = _features(model, b, seed=2)
+    micro = torch.tensor([[128.0, 128.0, 0.0, 0.0, 6.0]] * b)
+    g = torch.Generator().manual_seed(3)
+    init = torch.randint(0, model.config.codebook_size, (b, h, w), generator=g)
+    chosen = torch.stack([torch.randperm(h * w, generator=g)[:masked] for _ in range(b)])  # other places per row
+    init.view(b, -1).scatter_(1, chosen, mask_id)
+    before = init.clone()
+    scheduler = _CountingScheduler(mask_token_id=mask_id)
+    calls = []
+    codes = sample_tokens(model, scheduler, text[b:], pooled[b:], micro, (h, w), steps=steps, guidance_scale=4.0,
+                          negative_text=text[:b], negative_pooled=pooled[:b], exact=exact, init_tokens=init,
+                          generator=[torch.Generator().manual_seed(s) for s in (5, 6)],
+                          callback=lambda i, n: calls.append(i))
+    assert torch.equal(init, before)  # the caller's grid is not written to
+    keep = before != mask_id
+    assert torch.equal(codes[keep], before[keep])
+    assert not bool((codes == mask_id).any()) and int(codes.max()) < model.config.codebook_size
+    # The schedule scaled to the masked part (starting_mask_ratio = 24/64), from 24 masked, not 64.
+    table = scheduler.masked_after_step(steps, h * w, masked / (h * w))
+    assert table[0] < masked and table[-1] == 0
+    assert table != scheduler.masked_after_step(steps, h * w)[:steps]
+    assert scheduler.counts == [[c] for c in table for _ in range(b)]  # one generator per row: rows step apart
+    assert calls == list(range(1, steps + 1))
+    # Nothing masked: nothing to decode.
+    assert torch.equal(sample_tokens(model, scheduler, text[b:], pooled[b:], micro, (h, w), steps=steps,
+                                     guidance_scale=1.0, init_tokens=codes), codes)
+
+
+def test_init_tokens_must_fit_the_batch() -> None:
+    model = MeissonicTransformer(meissonic_tiny()).eval()
+    mask_id = model.config.mask_token_id
+    text, pooled = _features(model, 2)
+    micro = torch.tensor([[64.0, 64.0, 0.0, 0.0, 6.0]] * 2)
+    scheduler = MaskGITScheduler(mask_token_id=mask_id)
+    uneven = torch.zeros(2, 4, 4, dtype=torch.long)
+    uneven[0, 0, :3] = mask_id
+    uneven[1, 0, :2] = mask_id
+    with pytest.raises(InputError, match=r"rows have \[3, 2\] masked positions"):
+        sample_tokens(model, scheduler, text[2:], pooled[2:], micro, (4, 4), steps=2, guidance_scale=1.0,
+                      init_tokens=uneven)
+    with pytest.raises(InputError, match=r"shape \(2, 4, 4\)"):
+        sample_tokens(model, scheduler, text[2:], pooled[2:], micro, (4, 4), steps=2, guidance_scale=1.0,
+                      init_tokens=torch.zeros(2, 4, 2, dtype=torch.long))
+
+
+def test_pipeline_decodes_only_the_masked_tokens(pipe: MeissonicPipeline) -> None:
+    mask_id = pipe.scheduler.config.mask_token_id
+    source = pipe(["a red circle"], steps=2, height=64, width=128, seed=0, output_type="codes")
+    init = source.clone()
+    init[0, 1:3, 2:5] = mask_id
+    for exact in (False, True):
+        codes = pipe(["a blue square"], steps=4, guidance_scale=3.0, seed=1, output_type="codes", init_tokens=init,
+                     exact=exact)
+        assert codes.shape == (1, 4, 8)  # the size follows the grid
+        keep = init != mask_id
+        assert torch.equal(codes[keep], source[keep]) and not bool((codes == mask_id).any())
+    # The logits the fast loop draws from: the VQ's codes only, at the positions asked for.
+    positions = (init.view(1, -1) == mask_id).nonzero()[:, 1][None]
+    logits = pipe.logits(init, ["a blue square"], guidance_scale=3.0, timestep=3, positions=positions)
+    assert logits.shape == (1, 6, pipe.vq.codebook_size)
+    assert pipe.logits(source, "a blue square", guidance_scale=3.0).shape == (1, 32, pipe.vq.codebook_size)
+
+
 @pytest.mark.parametrize("downsample", [True, False])
 def test_fast_logits_equal_the_exact_guided_logits(downsample: bool) -> None:
     torch.manual_seed(0)
