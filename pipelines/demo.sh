@@ -18,7 +18,7 @@ ROWS=${ROWS:-6000}                         # synthetic metadata rows (about half
 STEPS=${STEPS:-}                           # training steps; empty: the recipe's max_steps
 IMAGES_PER_PROMPT=${IMAGES_PER_PROMPT:-2}  # benchmark images per prompt (78 prompts)
 SEED=${SEED:-0}
-SAMPLER=(--steps 16 --cfg 3 --temperature 1,0 --resolution 64 --device cpu)
+SAMPLER=(--steps 16 --cfg 1.5 --temperature 1,0 --resolution 64 --device cpu)
 # Yielding OpenMP threads: spinning ones make torch several times slower on a busy CPU.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
@@ -34,7 +34,9 @@ stage "model: tiny model folder (random transformer and text encoder) + patch VQ
 meissonic demo --model-only --out "$OUT" --seed "$SEED"
 
 stage "synth: LAION-style source, served on 127.0.0.1 (any free port) until this script ends"
-meissonic synth "$OUT/source" --rows "$ROWS" --sides 64,96,128 --seed "$SEED" --serve --port 0 \
+# (`meissonic demo` draws the images at 64-128 px; synth's default sizes are 96-512 px, which
+# download shrinks to 64, so only the original-size micro-condition differs.)
+meissonic synth "$OUT/source" --rows "$ROWS" --seed "$SEED" --serve --port 0 \
   >"$OUT/server.log" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null || true' EXIT

@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from meissonic_cli import demo
-from meissonic_cli.errors import OutputExistsError
 from meissonic_cli.cli import app
+from meissonic_cli.errors import OutputExistsError
 
 REPO = Path(__file__).resolve().parents[1]
 ACCURACY_KEYS = ("color", "shape", "position", "count", "overall")
@@ -33,8 +33,9 @@ def test_small_demo_learns_colour(tmp_path):
     assert report["vq_psnr"] >= 28.0
     assert report["data"]["tokenized"] > 0 and report["data"]["curated_rows"] < report["data"]["source_rows"]
     # Chance for colour is 1/6 on single-object prompts (less on pairs): a model that ignored its
-    # captions would score about that; the small budget must be far above it.
-    assert report["color"] >= report["chance"]["color"] + 0.3, report
+    # captions would score about that. The small budget measured 0.54 against chance 0.14.
+    assert report["color"] >= report["chance"]["color"] + 0.25, report
+    assert report["position"] >= report["chance"]["position"] + 0.25, report
     assert (out / "samples.png").is_file() and (out / "eval" / "report.json").is_file()
     assert "accuracy: color" in result.output and "samples.png" in result.output
     # A second run into the same folder refuses, and leaves the report in place.
