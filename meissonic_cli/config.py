@@ -43,18 +43,20 @@ def flag_of(cls: type, name: str) -> str:
 
 
 def read_json_object(path: str | os.PathLike, missing: Optional[str] = None,
-                     error: type[MeissonicError] = ModelFormatError) -> dict[str, Any]:
+                     error: type[MeissonicError] = ModelFormatError, hint: str = "") -> dict[str, Any]:
     """The JSON object stored in `path` (a config file), or `error` naming the file when it is
-    missing (message `missing`, default "PATH not found"), not valid JSON or not a JSON object."""
+    missing (message `missing`, default "PATH not found"), not valid JSON or not a JSON object;
+    `hint` (e.g. which command writes the file) ends the last two messages."""
     path = Path(path)
     if not path.is_file():
         raise error(missing or f"{path} not found")
+    tail = f"; {hint}" if hint else ""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise error(f"{path}: not valid JSON ({err})") from None
+        raise error(f"{path}: not valid JSON ({err}){tail}") from None
     if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise error(f"{path}: expected a JSON object, got {type(data).__name__}{tail}")
     return data
 
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -60,7 +61,9 @@ CASE_FIELDS = ("image", "prompt", "mode", "mask", "box", "extend", "target", "st
                "seed", "negative_prompt", "steps", "cfg", "name", "source_prompt", "category")
 # Sidecar fields that must equal the current case's for a finished output to be skipped.
 _MUST_MATCH = ("prompt", "mode", "source", "mask", "box", "extend", "target", "strength", "remask", "dilate", "blend",
-               "seed", "negative_prompt", "steps", "cfg")
+               "seed", "negative_prompt", "steps", "cfg", "token_temperature")
+# Sidecar fields added after the first release, with the value a sidecar written before them implies.
+_SIDECAR_DEFAULTS = {"token_temperature": 1.0}
 
 
 @dataclass
@@ -98,6 +101,8 @@ class EditConfig:
                 "give --image (with --prompt) for one edit, or --cases FILE.jsonl for a batch, not both")
         p.check(self.cases is None or self.prompt is None, "--prompt is given per line in --cases")
         p.check(self.sample.steps >= 1, f"--steps must be >= 1, got {self.sample.steps}")
+        t = self.sample.token_temperature
+        p.check(math.isfinite(t) and t > 0, f"--token-temperature must be > 0 (1 = the official sampler), got {t}")
         try:
             parse_temperature(self.sample.temperature)
         except InputError as err:
@@ -129,6 +134,7 @@ class EditCase:
     name: Optional[str] = None
     resolution: Optional[tuple[int, int]] = None
     temperature: Any = (2.0, 0.0)  # sampler temperature: (start, end) or one number
+    token_temperature: float = 1.0  # divides the logits before each token draw (1 = official)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # copied into the sidecar
 
     @property
@@ -164,7 +170,8 @@ class EditCase:
                 "extend": list(self.extend) if self.extend else None, "target": list(self.target) if self.target else None,
                 "strength": self.strength if self.mode == "edit" else None,
                 "remask": self.remask if self.mode == "edit" else None, "dilate": self.dilate, "blend": self.blend,
-                "seed": self.seed, "negative_prompt": self.negative_prompt, "steps": self.steps, "cfg": self.cfg}
+                "seed": self.seed, "negative_prompt": self.negative_prompt, "steps": self.steps, "cfg": self.cfg,
+                "token_temperature": self.token_temperature}
 
 
 @dataclass
@@ -228,6 +235,7 @@ def single_case(cfg: EditConfig) -> EditCase:
         remask=cfg.remask, dilate=int(cfg.dilate), blend=int(cfg.blend), seed=int(s.seed),
         negative_prompt=s.negative_prompt, steps=int(s.steps), cfg=float(s.cfg), name=cfg.name,
         resolution=parse_resolution(cfg.resolution), temperature=parse_temperature(s.temperature),
+        token_temperature=float(s.token_temperature),
     )
     case.check()
     return case
@@ -270,7 +278,7 @@ def read_cases(cfg: EditConfig) -> list[EditCase]:
                 negative_prompt=str(row.get("negative_prompt", s.negative_prompt)),
                 steps=int(row.get("steps", s.steps)), cfg=float(row.get("cfg", s.cfg)),
                 name=str(row["name"]) if row.get("name") else None, resolution=parse_resolution(cfg.resolution),
-                temperature=parse_temperature(s.temperature),
+                temperature=parse_temperature(s.temperature), token_temperature=float(s.token_temperature),
                 extra={k: row[k] for k in ("source_prompt", "category") if k in row},
             )
         except InputError as err:
@@ -506,6 +514,7 @@ def edit_image(pipe: Any, case: EditCase, callback: Optional[Callable[[int, int]
     # Decoding starts from the partial grid: only mask-id positions are drawn, the rest is kept as is.
     decoded_tokens = pipe([case.prompt], negative_prompt=case.negative_prompt, steps=case.steps,
                           guidance_scale=case.cfg, width=size[0], height=size[1], temperature=case.temperature,
+                          token_temperature=case.token_temperature,
                           generator=generator, callback=callback, output_type="codes", init_tokens=tokens)
     out = tensor_to_images(pipe.vq.decode(decoded_tokens))[0]
     edited = (tokens_in == mask_id)[0]
@@ -543,7 +552,7 @@ def _check_done_matches(out: Path, case: EditCase) -> None:
     except (json.JSONDecodeError, OSError, UnicodeDecodeError):
         raise OutputExistsError(f"{path} exists but is not a readable sidecar; move it away or use another --out") from None
     expected = case.settings()
-    differ = [k for k in _MUST_MATCH if done.get(k) != expected.get(k)]
+    differ = [k for k in _MUST_MATCH if done.get(k, _SIDECAR_DEFAULTS.get(k)) != expected.get(k)]
     if differ:
         raise OutputExistsError(f"{path.name} in {out} was made with different {', '.join(differ)}; nothing was "
                                 f"written: use another --out or a different name")

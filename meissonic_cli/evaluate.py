@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from .atomic import atomic_write, write_text
-from .config import Problems, field
+from .config import Problems, field, read_json_object
 from .errors import ConfigError, InputError
 from .progress import make_progress
 from .sample import SampleConfig
@@ -317,12 +317,7 @@ def load_items(folder: str | os.PathLike) -> list[EvalItem]:
             if path.name != GRID_NAME:
                 items.append(EvalItem(path))
             continue
-        try:
-            meta = json.loads(sidecar.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InputError(f"{sidecar}: not valid JSON ({err}); sidecars are written by `sample`/`edit`") from None
-        if not isinstance(meta, dict):
-            raise InputError(f"{sidecar}: expected a JSON object with a 'prompt'")
+        meta = read_json_object(sidecar, error=InputError, hint="sidecars are written by `sample`/`edit`")
         prompt = meta.get("prompt") if isinstance(meta.get("prompt"), str) else None
         category = meta.get("category") if isinstance(meta.get("category"), str) else None
         source = _resolve_source(meta["source"], sidecar) if meta.get("source") else None
@@ -792,7 +787,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> di
                        if {"clip_model": "clip", "hps_model": "hps", "dino_model": "dino"}[k] in cfg.suites},
             **({"model": cfg.model, "prompts": cfg.prompts, "images_per_prompt": cfg.images_per_prompt,
                 "sampler": {k: getattr(cfg.sample, k) for k in ("steps", "cfg", "seed", "resolution", "temperature",
-                                                                 "negative_prompt", "dtype", "exact")}}
+                                                                 "token_temperature", "negative_prompt", "dtype",
+                                                                 "exact")}}
                if cfg.prompts else {}),
         },
         "metrics": summarize_metrics(scorer.rows),

@@ -20,7 +20,8 @@ one string or one per prompt), `steps` (48), `guidance_scale` (9; CFG runs when 
 `height`/`width` (default: `default_resolution`, i.e. a 64x64 token grid (1024 px with the
 released f=16 VQ) for a model with 2x2 compression and a 32x32 grid (512 px) without; both must be
 multiples of `pixel_multiple`), `temperature` ((2, 0), or one number tau for linspace(tau, 0.01)),
-`micro_conds` (default (width, height, 0, 0, 6)), `seed` (one int for the batch, or one per image)
+`token_temperature` (1: the logits are divided by it before each token draw; 1 is the official
+sampler, below 1 sharpens the draws towards each position's most likely codes), `micro_conds` (default (width, height, 0, 0, 6)), `seed` (one int for the batch, or one per image)
 or `generator`, `callback(step, steps)`, `output_type` ("pil" -> list of PIL images, "codes" ->
 int64 (B, h, w) code grids, "tensor" -> float (B, 3, H, W) in [0, 1]), `exact` and `init_tokens`.
 
@@ -59,6 +60,7 @@ The text encoder runs in float32 whatever `dtype` is (once per call); `dtype` se
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from pathlib import Path
@@ -236,6 +238,17 @@ def masked_logits(transformer: MeissonicTransformer, tokens: torch.Tensor, times
     return transformer.mlm_layer.logits_tokens(uncond + guidance_scale * (guided - uncond))
 
 
+def check_token_temperature(value: float) -> float:
+    """`value` as a float if it is a usable token temperature (finite, > 0), else InputError."""
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        t = float("nan")
+    if not (math.isfinite(t) and t > 0):
+        raise InputError(f"token temperature must be a number > 0 (1 = the official sampler), got {value!r}")
+    return t
+
+
 def guidance_batch(text: torch.Tensor, pooled: torch.Tensor, micro_conds: torch.Tensor,
                    negative_text: Optional[torch.Tensor], negative_pooled: Optional[torch.Tensor],
                    guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -281,6 +294,7 @@ def sample_tokens(
     exact: bool = False,
     num_codes: Optional[int] = None,
     init_tokens: Optional[torch.Tensor] = None,
+    token_temperature: float = 1.0,
 ) -> torch.Tensor:
     """MaskGIT decoding from an all-mask grid (or from `init_tokens`); returns int64 code grids (B, H, W).
 
@@ -292,7 +306,8 @@ def sample_tokens(
     mask-id positions are decoded, every other token comes back unchanged. Every row must hold the
     same number M of masked positions; the schedule then runs with starting_mask_ratio M/L, so the
     count still masked after each step is `masked_after_step(steps, L, M/L)`.
-    See the module docstring for the fast and the `exact` loop.
+    `token_temperature` divides the (guided) logits before each draw; 1 leaves them as the official
+    sampler uses them. See the module docstring for the fast and the `exact` loop.
     """
     b = text.shape[0]
     grid_h, grid_w = int(grid_hw[0]), int(grid_hw[1])
@@ -300,6 +315,7 @@ def sample_tokens(
     guided = guidance_scale > 1.0
     device = transformer.device
     per_row = isinstance(generator, (list, tuple))
+    token_temperature = check_token_temperature(token_temperature)
     if per_row and len(generator) != b:
         raise InputError(f"{len(generator)} generators for a batch of {b}")
     all_text, all_pooled, all_micro = guidance_batch(text, pooled, micro_conds, negative_text, negative_pooled,
@@ -317,9 +333,9 @@ def sample_tokens(
     scheduler.set_timesteps(steps, temperature, device=device)
 
     def limit(logits: torch.Tensor, dim: int) -> torch.Tensor:
-        if num_codes is None or num_codes >= logits.shape[dim]:
-            return logits
-        return logits.narrow(dim, 0, num_codes)
+        if num_codes is not None and num_codes < logits.shape[dim]:
+            logits = logits.narrow(dim, 0, num_codes)
+        return logits if token_temperature == 1.0 else logits / token_temperature
 
     with torch.inference_mode():
         if exact:
@@ -479,6 +495,7 @@ class MeissonicPipeline:
         output_type: str = "pil",
         exact: bool = False,
         init_tokens: Optional[torch.Tensor] = None,
+        token_temperature: float = 1.0,
     ) -> Any:
         """Generate one image per prompt; see the module docstring for every argument.
 
@@ -503,7 +520,7 @@ class MeissonicPipeline:
             self.transformer, self.scheduler, text, pooled, micro, grid, steps=int(steps),
             guidance_scale=float(guidance_scale), negative_text=neg_text, negative_pooled=neg_pooled,
             temperature=temperature, generator=gens, callback=callback, exact=exact, num_codes=self._num_codes(),
-            init_tokens=init_tokens,
+            init_tokens=init_tokens, token_temperature=token_temperature,
         )
         if output_type == "codes":
             return codes

@@ -33,8 +33,13 @@ from .progress import make_progress
 
 JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "cfg")
 # Sidecar fields that must equal the current run's for a done image to be skipped.
-_MUST_MATCH = ("prompt", "negative_prompt", "seed", "steps", "cfg", "resolution", "temperature", "sampler")
+_MUST_MATCH = ("prompt", "negative_prompt", "seed", "steps", "cfg", "resolution", "temperature", "token_temperature",
+               "sampler")
+# Values of sidecar fields added after the first release, for sidecars written before them.
+_SIDECAR_DEFAULTS = {"token_temperature": 1.0}
 GRID_NAME = "grid.png"
+# Narrower grid tiles are enlarged (see make_grid): 64 px samples would leave room for ~10 characters of caption.
+MIN_GRID_TILE = 160
 
 
 @dataclass
@@ -59,6 +64,9 @@ class SampleConfig:
                                     "the VQ run in fp32).")
     temperature: str = field("2,0", help="Gumbel temperature annealed over the steps: 'start,end', or one number tau "
                                          "for tau..0.01.")
+    token_temperature: float = field(1.0, help="Divides the logits before each token draw: 1 is the official sampler; "
+                                               "below 1 (e.g. 0.25) draws closer to each position's most likely codes, "
+                                               "which helps small or briefly trained models.")
     grid: bool = field(False, help="Also write grid.png: every image of the prompt list with its prompt.")
     exact: bool = field(False, help="Run the official sampler loop (full logits and the official scheduler step "
                                     "every step): slower, reproduces the official random draws.")
@@ -73,6 +81,8 @@ class SampleConfig:
         p.check(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
         p.check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         p.check(math.isfinite(self.cfg), f"--cfg must be a number, got {self.cfg}")
+        p.check(math.isfinite(self.token_temperature) and self.token_temperature > 0,
+                f"--token-temperature must be > 0 (1 = the official sampler), got {self.token_temperature}")
         for name, check in (("resolution", lambda: parse_resolution(self.resolution)),
                             ("temperature", lambda: parse_temperature(self.temperature))):
             try:
@@ -240,6 +250,7 @@ def _sidecar(item: PromptItem, cfg: SampleConfig, width: int, height: int, model
         "index": item.index, "file": f"{item.stem}.png", "prompt": item.prompt, "negative_prompt": item.negative_prompt,
         "seed": item.seed, "steps": item.steps, "cfg": item.cfg, "resolution": f"{width}x{height}",
         "width": width, "height": height, "temperature": list(_as_list(parse_temperature(cfg.temperature))),
+        "token_temperature": cfg.token_temperature,
         "sampler": "exact" if cfg.exact else "fast", "model": model, "dtype": dtype, "seconds": round(seconds, 4),
     }
 
@@ -254,7 +265,7 @@ def _check_done_matches(out: Path, item: PromptItem, expected: dict[str, Any]) -
         done = json.loads(path.read_text())
     except (json.JSONDecodeError, OSError, UnicodeDecodeError):
         raise OutputExistsError(f"{path} exists but is not a readable sidecar; move it away or use another --out") from None
-    differ = [k for k in _MUST_MATCH if done.get(k) != expected.get(k)]
+    differ = [k for k in _MUST_MATCH if done.get(k, _SIDECAR_DEFAULTS.get(k)) != expected.get(k)]
     if differ:
         changes = ", ".join(f"{k} {done.get(k)!r} there, {expected.get(k)!r} now" for k in differ)
         raise OutputExistsError(f"{path.name} in {out} was made with other settings ({changes}); nothing was written: "
@@ -262,7 +273,11 @@ def _check_done_matches(out: Path, item: PromptItem, expected: dict[str, Any]) -
 
 
 def make_grid(images: Sequence[Any], captions: Sequence[str], columns: Optional[int] = None) -> Any:
-    """A PIL grid of equally sized images, each with its caption (wrapped) underneath."""
+    """A PIL grid of equally sized images, each with its caption (wrapped) underneath.
+
+    Images narrower than `MIN_GRID_TILE` are enlarged by a whole factor with nearest-neighbour
+    sampling (every pixel as the model made it, only bigger), so that captions fit beneath them.
+    """
     import textwrap
 
     from PIL import Image, ImageDraw, ImageFont
@@ -271,6 +286,10 @@ def make_grid(images: Sequence[Any], captions: Sequence[str], columns: Optional[
     cols = columns or max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / cols)
     w, h = images[0].size
+    scale = max(1, math.ceil(MIN_GRID_TILE / w))
+    if scale > 1:
+        images = [image.resize((image.size[0] * scale, image.size[1] * scale), Image.NEAREST) for image in images]
+        w, h = w * scale, h * scale
     font = ImageFont.load_default()
     char_w = max(1, int(font.getlength("x"))) if hasattr(font, "getlength") else 6
     line_h = 12
@@ -351,7 +370,7 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
             images = pipeline(
                 [it.prompt for it in batch], negative_prompt=[it.negative_prompt for it in batch],
                 steps=batch[0].steps, guidance_scale=batch[0].cfg, height=height, width=width, temperature=temperature,
-                seed=[it.seed for it in batch], exact=cfg.exact,
+                token_temperature=cfg.token_temperature, seed=[it.seed for it in batch], exact=cfg.exact,
                 callback=lambda step, total: bar.update(steps_task, completed=step),
             )
             seconds = time.perf_counter() - start

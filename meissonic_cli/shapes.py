@@ -7,8 +7,9 @@ and exact enough that a pixel scorer can check a generated image without any lea
 
 - every colour in `PALETTE` is far from every other and from `BACKGROUND`, so a pixel is labelled
   by its nearest palette colour (`nearest_colour_labels`), which survives JPEG and resizing;
-- shapes differ by how much of their bounding box they fill (`FILL_RATIO`: circle ~0.785,
-  square 1.0, triangle 0.5);
+- the three shapes are far apart geometrically: they fill different parts of their bounding box
+  (`FILL_RATIO`: circle ~0.785, square 1.0, triangle 0.5), and each overlaps the others' outlines
+  of the same area and centre poorly, which is what the scorer compares (`shapes_bench.template_overlaps`);
 - a position name is a function of the object's centroid (`position_of`), the same function that
   placed it, so "on the left" means the same thing to the generator, the captions and the scorer;
 - rendering is crisp (no anti-aliasing) and deterministic given the scene.

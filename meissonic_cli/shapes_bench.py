@@ -10,10 +10,14 @@ pixel answers, so the scorer needs no model:
    *different* palette colour (a red-grey blend is nearest to orange); surviving components are
    then regrown into the unopened mask, giving back the triangle apex the opening cut;
 3. connected components (4-connected); those below `MIN_AREA` of the image are noise;
-4. each component's shape comes from its taper (mean row width of its narrower third over its
-   wider third, top vs bottom: ~0.2 for a triangle, 1 for symmetric shapes) and its fill ratio
-   (area / bounding box: circle ~0.785, square 1), its position from its centroid through
-   `shapes.position_of`.
+4. each component is compared with the three shapes the world draws, each made with the
+   component's own area and centroid (a circle, an axis-aligned square, an apex-up triangle as
+   wide as it is tall): its shape is the template it overlaps best (IoU), or "irregular" when even
+   the best overlap is under `MIN_TEMPLATE_IOU` (merged objects, splotches). Area and centroid
+   barely move when a few edge pixels do, so a square whose edges wobble by a pixel or two stays a
+   square; a rule on the bounding box (fill ratio) does not, since one stray pixel row moves the box.
+   Its position comes from its centroid through `shapes.position_of`. Fill ratio (area / bounding
+   box) and taper (mean row width of the narrower third over the wider third) are reported too.
 
 Attributes are judged separately so a wrong colour does not hide a right shape:
 - `color`: every prompted colour has an object, and the prompted colours are the dominant ones
@@ -62,11 +66,10 @@ TESTED: dict[str, tuple[str, ...]] = {
 # Smallest object the world draws is a count-scene triangle, 0.5 * 0.26**2 ~ 3.4% of the image;
 # anything under 0.5% is speckle, not an object.
 MIN_AREA = 0.005
-# Taper compares the narrower end's mean row width with the wider end's: ~0.2 for a crisp triangle,
-# ~0.4 for a small blurred one, 1 for anything symmetric top-to-bottom (circle, square).
-TRIANGLE_TAPER = 0.7
-# Between the circle's fill ratio (pi/4 ~ 0.785) and the square's (1.0).
-SQUARE_FILL = 0.89
+# A clean render (crisp, resized or JPEG'd) overlaps its own template with IoU >= ~0.94; two touching
+# objects merged into one component score ~0.6. Below this a component is no shape at all.
+MIN_TEMPLATE_IOU = 0.7
+IRREGULAR = "irregular"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 REPORT_NAME = "shapes_bench.json"
 
@@ -82,6 +85,7 @@ class DetectedObject:
     area: int
     fill: float
     taper: float
+    match: float = 1.0  # IoU with the template of `shape` (the best one; < MIN_TEMPLATE_IOU when irregular)
 
     @property
     def position(self) -> str:
@@ -90,7 +94,7 @@ class DetectedObject:
     def to_dict(self) -> dict[str, Any]:
         return {"colour": self.colour, "shape": self.shape, "position": self.position,
                 "cx": round(self.cx, 4), "cy": round(self.cy, 4), "area": self.area,
-                "fill": round(self.fill, 4), "taper": round(self.taper, 4)}
+                "fill": round(self.fill, 4), "taper": round(self.taper, 4), "match": round(self.match, 4)}
 
 
 @dataclass(frozen=True)
@@ -190,16 +194,44 @@ def label_components(mask: "np.ndarray") -> tuple["np.ndarray", int]:
     return labels, int(roots.size)
 
 
-def classify_shape(fill: float, taper: float) -> str:
-    """Shape from fill ratio (area / bounding box) and taper (narrow end / wide end mean row width).
+def template_overlaps(component: "np.ndarray") -> dict[str, float]:
+    """IoU of a component (bool (H, W), non-empty) with each shape of `shapes.SHAPES` drawn with the
+    component's area and centroid: a circle, an axis-aligned square, and an apex-up triangle whose
+    base equals its height (as `shapes.render` draws them), the triangle's centroid a third of its
+    height above the base."""
+    import numpy as np
 
-    Taper decides triangle first because it survives blur: opening a small blurred triangle cuts
-    its apex, which raises its fill ratio towards a circle's, while its top stays far narrower
-    than its bottom.
-    """
-    if taper < TRIANGLE_TAPER:
-        return "triangle"
-    return "square" if fill >= SQUARE_FILL else "circle"
+    ys, xs = np.nonzero(component)
+    area = float(ys.size)
+    cy, cx = ys.mean() + 0.5, xs.mean() + 0.5  # pixel centres
+    radius, side, base = math.sqrt(area / math.pi), math.sqrt(area), math.sqrt(2.0 * area)
+    # A window holding the component and every template (none reaches further than 2/3 base from the centroid).
+    reach = max(radius, side / 2, 2 * base / 3) + 2
+    h, w = component.shape
+    y0, y1 = max(0, min(int(ys.min()), int(cy - reach))), min(h, max(int(ys.max()) + 1, int(cy + reach) + 1))
+    x0, x1 = max(0, min(int(xs.min()), int(cx - reach))), min(w, max(int(xs.max()) + 1, int(cx + reach) + 1))
+    obj = component[y0:y1, x0:x1]
+    py = np.arange(y0, y1, dtype=np.float64)[:, None] + 0.5 - cy
+    px = np.arange(x0, x1, dtype=np.float64)[None, :] + 0.5 - cx
+    apex = -2.0 * base / 3  # apex above the centroid (y grows downwards), base line at +base/3
+    templates = {
+        "circle": px * px + py * py <= radius * radius,
+        "square": (np.abs(px) <= side / 2) & (np.abs(py) <= side / 2),
+        "triangle": (py >= apex) & (py <= apex + base) & (np.abs(px) <= (py - apex) / 2),
+    }
+    out = {}
+    for name in shapes.SHAPES:
+        t = templates[name]
+        union = int((t | obj).sum())
+        out[name] = int((t & obj).sum()) / union if union else 0.0
+    return out
+
+
+def classify_shape(overlaps: dict[str, float]) -> tuple[str, float]:
+    """(shape, IoU): the best-overlapping template of `template_overlaps`, or `IRREGULAR` when its
+    IoU is under `MIN_TEMPLATE_IOU`."""
+    best = max(shapes.SHAPES, key=lambda name: overlaps[name])
+    return (best if overlaps[best] >= MIN_TEMPLATE_IOU else IRREGULAR), overlaps[best]
 
 
 def _measure(component: "np.ndarray", colour: str) -> DetectedObject:
@@ -214,9 +246,9 @@ def _measure(component: "np.ndarray", colour: str) -> DetectedObject:
     third = max(1, bh // 3)
     top, bottom = float(rows[:third].mean()), float(rows[-third:].mean())
     taper = min(top, bottom) / max(top, bottom)
-    return DetectedObject(colour=colour, shape=classify_shape(area / (bh * bw), taper),
-                          cx=float((xs.mean() + 0.5) / w), cy=float((ys.mean() + 0.5) / h),
-                          area=area, fill=area / float(bh * bw), taper=taper)
+    shape, match = classify_shape(template_overlaps(component))
+    return DetectedObject(colour=colour, shape=shape, cx=float((xs.mean() + 0.5) / w), cy=float((ys.mean() + 0.5) / h),
+                          area=area, fill=area / float(bh * bw), taper=taper, match=match)
 
 
 def _pixels(image: Any) -> "np.ndarray":
@@ -564,6 +596,7 @@ def print_report(summary: dict[str, Any], console: "Console | None" = None) -> N
     (console or Console()).print(report_table(summary))
 
 
-__all__ = ["ATTRIBUTES", "DetectedObject", "MIN_AREA", "PromptSpec", "TESTED", "chance_levels", "classify_shape",
-           "detect_objects", "label_components", "parse_prompt", "print_report", "prompt_lookup", "report_table",
-           "score_folder", "score_image", "spec_from_sidecar", "summarize", "text_blind_baseline", "write_report"]
+__all__ = ["ATTRIBUTES", "DetectedObject", "IRREGULAR", "MIN_AREA", "MIN_TEMPLATE_IOU", "PromptSpec", "TESTED",
+           "chance_levels", "classify_shape", "detect_objects", "label_components", "parse_prompt", "print_report",
+           "prompt_lookup", "report_table", "score_folder", "score_image", "spec_from_sidecar", "summarize",
+           "template_overlaps", "text_blind_baseline", "write_report"]

@@ -57,6 +57,8 @@ SCHEMAS: dict[str, dict[str, str | None]] = {
 
 # Image sides (pixels) of the served images; the shorter side of non-square images is one of these.
 DEFAULT_SIDES: tuple[int, ...] = (96, 128, 192, 256, 320, 512)
+# Below this the shapes collapse to nothing (and PIL refuses to draw them under 4 px).
+MIN_SIDE = 8
 # Width / height of the non-square images (a quarter of the rows); 3.0 and 1/3.5 fail aspect filters.
 _ASPECTS = (4 / 3, 3 / 4, 16 / 9, 9 / 16, 3.0, 1 / 3.5)
 
@@ -125,6 +127,20 @@ def _resolve(ptr: "np.ndarray") -> "np.ndarray":
         if np.array_equal(nxt, ptr):
             return ptr
         ptr = nxt
+
+
+def parse_sides(sides: str | Sequence[int]) -> tuple[int, ...]:
+    """'64,96,128' (or a sequence of ints) -> (64, 96, 128); InputError unless every side is >= MIN_SIDE."""
+    parts = sides.split(",") if isinstance(sides, str) else list(sides)
+    try:
+        out = tuple(int(str(part).strip()) for part in parts)
+    except ValueError:
+        out = ()
+    if not out or min(out) < MIN_SIDE:
+        shown = sides if isinstance(sides, str) else ",".join(str(v) for v in sides)
+        raise InputError(f"--sides {shown!r} must be image sides in pixels (integers >= {MIN_SIDE}) separated by "
+                         "commas, e.g. 64 or 64,96,128")
+    return out
 
 
 def _plan(rows: int, seed: int, sides: Sequence[int]) -> dict[str, "np.ndarray"]:
@@ -211,7 +227,7 @@ def _build(rows: int, *, schema: str, seed: int, base_url: str, sides: Sequence[
         raise InputError(f"unknown synthetic schema {schema!r}; expected one of {', '.join(SCHEMAS)}")
     if rows < 1:
         raise InputError(f"rows must be at least 1, got {rows}")
-    plan = _plan(rows, seed, sides)
+    plan = _plan(rows, seed, parse_sides(sides))
     rng: np.random.Generator = plan.pop("rng")
     names = SCHEMAS[schema]
     base = base_url.rstrip("/")

@@ -14,11 +14,11 @@
 set -euo pipefail
 
 OUT=${1:-demo-sh-out}
-ROWS=${ROWS:-6000}                         # synthetic metadata rows (about half survive curate)
+ROWS=${ROWS:-18000}                        # synthetic metadata rows (about half survive curate)
 STEPS=${STEPS:-}                           # training steps; empty: the recipe's max_steps
 IMAGES_PER_PROMPT=${IMAGES_PER_PROMPT:-2}  # benchmark images per prompt (78 prompts)
 SEED=${SEED:-0}
-SAMPLER=(--steps 16 --cfg 1.5 --temperature 1,0 --resolution 64 --device cpu)
+SAMPLER=(--steps 16 --cfg 1.5 --temperature 1,0 --token-temperature 0.25 --resolution 64 --device cpu)
 # Yielding OpenMP threads: spinning ones make torch several times slower on a busy CPU.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
@@ -34,9 +34,8 @@ stage "model: tiny model folder (random transformer and text encoder) + patch VQ
 meissonic demo --model-only --out "$OUT" --seed "$SEED"
 
 stage "synth: LAION-style source, served on 127.0.0.1 (any free port) until this script ends"
-# (`meissonic demo` draws the images at 64-128 px; synth's default sizes are 96-512 px, which
-# download shrinks to 64, so only the original-size micro-condition differs.)
-meissonic synth "$OUT/source" --rows "$ROWS" --seed "$SEED" --serve --port 0 \
+# (--sides 64: served at the training size, as `meissonic demo` does, so edges stay crisp.)
+meissonic synth "$OUT/source" --rows "$ROWS" --seed "$SEED" --sides 64 --serve --port 0 \
   >"$OUT/server.log" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null || true' EXIT

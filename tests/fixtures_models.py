@@ -1,4 +1,5 @@
-"""Model fixtures shared by test modules: import them by name (`from fixtures_models import tiny_model_dir`).
+"""Model fixtures shared by test modules: `conftest.py` imports them, so every test module can use
+them by name as parameters (import only the helper `copy_model_dir`).
 
 `tiny_model_dir` builds a tiny released-layout model folder (random weights, all five parts) once
 per test session; tests must not modify it (copy it with `copy_model_dir` first).
@@ -10,7 +11,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +30,9 @@ def copy_model_dir(src: Path, dst: Path) -> Path:
 def one_thread():
     """Run a test on one torch thread: tiny models are overhead-bound, and on a busy two-core machine
     two threads make each small op wait for the other core (measured 10-50x slower)."""
+    # Imported here: conftest imports this module, and most test modules never need torch.
+    import torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

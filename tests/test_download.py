@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from meissonic_cli.cli import app
-from meissonic_cli.download import DownloadConfig, download, summarize
+from meissonic_cli.download import ENCODE_QUALITY, DownloadConfig, download, summarize
 from meissonic_cli.errors import ConfigError, InputError, OutputExistsError
 from meissonic_cli.synthetic import ImageServer, generate_source
 
@@ -151,3 +151,53 @@ def test_server_serves_images_and_404s(served):
     assert err.value.code == 404
     assert server.url.startswith("http://127.0.0.1:") and not server.url.endswith(":0")
     assert os.path.basename(server.requested_paths[0]) == first.name
+
+
+def test_encode_quality_default_and_range_follow_the_format(tmp_path):
+    def cfg(**kw) -> DownloadConfig:
+        return DownloadConfig(inputs=["in.parquet"], output=str(tmp_path / "o"), **kw)
+
+    png = cfg(encode_format="png")
+    png.validate()
+    assert png.quality() == ENCODE_QUALITY["png"][2] and 0 <= png.quality() <= 9
+    assert cfg().quality() == cfg(encode_format="webp").quality() == 95
+    # leaving the flag out resumes a run that gave the format's default explicitly
+    assert png.fingerprint_options() == cfg(encode_format="png", encode_quality=png.quality()).fingerprint_options()
+    assert cfg().fingerprint_options() != cfg(encode_quality=90).fingerprint_options()
+    for fmt, value in (("jpg", 0), ("jpg", 100), ("webp", 1), ("webp", 100), ("png", 0), ("png", 9)):
+        cfg(encode_format=fmt, encode_quality=value).validate()
+    for fmt, value, expected in (("png", 95, "png compression level, 0-9"), ("png", -1, "png compression level, 0-9"),
+                                 ("jpg", 101, "jpg quality, 0-100"), ("webp", 0, "webp quality, 1-100")):
+        with pytest.raises(ConfigError, match=f"--encode-quality is the {expected}.*got {value}$"):
+            cfg(encode_format=fmt, encode_quality=value).validate()
+
+
+def test_encode_quality_defaults_are_accepted_by_img2dataset():
+    from img2dataset.resizer import Resizer
+
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 24), (200, 30, 90)).save(buf, format="PNG")
+    for fmt, (low, high, default) in ENCODE_QUALITY.items():
+        for value in (low, high, default):
+            resizer = Resizer(image_size=16, resize_mode="keep_ratio", resize_only_if_bigger=True,
+                              encode_format=fmt, encode_quality=value)
+            buf.seek(0)
+            encoded, width, height, *_, error = resizer(buf)
+            assert error is None and (width, height) == (32, 16)
+            assert Image.open(io.BytesIO(encoded)).format == {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}[fmt]
+    # the out-of-range value img2dataset would only reject inside a worker is refused by validate()
+    with pytest.raises(ValueError, match="between 0 and 9"):
+        Resizer(image_size=16, resize_mode="keep_ratio", resize_only_if_bigger=True, encode_format="png",
+                encode_quality=95)
+
+
+def test_cli_refuses_an_out_of_range_encode_quality_in_one_line(tmp_path):
+    parquet = tmp_path / "in.parquet"
+    parquet.write_bytes(b"never read: the flags are checked first")
+    out = tmp_path / "o"
+    res = CliRunner().invoke(app, ["download", str(parquet), "-o", str(out), "--encode-format", "png",
+                                   "--encode-quality", "95"])
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines() == [
+        "Error: --encode-quality is the png compression level, 0-9 (leave it out for 1); got 95"]
+    assert not out.exists()

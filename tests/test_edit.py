@@ -170,6 +170,10 @@ def test_cases_file_writes_sidecars_and_rerun_skips(tmp_path, model_dir, source)
     (tmp_path / "cases.jsonl").write_text("\n".join(json.dumps(c) for c in changed) + "\n")
     clash = runner.invoke(app, args)
     assert clash.exit_code == 1 and "different seed" in clash.output
+    (tmp_path / "cases.jsonl").write_text("\n".join(json.dumps(c) for c in cases) + "\n")
+    sharper = runner.invoke(app, [*args, "--token-temperature", "0.5"])
+    assert sharper.exit_code == 1 and "different token_temperature" in sharper.output
+    assert inpaint["token_temperature"] == 1.0
 
 
 def test_bad_inputs_fail_with_one_clear_line(tmp_path, model_dir, source):
@@ -191,6 +195,7 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, model_dir, source):
         (["--image", str(source), "--mode", "edit", "--strength", "1.5"], "--strength must be in (0, 1]"),
         (["--image", str(source), "--mode", "outpaint", "--target", "32x32"], "smaller than"),
         (["--image", str(source), "--mode", "paint"], "unknown mode"),
+        (["--image", str(source), "--box", "0,0,8,8", "--token-temperature", "-1"], "--token-temperature must be > 0"),
     ]
     for extra, needle in cases:
         result = runner.invoke(app, base + extra + ["--out", str(out)])

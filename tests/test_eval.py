@@ -298,3 +298,15 @@ def test_prompt_files(tmp_path):
         read_eval_prompts(str(tmp_path / "bad.jsonl"))
     with pytest.raises(InputError, match="no images"):
         load_items(tmp_path)
+
+
+def test_unreadable_sidecar_names_the_file_and_its_writers(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "grid.png")  # the sampler grid: not a sample, even without a sidecar
+    (tmp_path / "a.json").write_text(json.dumps({"prompt": "a cat", "category": "photo"}))
+    [item] = load_items(tmp_path)
+    assert (item.path.name, item.prompt, item.category) == ("a.png", "a cat", "photo")
+    for text, expected in (("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object, got list")):
+        (tmp_path / "a.json").write_text(text)
+        with pytest.raises(InputError, match=f"a.json: {expected}.*; sidecars are written by `sample`/`edit`$"):
+            load_items(tmp_path)

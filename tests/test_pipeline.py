@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_models import copy_model_dir, one_thread, tiny_model_dir  # noqa: F401 (fixtures)
+from fixtures_models import copy_model_dir
 
 from meissonic_cli.errors import InputError, ModelFormatError
 from meissonic_cli.model import MeissonicTransformer, meissonic_tiny
@@ -200,6 +200,26 @@ def test_pipeline_returns_images_and_seeded_runs_repeat(pipe: MeissonicPipeline)
     assert torch.equal(exact, pipe(prompts, steps=3, height=64, seed=4, output_type="codes", exact=True))
     tensor = pipe("one prompt", steps=2, height=32, guidance_scale=1.0, seed=0, output_type="tensor")
     assert tensor.shape == (1, 3, 32, 32) and 0 <= float(tensor.min()) and float(tensor.max()) <= 1
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_token_temperature_sharpens_the_draw(pipe: MeissonicPipeline, exact: bool) -> None:
+    mask_id = pipe.scheduler.config.mask_token_id
+    prompts = ["a red circle", "a blue square"]
+    # One step decodes every position from its logits at timestep 0; near zero temperature the draw is the argmax.
+    codes = pipe(prompts, steps=1, guidance_scale=3.0, height=64, width=64, seed=[3, 4], output_type="codes",
+                 exact=exact, token_temperature=1e-4)
+    logits = pipe.logits(torch.full((2, 4, 4), mask_id), prompts, guidance_scale=3.0, timestep=0)
+    assert torch.equal(codes.view(2, -1), logits.argmax(-1))
+    # At temperature 1 (the default) the draws follow the logits' spread instead: seeds give other codes.
+    draws = [pipe(prompts, steps=1, guidance_scale=3.0, height=64, width=64, seed=[s, s + 1], output_type="codes",
+                  exact=exact) for s in (3, 5, 7)]
+    assert any(not torch.equal(d, codes) for d in draws)
+    assert torch.equal(draws[0], pipe(prompts, steps=1, guidance_scale=3.0, height=64, width=64, seed=[3, 4],
+                                      output_type="codes", exact=exact, token_temperature=1.0))
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(InputError, match="token temperature must be a number > 0"):
+            pipe(prompts, steps=1, height=64, seed=0, token_temperature=bad)
 
 
 def test_pipeline_half_precision_runs(tiny_model_dir: Path) -> None:

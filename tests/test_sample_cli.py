@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from fixtures_models import copy_model_dir, one_thread, tiny_model_dir  # noqa: F401 (fixtures)
+from fixtures_models import copy_model_dir
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -47,9 +47,14 @@ def test_sample_writes_images_sidecars_grid_and_resumes(tiny_model_dir: Path, tm
     assert meta["prompt"] == "Two blue squares!" and meta["negative_prompt"] == "blurry"
     assert (meta["index"], meta["seed"], meta["steps"], meta["cfg"]) == (1, 8, 2, 9.0)
     assert meta["resolution"] == "32x32" and meta["model"] == str(tiny_model_dir.resolve()) and meta["seconds"] > 0
-    assert meta["temperature"] == [2.0, 0.0] and meta["sampler"] == "fast"
+    assert meta["temperature"] == [2.0, 0.0] and meta["sampler"] == "fast" and meta["token_temperature"] == 1.0
     assert Image.open(out / f"{stems[0]}.png").size == (32, 32)
-    assert Image.open(out / "grid.png").size[0] == 2 * 32  # 3 tiles -> 2 columns, captions below
+    # 3 tiles -> 2 columns, captions below; 32 px tiles are enlarged 5x (pixel for pixel) to fit the captions.
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size[0] == 2 * 5 * 32
+        tile = grid.convert("RGB").crop((0, 0, 160, 160)).resize((32, 32), Image.NEAREST)
+    with Image.open(out / f"{stems[0]}.png") as first:
+        assert list(tile.getdata()) == list(first.convert("RGB").getdata())
     assert "images written / skipped (done)" in res.output and "3 / 0" in res.output
 
     before = _snapshot(out)
@@ -59,6 +64,17 @@ def test_sample_writes_images_sidecars_grid_and_resumes(tiny_model_dir: Path, tm
     assert "0 / 3" in res.output
     after = _snapshot(out)
     assert {k: v for k, v in after.items() if k != "grid.png"} == {k: v for k, v in before.items() if k != "grid.png"}
+
+    # Another token temperature is another image: refuse to mix; a sidecar from before the flag existed means 1.0.
+    res = _run("--model", str(tiny_model_dir), "--prompts", str(prompts), "--out", str(out), "--seed", "7",
+               "--negative-prompt", "blurry", "--token-temperature", "0.5", *FAST)
+    assert res.exit_code == 1 and "token_temperature 1.0 there, 0.5 now" in res.output, _error_text(res)
+    for stem in stems:
+        side = out / f"{stem}.json"
+        side.write_text(json.dumps({k: v for k, v in json.loads(side.read_text()).items() if k != "token_temperature"}))
+    res = _run("--model", str(tiny_model_dir), "--prompts", str(prompts), "--out", str(out), "--seed", "7",
+               "--negative-prompt", "blurry", *FAST)
+    assert res.exit_code == 0 and "0 / 3" in res.output, _error_text(res)
 
 
 def test_jsonl_settings_per_line_and_non_square(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -123,6 +139,7 @@ def _bad_input_cases(tiny_model_dir: Path, tmp: Path) -> list[tuple[list[str], s
         ([*model, "--prompt", "a cat", "--device", "tpu"], "unknown device 'tpu'"),
         ([*model, "--prompt", "a cat", "--prompts", str(empty)], "not both"),
         ([*model, "--prompt", "a cat", "--steps", "0"], "--steps must be >= 1"),
+        ([*model, "--prompt", "a cat", "--token-temperature", "0"], "--token-temperature must be > 0"),
         # The finished image in --out was made with other settings: refuse rather than mix.
         ([*model, "--prompt", "a cat"], "00000-a-cat.json in"),
     ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter, deque
 
@@ -14,8 +15,10 @@ from typer.testing import CliRunner
 
 from meissonic_cli import shapes
 from meissonic_cli.cli import app
+from meissonic_cli.commands import synth as synth_command
 from meissonic_cli.errors import OutputExistsError
-from meissonic_cli.synthetic import SCHEMAS, generate_source, synthetic_table, write_image_folder
+from meissonic_cli.synthetic import (DEFAULT_SIDES, SCHEMAS, generate_source, parse_sides, synthetic_table,
+                                     write_image_folder)
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
@@ -187,3 +190,30 @@ def test_image_folder_and_cli(tmp_path):
     files = sorted((tmp_path / "src" / "metadata").glob("*.parquet"))
     assert len(files) == 2 and sum(pq.read_metadata(f).num_rows for f in files) == 30
     assert pq.read_schema(files[0]).names[:2] == ["url", "caption"]
+
+
+def test_cli_sides_set_the_served_image_sizes(tmp_path):
+    assert parse_sides(synth_command.DEFAULT_SIDES) == DEFAULT_SIDES  # the CLI default is the library's
+    for flag, expected in (("64", {64}), ("64, 96,128", {64, 96, 128})):
+        out = tmp_path / f"src-{len(expected)}"
+        res = CliRunner().invoke(app, ["synth", str(out), "--rows", "60", "--sides", flag])
+        assert res.exit_code == 0, res.output
+        images = sorted((out / "images").iterdir())
+        assert len(images) > 40
+        # the shorter side of every image, square or not, is one of the given sides, and each side is used
+        assert {min(Image.open(p).size) for p in images} == expected
+        # the metadata's claimed sizes agree (rows with a NULL or NaN size left aside)
+        meta = pq.read_table(out / "metadata" / "part-00000.parquet").to_pylist()
+        claimed = {min(r["WIDTH"], r["HEIGHT"]) for r in meta
+                   if None not in (r["WIDTH"], r["HEIGHT"]) and not math.isnan(r["WIDTH"] + r["HEIGHT"])}
+        assert claimed == expected
+
+
+@pytest.mark.parametrize("flag", ["64,x", "0", "4", "64,,96", ""])
+def test_cli_bad_sides_is_one_line_and_writes_nothing(tmp_path, flag):
+    res = CliRunner().invoke(app, ["synth", str(tmp_path / "src"), "--rows", "20", "--sides", flag])
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines() == [(
+        f"Error: --sides {flag!r} must be image sides in pixels (integers >= 8) separated by commas, "
+        "e.g. 64 or 64,96,128")]
+    assert not (tmp_path / "src").exists()

@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         min_image_size: int = typer.Option(0, help=_h("min_image_size")),
         max_aspect_ratio: Optional[float] = typer.Option(None, help=_h("max_aspect_ratio")),
         encode_format: str = typer.Option("jpg", help=_h("encode_format")),
-        encode_quality: int = typer.Option(95, help=_h("encode_quality")),
+        encode_quality: Optional[int] = typer.Option(None, help=_h("encode_quality"), show_default=False),
         processes: int = typer.Option(1, help=_h("processes")),
         threads: int = typer.Option(32, help=_h("threads")),
         shard_size: int = typer.Option(10_000, help=_h("shard_size")),

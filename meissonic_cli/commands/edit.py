@@ -47,6 +47,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help=_s("device")),
         dtype: str = typer.Option("fp32", "--dtype", help=_s("dtype")),
         temperature: str = typer.Option("2,0", "--temperature", help=_s("temperature")),
+        token_temperature: float = typer.Option(1.0, "--token-temperature", help=_s("token_temperature")),
         allow_download: bool = typer.Option(False, "--allow-download", help=_s("allow_download")),
     ) -> None:
         """Edit images without training: inpaint (--mask/--box), outpaint (--extend/--target), or mask-free (--strength).
@@ -58,7 +59,8 @@ def register(app: typer.Typer) -> None:
         from ..edit import run_edit, summary_table
 
         sampler = SampleConfig(model=model, negative_prompt=negative_prompt, steps=steps, cfg=cfg, seed=seed,
-                               device=device, dtype=dtype, temperature=temperature, allow_download=allow_download)
+                               device=device, dtype=dtype, temperature=temperature, token_temperature=token_temperature,
+                               allow_download=allow_download)
         config = EditConfig(model=model, image=image, prompt=prompt, mode=mode, mask=mask, box=box, dilate=dilate,
                             blend=blend, extend=extend, target=target, strength=strength, remask=remask,
                             resolution=resolution, cases=cases, out=out, name=name, sample=sampler)

@@ -50,6 +50,7 @@ def register(app: typer.Typer) -> None:
         resolution: Optional[str] = typer.Option(None, "--resolution", help=_s("resolution"), show_default=False),
         negative_prompt: str = typer.Option("", "--negative-prompt", help=_s("negative_prompt")),
         temperature: str = typer.Option("2,0", "--temperature", help=_s("temperature")),
+        token_temperature: float = typer.Option(1.0, "--token-temperature", help=_s("token_temperature")),
         sample_batch_size: int = typer.Option(1, "--sample-batch-size", help=_s("batch_size")),
         dtype: str = typer.Option("fp32", "--dtype", help=_s("dtype")),
         exact: bool = typer.Option(False, "--exact", help=_s("exact")),
@@ -64,7 +65,7 @@ def register(app: typer.Typer) -> None:
         from ..evaluate import parse_suites, report_table, run_eval
 
         sample_cfg = SampleConfig(steps=steps, cfg=cfg, seed=seed, resolution=resolution, negative_prompt=negative_prompt,
-                                  temperature=temperature, batch_size=sample_batch_size, device=device, dtype=dtype,
+                                  temperature=temperature, token_temperature=token_temperature, batch_size=sample_batch_size, device=device, dtype=dtype,
                                   exact=exact)
         config = EvalConfig(
             suites=parse_suites(suite), images=images, prompts=prompts, model=model, out=out, reference=reference,

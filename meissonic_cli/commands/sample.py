@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help=_h("device")),
         dtype: str = typer.Option("fp32", "--dtype", help=_h("dtype")),
         temperature: str = typer.Option("2,0", "--temperature", help=_h("temperature")),
+        token_temperature: float = typer.Option(1.0, "--token-temperature", help=_h("token_temperature")),
         grid: bool = typer.Option(False, "--grid", help=_h("grid")),
         exact: bool = typer.Option(False, "--exact", help=_h("exact")),
         allow_download: bool = typer.Option(False, "--allow-download", help=_h("allow_download")),
