@@ -160,6 +160,9 @@ class ShardStream:
         index = self._order(epoch)[position]
         samples = list(read_token_shard(self.shards[index]))
         if self.shuffle:
+            # Shuffle from key order, not file order: img2dataset writes a shard's images in the order
+            # their downloads finish, so the same data would otherwise train in another order each time.
+            samples.sort(key=lambda sample: sample.key)
             perm = np.random.default_rng([self.seed, epoch, index, 1]).permutation(len(samples))
             samples = [samples[i] for i in perm]
         return samples

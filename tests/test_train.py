@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,11 @@ from meissonic_cli.cli import app
 from meissonic_cli.errors import ConfigError, InputError, ModelFormatError, OutputExistsError
 from meissonic_cli.model import MeissonicTransformer, load_state_dict_files, meissonic_tiny
 from meissonic_cli.scaffold import build_tiny_model_folder
-from meissonic_cli.shards import TokenSample, TokenShardWriter, write_dataset_info
+from meissonic_cli.shards import TokenSample, TokenShardWriter, read_token_shard, write_dataset_info
 from meissonic_cli.text_encoder import TextEncoder
 from meissonic_cli.train import (
     IGNORE_INDEX,
+    ShardStream,
     Trainer,
     TrainingDivergedError,
     mask_tokens,
@@ -66,6 +68,25 @@ def make_token_dataset(root: Path, *, shards: int = 2, per_shard: int = 8, grid:
                 ))
                 k += 1
     return root
+
+
+def test_shuffled_order_does_not_depend_on_the_order_samples_were_written(tmp_path):
+    data = make_token_dataset(tmp_path / "a", shards=2, per_shard=6)
+    # The same samples, each shard written in reverse (as a download finishing in another order would).
+    other = tmp_path / "b"
+    other.mkdir()
+    shutil.copy(data / "dataset.json", other / "dataset.json")
+    for index, shard in enumerate(sorted(data.glob("*.tar"))):
+        with TokenShardWriter(other, index) as w:
+            for sample in reversed(list(read_token_shard(shard))):
+                w.write(sample)
+    keys = []
+    for root in (data, other):
+        stream = ShardStream(sorted(root.glob("*.tar")), seed=3, shuffle=True)
+        keys.append([next(stream).key for _ in range(18)])
+        stream.close()
+    assert keys[0] == keys[1] and sorted(set(keys[0])) == sorted(f"s{k:05d}" for k in range(12))
+    assert keys[0][:12] != sorted(keys[0][:12])  # and it is shuffled
 
 
 def make_model_folder(root: Path, *, downsample: bool = True, seed: int = 0) -> Path:
