@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -47,8 +46,8 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 from .atomic import atomic_write, write_json
 from .config import Problems, field
 from .errors import InputError, OutputExistsError
-from .progress import make_progress
-from .sample import SampleConfig, parse_resolution, parse_temperature, slugify
+from .progress import key_value_table, make_progress
+from .sample import SampleConfig, changed_settings, parse_resolution, parse_temperature, slugify
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,8 +61,6 @@ CASE_FIELDS = ("image", "prompt", "mode", "mask", "box", "extend", "target", "st
 # Sidecar fields that must equal the current case's for a finished output to be skipped.
 _MUST_MATCH = ("prompt", "mode", "source", "mask", "box", "extend", "target", "strength", "remask", "dilate", "blend",
                "seed", "negative_prompt", "steps", "cfg", "token_temperature")
-# Sidecar fields added after the first release, with the value a sidecar written before them implies.
-_SIDECAR_DEFAULTS = {"token_temperature": 1.0}
 
 
 @dataclass
@@ -100,13 +97,7 @@ class EditConfig:
         p.check((self.cases is None) != (self.image is None),
                 "give --image (with --prompt) for one edit, or --cases FILE.jsonl for a batch, not both")
         p.check(self.cases is None or self.prompt is None, "--prompt is given per line in --cases")
-        p.check(self.sample.steps >= 1, f"--steps must be >= 1, got {self.sample.steps}")
-        t = self.sample.token_temperature
-        p.check(math.isfinite(t) and t > 0, f"--token-temperature must be > 0 (1 = the official sampler), got {t}")
-        try:
-            parse_temperature(self.sample.temperature)
-        except InputError as err:
-            p.check(False, str(err))
+        self.sample.check_schedule(p)
         p.raise_if_any()
         return self
 
@@ -552,7 +543,7 @@ def _check_done_matches(out: Path, case: EditCase) -> None:
     except (json.JSONDecodeError, OSError, UnicodeDecodeError):
         raise OutputExistsError(f"{path} exists but is not a readable sidecar; move it away or use another --out") from None
     expected = case.settings()
-    differ = [k for k in _MUST_MATCH if done.get(k, _SIDECAR_DEFAULTS.get(k)) != expected.get(k)]
+    differ = changed_settings(done, expected, _MUST_MATCH)
     if differ:
         raise OutputExistsError(f"{path.name} in {out} was made with different {', '.join(differ)}; nothing was "
                                 f"written: use another --out or a different name")
@@ -629,18 +620,13 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None) -> Ed
 
 def summary_table(result: EditRunResult) -> Any:
     """A rich table summarising an edit run."""
-    from rich.table import Table
-
-    t = Table(title="edit", show_header=False)
-    t.add_column("what")
-    t.add_column("value", justify="right")
-    t.add_row("output", str(result.out_dir))
-    t.add_row("edits written / skipped (done)", f"{len(result.written)} / {result.skipped}")
+    rows = [("output", str(result.out_dir)),
+            ("edits written / skipped (done)", f"{len(result.written)} / {result.skipped}")]
     if result.written:
-        t.add_row("time", f"{result.seconds:.1f} s, {result.seconds / len(result.written):.2f} s/edit")
-        t.add_row("tokens redrawn per edit", ", ".join(map(str, result.masked_tokens[:8]))
-                  + (" ..." if len(result.masked_tokens) > 8 else ""))
-    return t
+        rows.append(("time", f"{result.seconds:.1f} s, {result.seconds / len(result.written):.2f} s/edit"))
+        rows.append(("tokens redrawn per edit", ", ".join(map(str, result.masked_tokens[:8]))
+                     + (" ..." if len(result.masked_tokens) > 8 else "")))
+    return key_value_table("edit", rows)
 
 
 __all__ = ["EditCase", "EditConfig", "EditResult", "EditRunResult", "MODES", "REMASK", "box_mask", "edit_image",

@@ -1,5 +1,6 @@
 """Progress bars for long work: one rich `Progress` layout shared by every command, and a no-op
-stand-in when the bar is off (tests, non-zero ranks, `progress=False` from Python).
+stand-in when the bar is off (tests, non-zero ranks, `progress=False` from Python); and the
+two-column summary table commands print when they finish (`key_value_table`).
 
     with make_progress(show, unit="images") as bar:
         task = bar.add_task("tokenize", total=n)
@@ -68,4 +69,16 @@ def make_progress(enabled: bool = True, *, unit: Optional[str] = None, remaining
     return Progress(*columns, transient=transient, console=console)
 
 
-__all__ = ["NoProgress", "make_progress"]
+def key_value_table(title: str, rows: Sequence[tuple[str, str]]) -> Any:
+    """The end-of-run summary the commands print: a headerless rich table of (what, value) rows."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for what, value in rows:
+        table.add_row(what, value)
+    return table
+
+
+__all__ = ["NoProgress", "key_value_table", "make_progress"]

@@ -29,13 +29,13 @@ from typing import Any, Optional, Sequence
 from .atomic import atomic_write, write_json
 from .config import Problems, field
 from .errors import InputError, OutputExistsError
-from .progress import make_progress
+from .progress import key_value_table, make_progress
 
 JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "cfg")
 # Sidecar fields that must equal the current run's for a done image to be skipped.
 _MUST_MATCH = ("prompt", "negative_prompt", "seed", "steps", "cfg", "resolution", "temperature", "token_temperature",
                "sampler")
-# Values of sidecar fields added after the first release, for sidecars written before them.
+# Values of sidecar fields added after the first release, for sidecars written before them (`edit`'s too).
 _SIDECAR_DEFAULTS = {"token_temperature": 1.0}
 GRID_NAME = "grid.png"
 # Narrower grid tiles are enlarged (see make_grid): 64 px samples would leave room for ~10 characters of caption.
@@ -78,22 +78,29 @@ class SampleConfig:
                                   "MeissonFlow/Meissonic --local-dir DIR`)")
         p.check(bool(self.prompt) != bool(self.prompts), "give --prompt (repeatable) or --prompts FILE, not both and "
                                                          "not neither")
-        p.check(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+        self.check_schedule(p)
         p.check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         p.check(math.isfinite(self.cfg), f"--cfg must be a number, got {self.cfg}")
-        p.check(math.isfinite(self.token_temperature) and self.token_temperature > 0,
-                f"--token-temperature must be > 0 (1 = the official sampler), got {self.token_temperature}")
-        for name, check in (("resolution", lambda: parse_resolution(self.resolution)),
-                            ("temperature", lambda: parse_temperature(self.temperature))):
-            try:
-                check()
-            except InputError as err:
-                p.check(False, str(err))
+        try:
+            parse_resolution(self.resolution)
+        except InputError as err:
+            p.check(False, str(err))
         from .pipeline import DTYPES
 
         p.check(self.dtype.lower() in DTYPES, f"unknown --dtype {self.dtype!r}; use fp32, bf16 or fp16")
         p.raise_if_any()
         return self
+
+    def check_schedule(self, p: Problems) -> None:
+        """Add to `p` what is wrong with the decoding settings (--steps, --temperature,
+        --token-temperature): the checks `edit` shares, which has no prompts or output of this kind."""
+        p.check(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+        p.check(math.isfinite(self.token_temperature) and self.token_temperature > 0,
+                f"--token-temperature must be > 0 (1 = the official sampler), got {self.token_temperature}")
+        try:
+            parse_temperature(self.temperature)
+        except InputError as err:
+            p.check(False, str(err))
 
 
 @dataclass
@@ -259,13 +266,19 @@ def _as_list(t: Any) -> Sequence[float]:
     return t if isinstance(t, (tuple, list)) else (t,)
 
 
+def changed_settings(done: dict[str, Any], expected: dict[str, Any], keys: Sequence[str]) -> list[str]:
+    """The `keys` whose value in a finished output's sidecar `done` differs from this run's `expected`
+    (a key older sidecars lack counts as its `_SIDECAR_DEFAULTS` value)."""
+    return [k for k in keys if done.get(k, _SIDECAR_DEFAULTS.get(k)) != expected.get(k)]
+
+
 def _check_done_matches(out: Path, item: PromptItem, expected: dict[str, Any]) -> None:
     path = out / f"{item.stem}.json"
     try:
         done = json.loads(path.read_text())
     except (json.JSONDecodeError, OSError, UnicodeDecodeError):
         raise OutputExistsError(f"{path} exists but is not a readable sidecar; move it away or use another --out") from None
-    differ = [k for k in _MUST_MATCH if done.get(k, _SIDECAR_DEFAULTS.get(k)) != expected.get(k)]
+    differ = changed_settings(done, expected, _MUST_MATCH)
     if differ:
         changes = ", ".join(f"{k} {done.get(k)!r} there, {expected.get(k)!r} now" for k in differ)
         raise OutputExistsError(f"{path.name} in {out} was made with other settings ({changes}); nothing was written: "
@@ -398,21 +411,15 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
 
 def summary_table(result: SampleResult) -> Any:
     """A rich table summarising a sample run."""
-    from rich.table import Table
-
-    t = Table(title="sample", show_header=False)
-    t.add_column("what")
-    t.add_column("value", justify="right")
-    t.add_row("output", str(result.out_dir))
-    t.add_row("model", result.model)
-    t.add_row("images written / skipped (done)", f"{len(result.written)} / {result.skipped}")
-    t.add_row("resolution", f"{result.resolution[0]}x{result.resolution[1]} on {result.device} ({result.dtype})")
+    rows = [("output", str(result.out_dir)), ("model", result.model),
+            ("images written / skipped (done)", f"{len(result.written)} / {result.skipped}"),
+            ("resolution", f"{result.resolution[0]}x{result.resolution[1]} on {result.device} ({result.dtype})")]
     if result.written:
-        t.add_row("time", f"{result.seconds:.1f} s, {result.seconds_per_image:.2f} s/image, "
-                          f"{result.seconds / max(1, result.steps_run):.3f} s/step")
+        rows.append(("time", f"{result.seconds:.1f} s, {result.seconds_per_image:.2f} s/image, "
+                             f"{result.seconds / max(1, result.steps_run):.3f} s/step"))
     if result.grid is not None:
-        t.add_row("grid", str(result.grid))
-    return t
+        rows.append(("grid", str(result.grid)))
+    return key_value_table("sample", rows)
 
 
 __all__ = ["PromptItem", "SampleConfig", "SampleResult", "make_grid", "parse_resolution", "parse_temperature",

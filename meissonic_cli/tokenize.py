@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from .config import Problems, field
 from .errors import ConfigError, InputError
-from .progress import make_progress
+from .progress import key_value_table, make_progress
 from .shards import (
     DATASET_INFO,
     FORMAT_NAME,
@@ -596,20 +596,16 @@ def tokenize(cfg: TokenizeConfig, rank: int | None = None, world_size: int | Non
 
 def summary_table(result: TokenizeResult) -> Any:
     """A rich table summarising a tokenize run."""
-    from rich.table import Table
-
     title = "tokenize" + (f" (rank {result.rank} of {result.world_size})" if result.world_size > 1 else "")
-    t = Table(title=title, show_header=False)
-    t.add_column("what")
-    t.add_column("value", justify="right")
-    t.add_row("output", str(result.out_dir))
-    t.add_row("resolution / code grid", f"{result.resolution} px / {result.grid[0]}x{result.grid[1]}")
-    t.add_row("shards written / skipped (complete)", f"{result.shards_written} / {result.shards_skipped}")
-    t.add_row("images tokenized", f"{result.images:,}")
-    t.add_row("images skipped (undecodable)", f"{result.failed:,}")
-    t.add_row("throughput", f"{result.images_per_second:,.1f} images/s on {result.device} ({result.dtype})")
-    t.add_row(f"bytes per sample (--text-features {result.text_features})", f"{result.bytes_per_sample:,.0f}")
-    t.add_row("  payload: " + ", ".join(result.feature_bytes), " + ".join(f"{v:,}" for v in result.feature_bytes.values()))
-    t.add_row("dataset total", f"{result.dataset_samples:,} samples, {result.dataset_bytes / 1e6:,.1f} MB")
-    return t
+    return key_value_table(title, [
+        ("output", str(result.out_dir)),
+        ("resolution / code grid", f"{result.resolution} px / {result.grid[0]}x{result.grid[1]}"),
+        ("shards written / skipped (complete)", f"{result.shards_written} / {result.shards_skipped}"),
+        ("images tokenized", f"{result.images:,}"),
+        ("images skipped (undecodable)", f"{result.failed:,}"),
+        ("throughput", f"{result.images_per_second:,.1f} images/s on {result.device} ({result.dtype})"),
+        (f"bytes per sample (--text-features {result.text_features})", f"{result.bytes_per_sample:,.0f}"),
+        ("  payload: " + ", ".join(result.feature_bytes), " + ".join(f"{v:,}" for v in result.feature_bytes.values())),
+        ("dataset total", f"{result.dataset_samples:,} samples, {result.dataset_bytes / 1e6:,.1f} MB"),
+    ])
 
