@@ -99,7 +99,7 @@ def main() -> None:
 
     import pyarrow.parquet as pq
 
-    from meissonic_cli.synthetic import synthetic_table
+    from meissonic_cli.shapes.source import synthetic_table
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="curate_speed_"))
     inp = work / "input"

@@ -57,7 +57,7 @@ def medium_reference() -> dict:
 def build_transformer(args, dtype, device):
     import torch
 
-    from meissonic_cli.model import MeissonicTransformer, TransformerConfig, meissonic_1b, meissonic_tiny
+    from meissonic_cli.model.transformer import MeissonicTransformer, TransformerConfig, meissonic_1b, meissonic_tiny
 
     if args.model:
         return MeissonicTransformer.from_pretrained(args.model, dtype=dtype, device=device)
@@ -170,9 +170,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from meissonic_cli.pipeline import resolve_device, resolve_dtype, sample_tokens
-    from meissonic_cli.sample import parse_resolution
-    from meissonic_cli.scheduler import MaskGITScheduler
+    from meissonic_cli.sample.pipeline import resolve_device, resolve_dtype, sample_tokens
+    from meissonic_cli.sample.sample import parse_resolution
+    from meissonic_cli.model.scheduler import MaskGITScheduler
 
     if args.threads:
         torch.set_num_threads(args.threads)

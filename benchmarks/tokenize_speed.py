@@ -4,7 +4,7 @@
         [--resolution 256] [--batch-size 8] [--device cpu] [--dtype fp32] [--modes full,pooled,none] [--json]
 
 The benchmark writes its own images (synthetic shape scenes with captions, a little larger than
-the resolution so the resize and crop run) and tokenizes them once per mode with `meissonic_cli.tokenize`,
+the resolution so the resize and crop run) and tokenizes them once per mode with `meissonic_cli.data.tokenize`,
 timing the encode loop (model loading excluded). Without --model it builds a folder with random
 weights: `tiny` (the test-sized parts), `small` (VQ f=16 with 8192 codes and narrow channels, CLIP
 text width 256 x 4 layers) or `released` (the released VQ architecture and the ViT-H-14 text tower;
@@ -26,8 +26,8 @@ sys.path.insert(0, str(REPO))
 
 
 def build_preset(root: Path, preset: str) -> Path:
-    from meissonic_cli.text_encoder import ClipTokenizer, TextEncoder, TextEncoderConfig, tiny_text_config, vit_h14_text_config
-    from meissonic_cli.vq import VQTokenizer, meissonic_vq_config, tiny_vq_config
+    from meissonic_cli.model.text_encoder import ClipTokenizer, TextEncoder, TextEncoderConfig, tiny_text_config, vit_h14_text_config
+    from meissonic_cli.model.vq.vqgan import VQTokenizer, meissonic_vq_config, tiny_vq_config
 
     if preset == "tiny":
         vq_cfg, text_cfg = tiny_vq_config(), tiny_text_config()
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of tables")
     args = ap.parse_args(argv)
 
-    from meissonic_cli.synthetic import write_image_folder
-    from meissonic_cli.tokenize import TokenizeConfig, feature_bytes, tokenize
+    from meissonic_cli.shapes.source import write_image_folder
+    from meissonic_cli.data.tokenize import TokenizeConfig, feature_bytes, tokenize
 
     with tempfile.TemporaryDirectory(prefix="tokenize-bench-") as tmp:
         tmp_path = Path(tmp)

@@ -34,10 +34,10 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from meissonic_cli.model import NAMED_CONFIGS, TransformerConfig  # noqa: E402
-from meissonic_cli.shards import TokenSample, TokenShardWriter, write_dataset_info  # noqa: E402
-from meissonic_cli.train import Trainer, init_distributed  # noqa: E402
-from meissonic_cli.train_config import TrainConfig  # noqa: E402
+from meissonic_cli.model.transformer import NAMED_CONFIGS, TransformerConfig  # noqa: E402
+from meissonic_cli.data.shards import TokenSample, TokenShardWriter, write_dataset_info  # noqa: E402
+from meissonic_cli.train.trainer import Trainer, init_distributed  # noqa: E402
+from meissonic_cli.train.config import TrainConfig  # noqa: E402
 
 
 def model_config(name: str, overrides: list[str], compression: str) -> TransformerConfig:

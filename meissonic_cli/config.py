@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from .errors import ConfigError, MeissonicError, ModelFormatError
+from meissonic_cli.errors import ConfigError, MeissonicError, ModelFormatError
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,

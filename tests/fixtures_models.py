@@ -15,7 +15,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from meissonic_cli.scaffold import build_tiny_model_folder
+    from meissonic_cli.model.scaffold import build_tiny_model_folder
 
     return build_tiny_model_folder(tmp_path_factory.mktemp("models") / "tiny", seed=0)
 

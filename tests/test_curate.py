@@ -14,9 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from meissonic_cli.cli import app
-from meissonic_cli.curate import STATS_NAME, CurateConfig, curate
+from meissonic_cli.data.curate import STATS_NAME, CurateConfig, curate
 from meissonic_cli.errors import ConfigError, InputError, OutputExistsError
-from meissonic_cli.synthetic import SCHEMAS, synthetic_table
+from meissonic_cli.shapes.source import SCHEMAS, synthetic_table
 
 ROWS = 600
 
@@ -276,7 +276,7 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
 
 
 def test_curate_does_not_import_torch():
-    code = ("import sys; import meissonic_cli.curate, meissonic_cli.commands.curate, meissonic_cli.synthetic; "
+    code = ("import sys; import meissonic_cli.data.curate, meissonic_cli.commands.curate, meissonic_cli.shapes.source; "
             "print('torch' in sys.modules, 'pandas' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]

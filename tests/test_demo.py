@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from meissonic_cli import demo
+from meissonic_cli.shapes import demo
 from meissonic_cli.cli import app
 from meissonic_cli.errors import OutputExistsError
 
@@ -72,22 +72,22 @@ def test_out_folder_rules(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(demo.BUDGETS))
 def test_budget_models_fit_together(name):
-    from meissonic_cli.scaffold import check_compatible
-    from meissonic_cli.vq import tiny_vq_config
+    from meissonic_cli.model.scaffold import check_compatible
+    from meissonic_cli.model.vq.vqgan import tiny_vq_config
 
     transformer, text = demo.demo_model_configs(demo.BUDGETS[name])
     check_compatible(transformer, text, tiny_vq_config(codebook_size=demo.VQ_CODEBOOK))
     assert transformer.downsample is False and transformer.codebook_size >= demo.VQ_CODEBOOK
     # Every benchmark caption fits the demo's text context (SOT + tokens + EOT).
-    from meissonic_cli.shapes import benchmark_prompts
-    from meissonic_cli.text_encoder import ClipTokenizer
+    from meissonic_cli.shapes.world import benchmark_prompts
+    from meissonic_cli.model.text_encoder import ClipTokenizer
 
     ids = ClipTokenizer(text.context_length)([p.text for p in benchmark_prompts()])
     assert bool((ids == 49407).any(dim=1).all())
 
 
 def test_recipe_matches_the_demo_full_budget():
-    from meissonic_cli.train_config import load_train_config
+    from meissonic_cli.train.config import load_train_config
 
     recipe = load_train_config(REPO / "pipelines" / "demo_train.yaml")
     built = demo.demo_train_config(demo.BUDGETS["full"], recipe.data, recipe.output, recipe.model)

@@ -15,9 +15,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from meissonic_cli.cli import app
-from meissonic_cli.download import ENCODE_QUALITY, DownloadConfig, download, summarize
+from meissonic_cli.data.download import ENCODE_QUALITY, DownloadConfig, download, summarize
 from meissonic_cli.errors import ConfigError, InputError, OutputExistsError
-from meissonic_cli.synthetic import ImageServer, generate_source
+from meissonic_cli.shapes.source import ImageServer, generate_source
 
 ROWS = 40
 SHARD = 16

@@ -11,26 +11,26 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from meissonic_cli import shapes
+from meissonic_cli.shapes import world as shapes
 from meissonic_cli.cli import app
-from meissonic_cli.edit import (EditCase, box_mask, edit_image, load_mask, outpaint_layout, remask_positions,
+from meissonic_cli.sample.edit import (EditCase, box_mask, edit_image, load_mask, outpaint_layout, remask_positions,
                                 token_mask)
 from meissonic_cli.errors import InputError
-from meissonic_cli.vq import images_to_tensor
+from meissonic_cli.model.vq import images_to_tensor
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from meissonic_cli.scaffold import build_tiny_model_folder
+    from meissonic_cli.model.scaffold import build_tiny_model_folder
 
     return build_tiny_model_folder(tmp_path_factory.mktemp("edit") / "model")
 
 
 @pytest.fixture(scope="module")
 def pipe(model_dir):
-    from meissonic_cli.pipeline import MeissonicPipeline
+    from meissonic_cli.sample.pipeline import MeissonicPipeline
 
     return MeissonicPipeline.from_pretrained(model_dir, device="cpu")
 

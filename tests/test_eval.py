@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from meissonic_cli import shapes
+from meissonic_cli.shapes import world as shapes
 from meissonic_cli.cli import app
 from meissonic_cli.errors import ConfigError, InputError, ModelFormatError
-from meissonic_cli.evaluate import EvalConfig, load_items, read_eval_prompts, run_eval
-from meissonic_cli.metrics_clip import load_clip
-from meissonic_cli.metrics_fid import FIDInception, feature_stats, fid_from_features, frechet_distance
+from meissonic_cli.metrics.evaluate import EvalConfig, load_items, read_eval_prompts, run_eval
+from meissonic_cli.metrics.clip import load_clip
+from meissonic_cli.metrics.fid import FIDInception, feature_stats, fid_from_features, frechet_distance
 
 runner = CliRunner()
 
@@ -228,7 +228,7 @@ def test_shapes_suite_on_ground_truth_and_wrong_prompts(tmp_path):
 
 
 def test_prompts_mode_samples_then_scores_with_categories(tmp_path, weights):
-    from meissonic_cli.scaffold import build_tiny_model_folder
+    from meissonic_cli.model.scaffold import build_tiny_model_folder
 
     model = build_tiny_model_folder(tmp_path / "model")
     prompt_dir = tmp_path / "hps_prompts"

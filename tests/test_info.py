@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from meissonic_cli.cli import app
-from meissonic_cli.model import MeissonicTransformer, meissonic_tiny, num_parameters
+from meissonic_cli.model.transformer import MeissonicTransformer, meissonic_tiny, num_parameters
 
 
 def _error_text(res) -> str:

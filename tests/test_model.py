@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from meissonic_cli.errors import ConfigError, InputError, ModelFormatError
-from meissonic_cli.model import (
+from meissonic_cli.model.transformer import (
     MeissonicTransformer,
     TransformerConfig,
     build_on_meta,

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from meissonic_cli.model import (
+from meissonic_cli.model.transformer import (
     MeissonicTransformer,
     TransformerConfig,
     from_pretrained,

@@ -10,8 +10,8 @@ import torch
 from fixtures_models import copy_model_dir
 
 from meissonic_cli.errors import InputError, ModelFormatError
-from meissonic_cli.model import MeissonicTransformer, meissonic_tiny
-from meissonic_cli.pipeline import (
+from meissonic_cli.model.transformer import MeissonicTransformer, meissonic_tiny
+from meissonic_cli.sample.pipeline import (
     MeissonicPipeline,
     exact_logits,
     masked_logits,
@@ -20,7 +20,7 @@ from meissonic_cli.pipeline import (
     resolve_model_folder,
     sample_tokens,
 )
-from meissonic_cli.scheduler import MaskGITScheduler, draw_categorical
+from meissonic_cli.model.scheduler import MaskGITScheduler, draw_categorical
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from meissonic_cli.cli import app
 from meissonic_cli.errors import InputError
-from meissonic_cli.sample import SampleConfig, parse_resolution, parse_temperature, read_prompts, slugify
+from meissonic_cli.sample.sample import SampleConfig, parse_resolution, parse_temperature, read_prompts, slugify
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

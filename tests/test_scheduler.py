@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from meissonic_cli.errors import ConfigError, InputError, ModelFormatError
-from meissonic_cli.scheduler import MaskGITScheduler, SchedulerConfig
+from meissonic_cli.model.scheduler import MaskGITScheduler, SchedulerConfig
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from meissonic_cli import shapes
-from meissonic_cli import shapes_bench as sb
+from meissonic_cli.shapes import world as shapes
+from meissonic_cli.shapes import bench as sb
 from meissonic_cli.errors import InputError
-from meissonic_cli.shapes import Expect, make_scene
+from meissonic_cli.shapes.world import Expect, make_scene
 
 PROMPTS = shapes.benchmark_prompts()
 

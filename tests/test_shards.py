@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from meissonic_cli.errors import InputError
-from meissonic_cli.shards import (
+from meissonic_cli.data.shards import (
     TokenSample,
     TokenShardWriter,
     iter_token_samples,

@@ -13,11 +13,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from meissonic_cli import shapes
+from meissonic_cli.shapes import world as shapes
 from meissonic_cli.cli import app
 from meissonic_cli.commands import synth as synth_command
 from meissonic_cli.errors import OutputExistsError
-from meissonic_cli.synthetic import (DEFAULT_SIDES, SCHEMAS, generate_source, parse_sides, synthetic_table,
+from meissonic_cli.shapes.source import (DEFAULT_SIDES, SCHEMAS, generate_source, parse_sides, synthetic_table,
                                      write_image_folder)
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from meissonic_cli.errors import ModelFormatError
-from meissonic_cli.text_encoder import EOT_ID, SOT_ID, ClipTokenizer, TextEncoder
+from meissonic_cli.model.text_encoder import EOT_ID, SOT_ID, ClipTokenizer, TextEncoder
 
 PROMPTS = ["a photo of a cat", "a red circle on the left of a blue square"]
 

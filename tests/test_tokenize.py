@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 
 from meissonic_cli.cli import app
 from meissonic_cli.errors import ConfigError, ModelFormatError
-from meissonic_cli.shards import iter_token_samples, list_token_shards, read_dataset_info, read_shard_stats, read_token_shard
-from meissonic_cli.text_encoder import TextEncoder
-from meissonic_cli.tokenize import TokenizeConfig, tokenize
-from meissonic_cli.vq import VQTokenizer
+from meissonic_cli.data.shards import iter_token_samples, list_token_shards, read_dataset_info, read_shard_stats, read_token_shard
+from meissonic_cli.model.text_encoder import TextEncoder
+from meissonic_cli.data.tokenize import TokenizeConfig, tokenize
+from meissonic_cli.model.vq.vqgan import VQTokenizer
 
 R = 32  # tiny VQ has f = 16: a 2x2 code grid
 

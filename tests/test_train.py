@@ -13,15 +13,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from meissonic_cli import train as train_mod
-from meissonic_cli.checkpoint import list_checkpoints
+from meissonic_cli.train import trainer as train_mod
+from meissonic_cli.train.checkpoint import list_checkpoints
 from meissonic_cli.cli import app
 from meissonic_cli.errors import ConfigError, InputError, ModelFormatError, OutputExistsError
-from meissonic_cli.model import MeissonicTransformer, load_state_dict_files, meissonic_tiny
-from meissonic_cli.scaffold import build_tiny_model_folder
-from meissonic_cli.shards import TokenSample, TokenShardWriter, read_token_shard, write_dataset_info
-from meissonic_cli.text_encoder import TextEncoder
-from meissonic_cli.train import (
+from meissonic_cli.model.transformer import MeissonicTransformer, load_state_dict_files, meissonic_tiny
+from meissonic_cli.model.scaffold import build_tiny_model_folder
+from meissonic_cli.data.shards import TokenSample, TokenShardWriter, read_token_shard, write_dataset_info
+from meissonic_cli.model.text_encoder import TextEncoder
+from meissonic_cli.train.trainer import (
     IGNORE_INDEX,
     ShardStream,
     Trainer,
@@ -31,7 +31,7 @@ from meissonic_cli.train import (
     sample_masking_rates,
     train,
 )
-from meissonic_cli.train_config import TrainConfig, load_train_config
+from meissonic_cli.train.config import TrainConfig, load_train_config
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = 4  # 64 px at a VQ factor of 16
@@ -333,7 +333,7 @@ def test_init_from_512_model_adds_fresh_compression_layers(tmp_path):
 
 
 def test_lora_trains_adapters_only_and_saves_them_separately_and_merged(tmp_path):
-    from meissonic_cli.lora import load_lora, read_lora_file
+    from meissonic_cli.model.lora import load_lora, read_lora_file
 
     data = make_token_dataset(tmp_path / "data", shards=1)
     src = make_model_folder(tmp_path / "base")

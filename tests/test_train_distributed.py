@@ -20,8 +20,8 @@ WORKER = textwrap.dedent(
     import hashlib, json, os, sys
     import torch
     torch.set_num_threads(1)
-    from meissonic_cli.train import Trainer, init_distributed
-    from meissonic_cli.train_config import load_train_config
+    from meissonic_cli.train.trainer import Trainer, init_distributed
+    from meissonic_cli.train.config import load_train_config
 
     cfg = load_train_config(None, json.loads(sys.argv[1]))
     env = init_distributed("cpu")

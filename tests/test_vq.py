@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from meissonic_cli.errors import InputError, ModelFormatError
-from meissonic_cli.vq import VQTokenizer, images_to_tensor, meissonic_vq_config, psnr, tensor_to_images
+from meissonic_cli.model.vq import images_to_tensor, psnr, tensor_to_images
+from meissonic_cli.model.vq.vqgan import VQTokenizer, meissonic_vq_config
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import typer
 
-from ..errors import MeissonicError
+from meissonic_cli.errors import MeissonicError
 
 
 def fail(message: str, code: int = 1) -> "typer.Exit":

@@ -1,4 +1,4 @@
-"""`meissonic curate`: filter LAION-style parquet metadata (see `meissonic_cli.curate`)."""
+"""`meissonic curate`: filter LAION-style parquet metadata (see `meissonic_cli.data.curate`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from ..config import help_of
-from ..curate import CurateConfig
+from meissonic_cli.config import help_of
+from meissonic_cli.data.curate import CurateConfig
 from ._common import handle_errors
 
 
@@ -54,7 +54,7 @@ def register(app: typer.Typer) -> None:
         """Filter LAION-style parquet metadata with DuckDB into parquet shards ready for `download`."""
         from rich.console import Console
 
-        from ..curate import STATS_NAME, curate, stats_table
+        from meissonic_cli.data.curate import STATS_NAME, curate, stats_table
 
         cfg = CurateConfig(**{k: v for k, v in locals().items() if k in CurateConfig.__dataclass_fields__})
         result = curate(cfg)

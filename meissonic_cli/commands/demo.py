@@ -1,4 +1,4 @@
-"""`meissonic demo`: the whole chain on synthetic data, on a CPU (see `meissonic_cli.demo`)."""
+"""`meissonic demo`: the whole chain on synthetic data, on a CPU (see `meissonic_cli.shapes.demo`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import os
 
 import typer
 
-from ..config import help_of
-from ..demo import DemoConfig
+from meissonic_cli.config import help_of
+from meissonic_cli.shapes.demo import DemoConfig
 from ._common import handle_errors
 
 
@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from rich.console import Console
 
-        from ..demo import run_demo, summary_table
+        from meissonic_cli.shapes.demo import run_demo, summary_table
 
         cfg = DemoConfig(out=out, budget=budget, overwrite=overwrite, seed=seed, device=device, model_only=model_only)
         console = Console()

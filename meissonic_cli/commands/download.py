@@ -1,4 +1,4 @@
-"""`meissonic download`: curated parquet -> webdataset image shards (see `meissonic_cli.download`)."""
+"""`meissonic download`: curated parquet -> webdataset image shards (see `meissonic_cli.data.download`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from ..config import help_of
-from ..download import DownloadConfig
+from meissonic_cli.config import help_of
+from meissonic_cli.data.download import DownloadConfig
 from ._common import handle_errors
 
 
@@ -42,8 +42,8 @@ def register(app: typer.Typer) -> None:
         """Download the images of curated parquet into webdataset shards with img2dataset (resumable)."""
         from rich.console import Console
 
-        from ..download import download, summary_table
-        from ..errors import MeissonicError
+        from meissonic_cli.data.download import download, summary_table
+        from meissonic_cli.errors import MeissonicError
 
         cfg = DownloadConfig(**{k: v for k, v in locals().items() if k in DownloadConfig.__dataclass_fields__})
         result = download(cfg)

@@ -1,4 +1,4 @@
-"""`meissonic edit`: inpaint, outpaint and mask-free editing by masking tokens (see `meissonic_cli.edit`)."""
+"""`meissonic edit`: inpaint, outpaint and mask-free editing by masking tokens (see `meissonic_cli.sample.edit`)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from typing import Optional
 
 import typer
 
-from ..config import help_of
-from ..edit import EditConfig
-from ..sample import SampleConfig
+from meissonic_cli.config import help_of
+from meissonic_cli.sample.edit import EditConfig
+from meissonic_cli.sample.sample import SampleConfig
 from ._common import handle_errors
 
 
@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         """
         from rich.console import Console
 
-        from ..edit import run_edit, summary_table
+        from meissonic_cli.sample.edit import run_edit, summary_table
 
         sampler = SampleConfig(model=model, negative_prompt=negative_prompt, steps=steps, cfg=cfg, seed=seed,
                                device=device, dtype=dtype, temperature=temperature, token_temperature=token_temperature,

@@ -1,4 +1,4 @@
-"""`meissonic eval`: CLIP-T/CLIP-I, HPS v2, DINO, FID and the shapes benchmark (see `meissonic_cli.evaluate`)."""
+"""`meissonic eval`: CLIP-T/CLIP-I, HPS v2, DINO, FID and the shapes benchmark (see `meissonic_cli.metrics.evaluate`)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from typing import Optional
 
 import typer
 
-from ..config import help_of
-from ..evaluate import EvalConfig
-from ..sample import SampleConfig
+from meissonic_cli.config import help_of
+from meissonic_cli.metrics.evaluate import EvalConfig
+from meissonic_cli.sample.sample import SampleConfig
 from ._common import handle_errors
 
 
@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
         """
         from rich.console import Console
 
-        from ..evaluate import parse_suites, report_table, run_eval
+        from meissonic_cli.metrics.evaluate import parse_suites, report_table, run_eval
 
         sample_cfg = SampleConfig(steps=steps, cfg=cfg, seed=seed, resolution=resolution, negative_prompt=negative_prompt,
                                   temperature=temperature, token_temperature=token_temperature, batch_size=sample_batch_size, device=device, dtype=dtype,
@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
         console = Console()
         console.print(report_table(report))
         if "shapes" in report:
-            from ..shapes_bench import print_report
+            from meissonic_cli.shapes.bench import print_report
 
             print_report(report["shapes"], console)
         out_dir = config.out_dir

@@ -35,8 +35,8 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from ..errors import InputError
-        from ..model import (
+        from meissonic_cli.errors import InputError
+        from meissonic_cli.model.transformer import (
             NAMED_CONFIGS,
             TransformerConfig,
             build_on_meta,

@@ -1,4 +1,4 @@
-"""`meissonic sample`: prompts -> images with a released-layout model (see `meissonic_cli.sample`)."""
+"""`meissonic sample`: prompts -> images with a released-layout model (see `meissonic_cli.sample.sample`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from ..config import help_of
-from ..sample import SampleConfig
+from meissonic_cli.config import help_of
+from meissonic_cli.sample.sample import SampleConfig
 from ._common import handle_errors
 
 
@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
         """
         from rich.console import Console
 
-        from ..sample import run_sample, summary_table
+        from meissonic_cli.sample.sample import run_sample, summary_table
 
         values = dict(locals())
         values["prompt"] = list(prompt or [])

@@ -1,4 +1,4 @@
-"""`meissonic synth`: write the synthetic LAION-style source (see `meissonic_cli.synthetic`)."""
+"""`meissonic synth`: write the synthetic LAION-style source (see `meissonic_cli.shapes.source`)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def register(app: typer.Typer) -> None:
         size: int = typer.Option(64, help="Image side for --folder-images."),
     ) -> None:
         """Write a synthetic LAION-style source: shapes-world images, dirty LAION-schema parquet, optional server."""
-        from ..synthetic import ImageServer, generate_source, parse_sides, write_image_folder
+        from meissonic_cli.shapes.source import ImageServer, generate_source, parse_sides, write_image_folder
 
         if folder_images is not None:
             paths = write_image_folder(output, folder_images, size=size, seed=seed)

@@ -1,4 +1,4 @@
-"""`meissonic tokenize`: image shards -> token shards (see `meissonic_cli.tokenize`)."""
+"""`meissonic tokenize`: image shards -> token shards (see `meissonic_cli.data.tokenize`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Optional
 
 import typer
 
-from ..config import help_of
-from ..tokenize import TokenizeConfig
+from meissonic_cli.config import help_of
+from meissonic_cli.data.tokenize import TokenizeConfig
 from ._common import handle_errors
 
 
@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
         """
         from rich.console import Console
 
-        from ..tokenize import summary_table, tokenize
+        from meissonic_cli.data.tokenize import summary_table, tokenize
 
         cfg = TokenizeConfig(**{k: v for k, v in locals().items() if k in TokenizeConfig.__dataclass_fields__})
         result = tokenize(cfg)

@@ -1,4 +1,4 @@
-"""`meissonic train`: masked image modeling on token shards (see `meissonic_cli.train`).
+"""`meissonic train`: masked image modeling on token shards (see `meissonic_cli.train.trainer`).
 
 Every `TrainConfig` field is a flag whose help is the field's documentation. Flags default to
 "not given" so that a `--config` recipe supplies values and explicit flags override them.
@@ -13,8 +13,8 @@ from typing import Any, List, Optional
 
 import typer
 
-from ..config import flag_of, help_of
-from ..train_config import TrainConfig
+from meissonic_cli.config import flag_of, help_of
+from meissonic_cli.train.config import TrainConfig
 from ._common import handle_errors
 
 _TYPES = {"str": str, "int": int, "float": float, "bool": bool, "list": List[str]}
@@ -44,7 +44,7 @@ def _train_command(**kwargs: Any) -> None:
 
     Under torchrun the same command runs DDP (or --fsdp): each rank reads its own shards; rank 0 writes checkpoints step-NNNNNNNN/, metrics.jsonl and train.log into --output.
     """
-    from ..train_config import load_train_config
+    from meissonic_cli.train.config import load_train_config
 
     config_file = kwargs.pop("config")
     print_config = kwargs.pop("print_config")
@@ -54,7 +54,7 @@ def _train_command(**kwargs: Any) -> None:
     if print_config:
         typer.echo(cfg.to_yaml(), nl=False)
         return
-    from ..train import train
+    from meissonic_cli.train.trainer import train
 
     train(cfg)
 

@@ -1,0 +1,329 @@
+"""`download`: curated parquet -> webdataset image shards, through img2dataset.
+
+img2dataset does the reading, fetching, resizing and writing (`img2dataset.download`); this
+module prepares its input and reports on its output:
+
+- finds the URL / caption / metadata columns whatever the parquet calls them (as `curate` does) and
+  stages them under `<output>/_meissonic/input/` with canonical names, so the metadata kept in each
+  sample's json is `aesthetic`, `pwatermark`, `punsafe`, `similarity`, `hash` and the source's
+  claimed size as `source_width` / `source_height` (img2dataset's own `width` / `height` are the
+  size written, `original_width` / `original_height` the size downloaded);
+- resumes: img2dataset's incremental mode skips every shard whose `NNNNN_stats.json` exists, and
+  `<output>/_meissonic/download.json` records the input and image options so a rerun with other
+  ones is refused instead of mixing two datasets in one folder;
+- sums the per-shard stats into one summary (successes, failures by reason) saved as
+  `<output>/_meissonic/download_summary.json` (outside the folder root: img2dataset reads every
+  `*.json` there as a shard's stats).
+
+Output (webdataset, as img2dataset writes it): `<output>/NNNNN.tar` with `KEY.jpg` (or png/webp),
+`KEY.txt` (caption) and `KEY.json` (metadata and download status) per sample, plus
+`NNNNN.parquet` (one metadata row per input row, failures included) and `NNNNN_stats.json`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meissonic_cli.atomic import atomic_write, write_json
+from meissonic_cli.config import Problems, field, flag_of
+from meissonic_cli.data.curate import ROLE_CANDIDATES, detect_columns, resolve_inputs
+from meissonic_cli.errors import ConfigError, InputError, MeissonicError, OutputExistsError
+
+RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
+ENCODE_FORMATS = ("jpg", "png", "webp")
+# --encode-quality per format: (lowest, highest, default). img2dataset hands the value to OpenCV, whose
+# ranges these are: jpg/webp quality, png zlib compression level. The png default is OpenCV's own
+# (fastest) level: 9 takes ~10x the CPU of 1 for ~10% fewer bytes, and the images are lossless anyway.
+ENCODE_QUALITY: dict[str, tuple[int, int, int]] = {"jpg": (0, 100, 95), "png": (0, 9, 1), "webp": (1, 100, 95)}
+DISTRIBUTORS = ("multiprocessing", "pyspark", "ray")
+# Metadata roles saved into each sample's json, and the name they get there.
+SAVED_NAMES: dict[str, str] = {
+    "aesthetic": "aesthetic", "watermark": "pwatermark", "unsafe": "punsafe", "similarity": "similarity",
+    "hash": "hash", "width": "source_width", "height": "source_height",
+}
+STATE_DIR = "_meissonic"
+
+
+@dataclass
+class DownloadConfig:
+    """Everything `meissonic download` does; field help is the CLI help."""
+
+    inputs: list[str] = field(
+        default_factory=list,
+        help="Curated parquet files, directories or globs (e.g. the output of `meissonic curate`)."
+    )
+    output: str = field("", help="Output directory for the webdataset shards.", flag="--output")
+    image_size: int = field(512, help="Target image size in pixels (meaning depends on --resize-mode).")
+    resize_mode: str = field(
+        "keep_ratio",
+        help="How to resize: no, border (pad to a square), keep_ratio (shorter side = size), keep_ratio_largest "
+             "(longer side = size), center_crop."
+    )
+    resize_only_if_bigger: bool = field(
+        True,
+        help="Only shrink images; never upscale small ones (tokenize crops and records the original size)."
+    )
+    min_image_size: int = field(0, help="Skip images whose shorter side is below this many pixels.")
+    max_aspect_ratio: float | None = field(None, help="Skip images whose longer side / shorter side exceeds this.")
+    encode_format: str = field("jpg", help="Image format in the shards: jpg, png or webp.")
+    encode_quality: int | None = field(
+        None,
+        help="jpg quality 0-100, webp quality 1-100 (default 95), or png compression level 0-9 (default 1)."
+    )
+    processes: int = field(1, help="Download processes (multiprocessing) or Spark/Ray parallelism.")
+    threads: int = field(32, help="Download threads per process.")
+    shard_size: int = field(10_000, help="Samples per output shard.")
+    distributor: str = field(
+        "multiprocessing",
+        help="multiprocessing (one machine), pyspark or ray (many machines; needs the package and a running "
+             "cluster)."
+    )
+    timeout: int = field(10, help="Seconds before one image request gives up.")
+    retries: int = field(0, help="Retries per failed image.")
+    url_col: str | None = field(None, help="Column holding the image URL (default: detected, e.g. url or URL).")
+    caption_col: str | None = field(None, help="Column holding the caption (default: detected, e.g. caption or TEXT).")
+    overwrite: bool = field(False, help="Delete an existing output directory and start over (default: resume it).")
+
+    def validate(self) -> None:
+        p = Problems()
+        f = lambda name: flag_of(DownloadConfig, name)  # noqa: E731
+        p.check(bool(self.inputs), "give at least one input parquet file, directory or glob")
+        p.check(bool(self.output), f"{f('output')} is required")
+        p.check(self.image_size >= 1, f"{f('image_size')} must be >= 1, got {self.image_size}")
+        p.check(self.resize_mode in RESIZE_MODES,
+                f"{f('resize_mode')} must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
+        p.check(self.encode_format in ENCODE_FORMATS,
+                f"{f('encode_format')} must be one of {', '.join(ENCODE_FORMATS)}, got {self.encode_format!r}")
+        p.check(self.distributor in DISTRIBUTORS,
+                f"{f('distributor')} must be one of {', '.join(DISTRIBUTORS)}, got {self.distributor!r}")
+        p.check(self.min_image_size >= 0, f"{f('min_image_size')} must be >= 0, got {self.min_image_size}")
+        p.check(self.max_aspect_ratio is None or self.max_aspect_ratio >= 1,
+                f"{f('max_aspect_ratio')} must be >= 1, got {self.max_aspect_ratio}")
+        for name in ("processes", "threads", "shard_size", "timeout"):
+            p.check(getattr(self, name) >= 1, f"{f(name)} must be >= 1, got {getattr(self, name)}")
+        p.check(self.retries >= 0, f"{f('retries')} must be >= 0, got {self.retries}")
+        if self.encode_format in ENCODE_QUALITY and self.encode_quality is not None:
+            low, high, default = ENCODE_QUALITY[self.encode_format]
+            what = "compression level" if self.encode_format == "png" else "quality"
+            p.check(low <= self.encode_quality <= high,
+                    f"{f('encode_quality')} is the {self.encode_format} {what}, {low}-{high} (leave it out for "
+                    f"{default}); got {self.encode_quality}")
+        p.raise_if_any()
+
+    def quality(self) -> int:
+        """The `--encode-quality` img2dataset gets: the one given, else the format's default."""
+        return self.encode_quality if self.encode_quality is not None else ENCODE_QUALITY[self.encode_format][2]
+
+    def fingerprint_options(self) -> dict[str, Any]:
+        """The options that shape the shards: a resume must use the same ones."""
+        options = {k: getattr(self, k) for k in ("image_size", "resize_mode", "resize_only_if_bigger",
+                                                 "min_image_size", "max_aspect_ratio", "encode_format", "shard_size")}
+        # The resolved value, so leaving the flag out resumes a run that gave the default explicitly.
+        options["encode_quality"] = self.quality()
+        return options
+
+
+@dataclass
+class DownloadResult:
+    """The summed img2dataset stats of every completed shard (`summary["complete"]`: all shards done)."""
+
+    output: Path
+    summary: dict[str, Any]
+
+
+def _inspect_inputs(files: list[Path], cfg: DownloadConfig) -> dict[str, str]:
+    """Find the URL / caption / metadata columns of every input (one schema for all) before writing anything."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    columns: dict[str, str] | None = None
+    for path in files:
+        try:
+            present = list(pq.read_schema(path).names)
+        except (pa.ArrowException, OSError) as err:
+            raise InputError(f"cannot read {path} as parquet ({err}); expected curated parquet metadata") from None
+        cols = detect_columns(present, {"url": cfg.url_col, "caption": cfg.caption_col})
+        for role in ("url", "caption"):
+            if role not in cols:
+                raise InputError(f"{path} has no {role} column (looked for {', '.join(ROLE_CANDIDATES[role])}); "
+                                 f"columns present: {', '.join(present)}; pass --{role}-col NAME")
+        if columns is None:
+            columns = cols
+        elif cols != columns:
+            raise InputError(f"{path} has columns {', '.join(present)}, unlike {files[0]}; "
+                             "give inputs with one schema (curate them together first)")
+    assert columns is not None
+    return columns
+
+
+def _stage_inputs(files: list[Path], cols: dict[str, str], stage: Path) -> tuple[int, int, list[int]]:
+    """Write each input as `stage/part-NNNNN.parquet` with canonical column names; drop rows without a URL."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    rows = dropped = 0
+    per_file: list[int] = []
+    stage.mkdir(parents=True, exist_ok=True)
+    names = {cols["url"]: "url", cols["caption"]: "caption"}
+    names.update({cols[r]: SAVED_NAMES[r] for r in SAVED_NAMES if r in cols})
+    for k, path in enumerate(files):
+        table = pq.read_table(path, columns=list(names))
+        table = table.rename_columns([names[c] for c in table.column_names])
+        url = table.column("url").cast(pa.string())
+        ok = pc.and_(pc.is_valid(url), pc.not_equal(pc.utf8_length(pc.fill_null(url, "")), 0))
+        kept = table.filter(ok)
+        # NaN would reach each sample's json as the non-standard token NaN: store null instead.
+        for i, name in enumerate(kept.column_names):
+            col = kept.column(i)
+            if pa.types.is_floating(col.type):
+                kept = kept.set_column(i, name, pc.if_else(pc.is_nan(col), pa.scalar(None, col.type), col))
+        dropped += table.num_rows - kept.num_rows
+        rows += kept.num_rows
+        per_file.append(kept.num_rows)
+        atomic_write(stage / f"part-{k:05d}.parquet", lambda tmp, t=kept: pq.write_table(t, tmp))
+    return rows, dropped, per_file
+
+
+def _fingerprint(files: list[Path], cfg: DownloadConfig) -> dict[str, Any]:
+    return {"inputs": [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in files],
+            "options": cfg.fingerprint_options()}
+
+
+def summarize(output: str | os.PathLike) -> dict[str, Any]:
+    """Sum img2dataset's `*_stats.json` files of `output` into one summary."""
+    out = Path(output)
+    totals = {"shards": 0, "count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
+    reasons: dict[str, int] = {}
+    duration = 0.0
+    for path in sorted(glob.glob(str(out / "*_stats.json"))):
+        stats = json.loads(Path(path).read_text())
+        totals["shards"] += 1
+        for key in ("count", "successes", "failed_to_download", "failed_to_resize"):
+            totals[key] += int(stats.get(key, 0))
+        duration += float(stats.get("duration", 0.0))
+        for reason, n in (stats.get("status_dict") or {}).items():
+            if reason != "success":
+                reasons[reason] = reasons.get(reason, 0) + int(n)
+    totals["success_rate"] = totals["successes"] / totals["count"] if totals["count"] else 0.0
+    totals["failures_by_reason"] = dict(sorted(reasons.items(), key=lambda kv: -kv[1]))
+    totals["tars"] = sorted(Path(p).name for p in glob.glob(str(out / "*.tar")))
+    totals["shard_seconds"] = round(duration, 3)
+    return totals
+
+
+def _check_distributor(name: str) -> None:
+    import importlib.util
+
+    if name != "multiprocessing" and importlib.util.find_spec(name) is None:
+        raise ConfigError(f"--distributor {name} needs the {name} package (pip install {name}) and a running "
+                          f"{'Spark' if name == 'pyspark' else 'Ray'} cluster; use --distributor multiprocessing on one machine")
+
+
+def download(cfg: DownloadConfig) -> DownloadResult:
+    """Download the images of `cfg.inputs` into webdataset shards in `cfg.output` (resuming by default)."""
+    cfg.validate()
+    _check_distributor(cfg.distributor)
+    files = resolve_inputs(cfg.inputs)
+    out = Path(cfg.output)
+    state = out / STATE_DIR
+    manifest = state / "download.json"
+    fingerprint = _fingerprint(files, cfg)
+    columns = _inspect_inputs(files, cfg)
+    saved = [SAVED_NAMES[r] for r in SAVED_NAMES if r in columns]
+
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is not a directory; choose another --output")
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        if not manifest.is_file():
+            raise OutputExistsError(f"{out} is not empty and holds no `meissonic download` state; choose another "
+                                    "--output, or pass --overwrite to delete it and start over")
+        previous = json.loads(manifest.read_text())
+        if previous.get("fingerprint") != fingerprint:
+            raise ConfigError(f"{out} was started with other inputs or image options; rerun with the same ones to "
+                              "resume, or pass --overwrite to delete it and start over")
+    if cfg.overwrite and out.exists():
+        shutil.rmtree(out)
+
+    state.mkdir(parents=True, exist_ok=True)
+    stage = state / "input"
+    rows, dropped, per_file = _stage_inputs(files, columns, stage)
+    expected_shards = sum(math.ceil(n / cfg.shard_size) for n in per_file)
+    write_json(manifest, {"fingerprint": fingerprint, "columns": columns, "saved_columns": saved,
+                           "rows": rows, "rows_without_url": dropped})
+
+    # img2dataset imports wandb and albumentations: keep both off the network.
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import img2dataset
+
+    start = time.perf_counter()
+    # img2dataset installs a SIGINT handler that exits with status 0; put ours back afterwards and
+    # turn its exit into an error, so an interrupted download never looks like a finished one.
+    previous_handler = signal.getsignal(signal.SIGINT)
+    try:
+        img2dataset.download(
+            url_list=str(stage),
+            output_folder=str(out),
+            input_format="parquet",
+            output_format="webdataset",
+            url_col="url",
+            caption_col="caption",
+            save_additional_columns=saved or None,
+            image_size=cfg.image_size,
+            resize_mode=cfg.resize_mode,
+            resize_only_if_bigger=cfg.resize_only_if_bigger,
+            min_image_size=cfg.min_image_size,
+            max_aspect_ratio=cfg.max_aspect_ratio if cfg.max_aspect_ratio is not None else math.inf,
+            encode_format=cfg.encode_format,
+            encode_quality=cfg.quality(),
+            processes_count=cfg.processes,
+            thread_count=cfg.threads,
+            number_sample_per_shard=cfg.shard_size,
+            distributor=cfg.distributor,
+            timeout=cfg.timeout,
+            retries=cfg.retries,
+            incremental_mode="incremental",
+            enable_wandb=False,
+        )
+    except SystemExit:
+        raise MeissonicError(f"download interrupted; completed shards in {out} are kept, rerun the same "
+                             "command to resume") from None
+    except (OSError, ValueError) as err:
+        raise InputError(f"img2dataset failed: {err}") from None
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    summary = summarize(out)
+    summary.update({"rows": rows, "rows_without_url": dropped, "saved_columns": saved,
+                    "expected_shards": expected_shards, "complete": summary["shards"] >= expected_shards,
+                    "seconds": round(time.perf_counter() - start, 3)})
+    write_json(state / "download_summary.json", summary)
+    return DownloadResult(output=out, summary=summary)
+
+
+def summary_table(summary: dict[str, Any]) -> "Any":
+    """A rich table of a download summary."""
+    from rich.table import Table
+
+    table = Table(title="download", title_justify="left")
+    table.add_column("")
+    table.add_column("count", justify="right")
+    table.add_row("rows in input", f"{summary.get('rows', summary['count']):,}")
+    table.add_row("shards complete", f"{summary['shards']:,}")
+    table.add_row("samples tried", f"{summary['count']:,}")
+    table.add_row("[green]downloaded[/green]", f"{summary['successes']:,} ({summary['success_rate']:.1%})")
+    table.add_row("failed to download", f"{summary['failed_to_download']:,}")
+    table.add_row("failed to resize / filtered", f"{summary['failed_to_resize']:,}")
+    for reason, n in list(summary["failures_by_reason"].items())[:8]:
+        table.add_row(f"  {reason[:70]}", f"{n:,}")
+    return table

@@ -1,0 +1,396 @@
+"""The token shard format: what `meissonic tokenize` writes and `meissonic train` reads.
+
+A token dataset is one directory:
+
+    dataset.json              settings shared by every shard (see below)
+    tokens-00000.tar          a webdataset tar of samples
+    tokens-00000.stats.json   written LAST: its presence is what makes tokens-00000.tar complete
+    tokens-00001.tar
+    ...
+
+A tar without its stats file is incomplete (an interrupted run): readers ignore it and
+`tokenize` redoes it. Tars are written under a temporary name and renamed into place, and the stats
+file is written (atomically) only after the rename.
+
+Each sample is a group of tar members named `<key>.<field>` (webdataset's convention: the key is
+the member name up to the first dot of its base name, so keys contain no dots):
+
+| field        | content                                                                  |
+|--------------|--------------------------------------------------------------------------|
+| `codes.npy`  | uint16 `(h, w)` VQ code grid                                             |
+| `text.npy`   | float16 `(77, D)` penultimate CLIP hidden states (text mode `full` only) |
+| `pooled.npy` | float16 `(P,)` projected pooled CLIP embedding (modes `full`, `pooled`)  |
+| `micro.npy`  | float32 `(5,)` `[orig_width, orig_height, crop_top, crop_left, score]`   |
+| `txt`        | the caption, utf-8                                                       |
+| `json`       | the source sample's metadata (a JSON object)                             |
+
+`.npy` members are plain `numpy.save` output (no pickles). `dataset.json` holds: `format`
+("meissonic-tokens"), `version`, `resolution`, `grid` `[h, w]`, `text_features` (`full`, `pooled`
+or `none`), `text_dim` (D), `pooled_dim` (P), `context_length`, `codebook_size`,
+`downsample_factor`, `crop` and `models` (what produced the codes and the text features).
+
+A shard's stats file holds `count` (samples written), `failed` and `failures` (per-sample errors:
+key and reason), `bytes` (tar size) and `source` (the input it came from), plus counters
+from the tokenizer.
+
+Reading: `list_token_shards` lists complete shards in order; `read_token_shard(path, start)`
+iterates one shard from a sample offset; `iter_token_samples` gives each rank its share of shards
+and a resumable cursor.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from meissonic_cli.atomic import write_json
+from meissonic_cli.errors import InputError
+
+if TYPE_CHECKING:  # numpy is imported where used: `meissonic --help` imports this module
+    import numpy as np
+
+FORMAT_NAME = "meissonic-tokens"
+FORMAT_VERSION = 1
+DATASET_INFO = "dataset.json"
+SHARD_PREFIX = "tokens-"
+STATS_SUFFIX = ".stats.json"
+TEXT_MODES = ("full", "pooled", "none")
+MICRO_FIELDS = ("orig_width", "orig_height", "crop_top", "crop_left", "score")
+
+
+@dataclass
+class TokenSample:
+    """One training sample: a code grid, its text features and micro-conditions."""
+
+    key: str
+    codes: np.ndarray  # uint16 (h, w)
+    micro: np.ndarray  # float32 (5,) = orig_width, orig_height, crop_top, crop_left, score
+    caption: str = ""
+    text: np.ndarray | None = None  # float16 (77, D), text mode "full"
+    pooled: np.ndarray | None = None  # float16 (P,), text modes "full" and "pooled"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def shard_name(index: int) -> str:
+    """`tokens-NNNNN.tar` for shard `index`."""
+    return f"{SHARD_PREFIX}{index:05d}.tar"
+
+
+def stats_path(shard: str | Path) -> Path:
+    """The stats file that marks `tokens-NNNNN.tar` complete: `tokens-NNNNN.stats.json`."""
+    shard = Path(shard)
+    return shard.with_name(shard.name[: -len(".tar")] + STATS_SUFFIX)
+
+
+def is_complete(shard: str | Path) -> bool:
+    return Path(shard).is_file() and stats_path(shard).is_file()
+
+
+def safe_key(name: str) -> str:
+    """A sample key webdataset readers group correctly: no dots, slashes or spaces."""
+    out = "".join(c if (c.isalnum() or c in "-_") else "_" for c in name)
+    return out or "_"
+
+
+def _npy(array: np.ndarray) -> bytes:
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+class TokenShardWriter:
+    """Writes one token shard: tar under a temporary name, rename, then the stats file last.
+
+    Use as a context manager; on an exception nothing is left under the final names.
+    """
+
+    def __init__(self, directory: str | Path, index: int, source: str = ""):
+        import webdataset as wds
+
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / shard_name(index)
+        self.source = source
+        self.count = 0
+        self.failures: list[dict[str, str]] = []
+        self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        self._file = open(self._tmp, "wb")
+        # A fixed mtime makes a rerun produce byte-identical tars.
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0)
+        self._keys: set[str] = set()
+        self._closed = False
+
+    def write(self, sample: TokenSample) -> None:
+        import numpy as np
+
+        if sample.key != safe_key(sample.key):
+            raise ValueError(f"sample key {sample.key!r} must be made with shards.safe_key")
+        if sample.key in self._keys:
+            raise ValueError(f"duplicate sample key {sample.key!r} in {self.path.name}")
+        codes = np.asarray(sample.codes)
+        if codes.ndim != 2 or codes.size and (codes.min() < 0 or codes.max() > np.iinfo(np.uint16).max):
+            raise ValueError(f"codes for {sample.key!r} must be a 2-D grid of ids in uint16 range")
+        micro = np.asarray(sample.micro, dtype=np.float32)
+        if micro.shape != (5,):
+            raise ValueError(f"micro-conditions for {sample.key!r} must have shape (5,), got {micro.shape}")
+        obj: dict[str, Any] = {
+            "__key__": sample.key,
+            "codes.npy": _npy(codes.astype(np.uint16)),
+            "micro.npy": _npy(micro),
+            "txt": sample.caption.encode("utf-8"),
+            "json": json.dumps(sample.meta, sort_keys=True, default=str).encode("utf-8"),
+        }
+        if sample.text is not None:
+            obj["text.npy"] = _npy(np.asarray(sample.text, dtype=np.float16))
+        if sample.pooled is not None:
+            obj["pooled.npy"] = _npy(np.asarray(sample.pooled, dtype=np.float16))
+        self._tar.write(obj)
+        self._keys.add(sample.key)
+        self.count += 1
+
+    def add_failure(self, key: str, reason: str) -> None:
+        """Record a sample that could not be tokenized (it is listed in the stats file)."""
+        self.failures.append({"key": key, "error": reason})
+
+    def close(self, extra_stats: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Finish the tar, move it into place and write the stats file; returns the stats."""
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self._tmp, self.path)
+        stats = {
+            "shard": self.path.name,
+            "source": self.source,
+            "count": self.count,
+            "failed": len(self.failures),
+            "failures": self.failures,
+            "bytes": self.path.stat().st_size,
+            **(extra_stats or {}),
+        }
+        write_json(stats_path(self.path), stats, sort_keys=True)
+        self._closed = True
+        return stats
+
+    def abort(self) -> None:
+        """Drop the partial tar; the shard stays incomplete."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._tar.close()
+        except Exception:  # the stream may already be broken; we are discarding it anyway
+            pass
+        self._file.close()
+        if self._tmp.exists():
+            self._tmp.unlink()
+
+    def __enter__(self) -> "TokenShardWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._closed:
+            self.close()
+
+
+def remove_stale_temp_files(directory: str | Path, index: int) -> None:
+    """Delete temporary tars an interrupted writer of shard `index` left behind."""
+    prefix = f".{shard_name(index)}.tmp-"
+    for p in Path(directory).glob(prefix + "*"):
+        p.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _missing_hint(directory: Path) -> str:
+    return f"run `meissonic tokenize --out {directory}` first"
+
+
+def list_token_shards(directory: str | Path) -> list[Path]:
+    """Complete shards (those with a stats file) of a token dataset, sorted by name."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputError(f"token dataset {directory} does not exist; {_missing_hint(directory)}")
+    shards = sorted(p for p in directory.glob(f"{SHARD_PREFIX}*.tar") if stats_path(p).is_file())
+    if not shards:
+        raise InputError(
+            f"no complete token shards (tokens-NNNNN.tar with its .stats.json) in {directory}; {_missing_hint(directory)}"
+        )
+    return shards
+
+
+def read_dataset_info(directory: str | Path) -> dict[str, Any]:
+    """The token dataset's `dataset.json`."""
+    path = Path(directory) / DATASET_INFO
+    if not path.is_file():
+        raise InputError(f"{path} not found: not a token dataset; {_missing_hint(Path(directory))}")
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: not valid JSON ({err}); rerun `meissonic tokenize`") from None
+    if info.get("format") != FORMAT_NAME:
+        raise InputError(f"{path}: format is {info.get('format')!r}, expected {FORMAT_NAME!r}")
+    return info
+
+
+def write_dataset_info(directory: str | Path, info: dict[str, Any]) -> None:
+    """Write `dataset.json` atomically (every rank may write the same content)."""
+    write_json(Path(directory) / DATASET_INFO, info, sort_keys=True)
+
+
+def read_shard_stats(shard: str | Path) -> dict[str, Any]:
+    """The stats file of a complete shard."""
+    path = stats_path(shard)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{shard} is incomplete (no {path.name}); rerun `meissonic tokenize` to finish it") from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from None
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """`dir/key.field.ext` -> (`dir/key`, `field.ext`), webdataset's grouping rule."""
+    head, _, base = name.rpartition("/")
+    key, dot, ext = base.partition(".")
+    return (f"{head}/{key}" if head else key), (ext if dot else "")
+
+
+def iter_tar_groups(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Yield `(key, {field: bytes})` for consecutive members of a tar sharing a key.
+
+    Raises `tarfile.TarError` (or `EOFError`) if the tar is truncated; the groups read before
+    the damage have been yielded by then.
+    """
+    with tarfile.open(str(path), mode="r|*") as tar:
+        key: str | None = None
+        group: dict[str, bytes] = {}
+        for member in tar:
+            if not member.isfile():
+                continue
+            k, ext = split_member_name(member.name)
+            f = tar.extractfile(member)
+            data = f.read() if f is not None else b""
+            if k != key:
+                if key is not None:
+                    yield key, group
+                key, group = k, {}
+            group[ext] = data
+        if key is not None:
+            yield key, group
+
+
+def _load_npy(data: bytes) -> np.ndarray:
+    import numpy as np
+
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def decode_sample(key: str, fields: dict[str, bytes], source: str = "") -> TokenSample:
+    """Turn one tar group into a `TokenSample`."""
+    if "codes.npy" not in fields or "micro.npy" not in fields:
+        raise InputError(f"{source}: sample {key!r} lacks codes.npy or micro.npy; not a token shard")
+    return TokenSample(
+        key=key,
+        codes=_load_npy(fields["codes.npy"]),
+        micro=_load_npy(fields["micro.npy"]),
+        caption=fields.get("txt", b"").decode("utf-8"),
+        text=_load_npy(fields["text.npy"]) if "text.npy" in fields else None,
+        pooled=_load_npy(fields["pooled.npy"]) if "pooled.npy" in fields else None,
+        meta=json.loads(fields["json"]) if fields.get("json") else {},
+    )
+
+
+def read_token_shard(path: str | Path, start: int = 0) -> Iterator[TokenSample]:
+    """Samples of one shard in order, skipping the first `start` (to resume mid-shard)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"token shard {path} not found")
+    try:
+        for i, (key, fields) in enumerate(iter_tar_groups(path)):
+            if i >= start:
+                yield decode_sample(key, fields, str(path))
+    except (tarfile.TarError, EOFError) as err:
+        raise InputError(f"{path}: damaged tar ({err}); delete it and its stats file and rerun `meissonic tokenize`") from None
+
+
+def rank_shards(shards: list[Path], rank: int = 0, world_size: int = 1) -> list[Path]:
+    """The shards rank `rank` of `world_size` reads: every `world_size`-th, starting at `rank`."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise InputError(f"rank {rank} is not in [0, world_size={world_size})")
+    mine = shards[rank::world_size]
+    if not mine:
+        raise InputError(
+            f"{len(shards)} token shard(s) cannot feed {world_size} ranks; tokenize into at least {world_size} shards "
+            "or train on fewer ranks"
+        )
+    return mine
+
+
+def iter_token_samples(directory: str | Path, rank: int = 0, world_size: int = 1,
+                       cursor: tuple[int, int] = (0, 0), repeat: bool = False,
+                       shuffle_seed: int | None = None) -> Iterator[tuple[TokenSample, tuple[int, int]]]:
+    """Yield `(sample, cursor_after)` for this rank's share of the complete shards.
+
+    The cursor is `(shard_step, offset)`: `shard_step` counts shards read by this rank across
+    epochs (epoch = shard_step // shards per rank) and `offset` is the sample index in that shard.
+    Passing a saved `cursor_after` back resumes right after that sample. With `repeat` the shards are
+    read forever; with `shuffle_seed` the shard order of each epoch is a seeded permutation.
+    """
+    mine = rank_shards(list_token_shards(directory), rank, world_size)
+    step, offset = int(cursor[0]), int(cursor[1])
+    n = len(mine)
+    empty_in_a_row = 0
+    while repeat or step < n:
+        epoch, pos = divmod(step, n)
+        order = list(range(n))
+        if shuffle_seed is not None:
+            random.Random(shuffle_seed * 1_000_003 + epoch).shuffle(order)
+        shard = mine[order[pos]]
+        got = 0
+        for i, sample in enumerate(read_token_shard(shard, start=offset), start=offset):
+            got += 1
+            yield sample, (step, i + 1)
+        empty_in_a_row = 0 if got else empty_in_a_row + 1
+        if repeat and empty_in_a_row > n:
+            # Every shard of this rank is empty: repeating would spin forever.
+            raise InputError(f"rank {rank}'s {n} token shard(s) in {directory} hold no samples; rerun `meissonic tokenize`")
+        step, offset = step + 1, 0
+
+
+__all__ = [
+    "DATASET_INFO",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "MICRO_FIELDS",
+    "TEXT_MODES",
+    "TokenSample",
+    "TokenShardWriter",
+    "is_complete",
+    "iter_tar_groups",
+    "iter_token_samples",
+    "decode_sample",
+    "list_token_shards",
+    "rank_shards",
+    "read_dataset_info",
+    "read_shard_stats",
+    "read_token_shard",
+    "remove_stale_temp_files",
+    "safe_key",
+    "shard_name",
+    "split_member_name",
+    "stats_path",
+    "write_dataset_info",
+]

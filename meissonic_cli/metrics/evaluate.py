@@ -1,0 +1,815 @@
+"""`meissonic eval`: score generated or edited images the way the paper does, with weights the user brings.
+
+Suites (`--suite`, comma-separated):
+- `clip`: CLIP-T for every image (CLIPScore, 100 x cos with its prompt); for edits (a sidecar with
+  `source`) also CLIP-I (cos with the source image), L1 (mean absolute pixel difference to the source,
+  in [0, 1]) and, when the sidecar has `source_prompt`, CLIP-dir. Tables 7-9.
+- `hps`: HPS v2 (Table 2): 100 x cos(image, prompt) under the HPS v2 checkpoint of open_clip ViT-H-14.
+- `dino`: DINO ViT-S/16 CLS cosine between edit and source (Table 7).
+- `fid`: FID against `--reference` (a folder of images or pytorch-fid `.npz` statistics).
+- `shapes`: the weight-free shapes benchmark (`shapes_bench`), GenEval-style accuracies.
+
+Inputs: `--images DIR` holding `NAME.png` + `NAME.json` sidecars (written by `sample` and `edit`:
+`prompt`, optional `category`, and `source` for edits), or `--prompts FILE --model DIR`, which samples
+the prompts first (through `sample.run_sample`, into `OUT/images`, resumable) and then scores them.
+
+Weights only come from local files: flags (`--clip-checkpoint`, ...) or a `--weights-config` YAML/JSON
+mapping `clip`, `hps`, `dino`, `inception` (and optionally `clip_model`, `hps_model`, `dino_model`) to
+paths. Every missing file is named, with where to get it, before any model is loaded or image sampled.
+Nothing is downloaded unless `--allow-download` is given (and HF_HUB_OFFLINE is unset).
+
+Outputs in `--out`: `report.json` (settings, per-metric mean/std/n and per-category means, FID,
+shapes accuracies, per-image rows), `report.md` (the same as tables, with the grid) and `grid.png`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+
+from meissonic_cli.atomic import atomic_write, write_text
+from meissonic_cli.config import Problems, field, read_json_object
+from meissonic_cli.errors import ConfigError, InputError
+from meissonic_cli.progress import make_progress
+from meissonic_cli.sample.sample import SampleConfig
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+SUITES: tuple[str, ...] = ("clip", "hps", "dino", "fid", "shapes")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+GRID_PNG = "grid.png"
+GRID_TILE = 256
+# Per-image metrics in the order tables show them, with their labels.
+METRIC_LABELS: dict[str, str] = {
+    "clip_t": "CLIP-T (100 cos)",
+    "clip_i": "CLIP-I",
+    "clip_dir": "CLIP-dir",
+    "l1": "L1",
+    "hps": "HPS v2 (100 cos)",
+    "dino": "DINO",
+}
+# HPS v2 benchmark prompt categories (paper Table 2: Animation, Concept-art, Painting, Photo).
+HPS_CATEGORIES = ("anime", "concept-art", "paintings", "photo")
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """A checkpoint a suite needs, and what to tell a user who does not have it."""
+
+    metric: str
+    flag: str
+    key: str  # key in --weights-config
+    filename: str
+    source: str
+    hub: Optional[tuple[str, str]] = None  # (repo id, file) for --allow-download
+    url: Optional[str] = None  # direct URL for --allow-download when the file is not on the hub
+
+
+WEIGHTS: dict[str, WeightSpec] = {
+    "clip": WeightSpec("CLIP-T/CLIP-I (--suite clip)", "--clip-checkpoint", "clip", "open_clip_pytorch_model.bin",
+                       "https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                       hub=("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "open_clip_pytorch_model.bin")),
+    "hps": WeightSpec("HPS v2 (--suite hps)", "--hps-checkpoint", "hps", "HPS_v2_compressed.pt",
+                      "https://huggingface.co/xswu/HPSv2", hub=("xswu/HPSv2", "HPS_v2_compressed.pt")),
+    "dino": WeightSpec("DINO (--suite dino)", "--dino-checkpoint", "dino", "dino_deitsmall16_pretrain.pth",
+                       "facebookresearch/dino (https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/"
+                       "dino_deitsmall16_pretrain.pth) or model.safetensors of "
+                       "https://huggingface.co/timm/vit_small_patch16_224.dino",
+                       hub=("timm/vit_small_patch16_224.dino", "model.safetensors")),
+    "inception": WeightSpec("FID (--suite fid)", "--inception-checkpoint", "inception",
+                            "pt_inception-2015-12-05-6726825d.pth",
+                            "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                            "pt_inception-2015-12-05-6726825d.pth",
+                            url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+                                "pt_inception-2015-12-05-6726825d.pth"),
+}
+SUITE_WEIGHTS = {"clip": "clip", "hps": "hps", "dino": "dino", "fid": "inception"}
+# --weights-config keys that name an architecture rather than a file.
+MODEL_KEYS = ("clip_model", "hps_model", "dino_model")
+
+
+@dataclass
+class EvalConfig:
+    suites: list[str] = field(default_factory=lambda: ["clip"],
+                              help="Metric suites, comma-separated: clip (CLIP-T; for edits also CLIP-I, L1, CLIP-dir), "
+                                   "hps (HPS v2), dino (DINO similarity to the edit's source), fid (against "
+                                   "--reference), shapes (the weight-free shapes benchmark).")
+    images: Optional[str] = field(None, help="Folder of images with NAME.json sidecars from `sample` or `edit` "
+                                             "('prompt', optional 'category', 'source' for edits).")
+    prompts: Optional[str] = field(None, help="Instead of --images: prompts to sample with --model first: .txt, .jsonl or "
+                                              ".json ({prompt, category}), a folder of CATEGORY.json/.txt files (the HPS "
+                                              "v2 benchmark layout), or 'shapes' for the shapes benchmark prompts.")
+    model: Optional[str] = field(None, help="Model folder that samples --prompts.")
+    out: Optional[str] = field(None, help="Report folder (report.json, report.md, grid.png); with --prompts the samples "
+                                          "go to OUT/images. Default with --images: DIR-eval beside it.")
+    reference: Optional[str] = field(None, help="FID reference: a folder of real images, or a .npz with mu and sigma "
+                                                "(pytorch-fid statistics).")
+    clip_model: str = field("ViT-H-14", help="open_clip architecture for the clip suite: a config name or a model "
+                                             "config .json.")
+    clip_checkpoint: Optional[str] = field(None, help="Local open_clip checkpoint for the clip suite "
+                                                      "(open_clip_pytorch_model.bin of laion CLIP-ViT-H-14-laion2B-s32B-b79K).")
+    hps_model: str = field("ViT-H-14", help="open_clip architecture the HPS v2 checkpoint belongs to.")
+    hps_checkpoint: Optional[str] = field(None, help="Local HPS v2 checkpoint (HPS_v2_compressed.pt from xswu/HPSv2).")
+    dino_model: str = field("vits16", help="DINO ViT: vits16, vits8, vitb16, vitb8, or a .json of timm VisionTransformer "
+                                           "arguments.")
+    dino_checkpoint: Optional[str] = field(None, help="Local DINO checkpoint (dino_deitsmall16_pretrain.pth, or timm "
+                                                      "vit_small_patch16_224.dino model.safetensors).")
+    inception_checkpoint: Optional[str] = field(None, help="Local FID Inception weights "
+                                                           "(pt_inception-2015-12-05-6726825d.pth).")
+    weights_config: Optional[str] = field(None, help="YAML/JSON file mapping clip, hps, dino, inception (and clip_model, "
+                                                     "hps_model, dino_model) to local paths; flags win over it.")
+    allow_download: bool = field(False, help="Download missing weights from their published location (not when "
+                                             "HF_HUB_OFFLINE is set). Off: nothing is fetched.")
+    device: str = field("auto", help="Device for the metric networks: auto, cpu, cuda, cuda:N.")
+    batch_size: int = field(16, help="Images per batch through the metric networks.")
+    images_per_prompt: int = field(1, help="With --prompts: images sampled per prompt (seeds differ).")
+    grid: int = field(16, help="Images shown in the report's grid.png (0: no grid).")
+    sample: SampleConfig = field(default_factory=SampleConfig,
+                                 help="Sampler settings for --prompts (the `sample` command's settings).")
+
+    def validate(self) -> "EvalConfig":
+        p = Problems()
+        unknown = [s for s in self.suites if s not in SUITES]
+        p.check(bool(self.suites) and not unknown,
+                f"--suite must list some of {', '.join(SUITES)}, got {','.join(self.suites) or 'nothing'}")
+        p.check((self.images is None) != (self.prompts is None and self.model is None),
+                "give --images DIR, or --prompts FILE with --model DIR (not both)")
+        p.check(self.prompts is None or self.model is not None, "--prompts needs --model (the model that samples them)")
+        p.check(self.model is None or self.prompts is not None,
+                "--model samples --prompts: give --prompts FILE (or --prompts shapes)")
+        p.check(self.images is None or Path(self.images).is_dir(), f"--images {self.images} is not a folder")
+        p.check(self.prompts is None or self.out is not None, "--out is required with --prompts (samples go to OUT/images)")
+        p.check("fid" not in self.suites or self.reference is not None,
+                "--suite fid needs --reference (a folder of real images or a .npz with mu and sigma)")
+        p.check(self.reference is None or Path(self.reference).exists(), f"--reference {self.reference} does not exist")
+        p.check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        p.check(self.images_per_prompt >= 1, f"--images-per-prompt must be >= 1, got {self.images_per_prompt}")
+        p.check(self.grid >= 0, f"--grid must be >= 0, got {self.grid}")
+        p.check(self.weights_config is None or Path(self.weights_config).is_file(),
+                f"--weights-config {self.weights_config} is not a file")
+        p.raise_if_any()
+        return self
+
+    @property
+    def out_dir(self) -> Path:
+        if self.out is not None:
+            return Path(self.out)
+        images = Path(self.images or ".").resolve()
+        return images.with_name(images.name + "-eval")
+
+
+def parse_suites(text: str) -> list[str]:
+    """'clip, hps' -> ['clip', 'hps'] (order kept, duplicates dropped)."""
+    out: list[str] = []
+    for part in str(text).split(","):
+        name = part.strip().lower()
+        if name and name not in out:
+            out.append(name)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Weights
+
+
+def _read_weights_config(path: Path) -> dict[str, str]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as err:  # yaml and json raise different types; both mean a malformed file
+        raise ConfigError(f"--weights-config {path}: cannot parse ({str(err).splitlines()[0]})") from None
+    data = data or {}
+    allowed = set(WEIGHTS) | set(MODEL_KEYS)
+    if not isinstance(data, dict) or set(map(str, data)) - allowed:
+        extra = sorted(set(map(str, data)) - allowed) if isinstance(data, dict) else []
+        raise ConfigError(f"--weights-config {path}: expected a mapping with keys among {', '.join(sorted(allowed))}"
+                          + (f"; unknown: {', '.join(extra)}" if extra else ""))
+    out = {}
+    for key, value in data.items():
+        if value is None:
+            continue
+        value = str(value)
+        # Paths in the file are relative to the file, so a weights.yaml can live beside the weights.
+        if key in WEIGHTS and not Path(value).expanduser().is_absolute():
+            value = str((path.parent / value).resolve())
+        out[str(key)] = str(Path(value).expanduser()) if key in WEIGHTS else value
+    return out
+
+
+def _hf_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _download(spec: WeightSpec) -> Path:
+    if _hf_offline():
+        raise ConfigError(f"{spec.metric}: --allow-download was given but HF_HUB_OFFLINE is set; get {spec.filename} "
+                          f"from {spec.source} and pass {spec.flag} PATH")
+    try:
+        if spec.hub is not None:
+            from huggingface_hub import hf_hub_download
+
+            return Path(hf_hub_download(spec.hub[0], spec.hub[1]))
+        import torch
+
+        target = Path(torch.hub.get_dir()) / "checkpoints" / spec.filename
+        if not target.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(spec.url, str(target), progress=True)
+        return target
+    except Exception as err:  # network and hub errors come in many types; the message is what matters
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"{spec.metric}: could not download {spec.filename} ({first}); get it from {spec.source} "
+                          f"and pass {spec.flag} PATH") from None
+
+
+def resolve_weights(cfg: EvalConfig) -> tuple[dict[str, Path], dict[str, str]]:
+    """The checkpoint of every suite in `cfg.suites` that needs one, and the architectures to build.
+
+    Flags win over --weights-config. Raises one ConfigError naming every missing file, the flag that
+    sets it and where to obtain it (unless --allow-download fetches it).
+    """
+    from_file = _read_weights_config(Path(cfg.weights_config)) if cfg.weights_config else {}
+    flags = {"clip": cfg.clip_checkpoint, "hps": cfg.hps_checkpoint, "dino": cfg.dino_checkpoint,
+             "inception": cfg.inception_checkpoint}
+    defaults = {f.name: f.default for f in dataclasses.fields(EvalConfig) if f.name in MODEL_KEYS}
+    models = {key: (getattr(cfg, key) if getattr(cfg, key) != defaults[key] else from_file.get(key, defaults[key]))
+              for key in MODEL_KEYS}
+    found: dict[str, Path] = {}
+    problems: list[str] = []
+    for suite in cfg.suites:
+        key = SUITE_WEIGHTS.get(suite)
+        if key is None:
+            continue
+        spec = WEIGHTS[key]
+        value = flags[key] or from_file.get(key)
+        if value and Path(value).expanduser().is_file():
+            found[key] = Path(value).expanduser()
+            continue
+        if cfg.allow_download and not value:
+            found[key] = _download(spec)
+            continue
+        where = f"{value} does not exist" if value else "no checkpoint given"
+        problems.append(f"{spec.metric} needs {spec.filename}: {where}; get it from {spec.source} and pass "
+                        f"{spec.flag} PATH (or '{spec.key}: PATH' in --weights-config)"
+                        + ("" if value else ", or add --allow-download"))
+    if problems:
+        raise ConfigError(problems)
+    return found, models
+
+
+# ----------------------------------------------------------------------------------------------
+# Images and sidecars
+
+
+@dataclass
+class EvalItem:
+    """One image to score with what its sidecar says about it."""
+
+    path: Path
+    prompt: Optional[str] = None
+    category: Optional[str] = None
+    source: Optional[Path] = None
+    source_prompt: Optional[str] = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def _resolve_source(value: Any, sidecar: Path) -> Path:
+    path = Path(str(value)).expanduser()
+    if path.is_absolute():
+        return path
+    beside = sidecar.parent / path
+    return beside if beside.exists() else path
+
+
+def load_items(folder: str | os.PathLike) -> list[EvalItem]:
+    """Every image in `folder` with its sidecar's prompt, category and source (if any).
+
+    An image without a sidecar gets an empty one (suites that need a prompt then say so), except a
+    sampler grid (`grid.png`), which is not a sample. An unreadable sidecar is an error.
+    """
+    from meissonic_cli.sample.sample import GRID_NAME
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError(f"--images {root} is not a folder; expected NAME.png + NAME.json files from `sample` or `edit`")
+    items = []
+    for path in _image_files(root):
+        sidecar = path.with_suffix(".json")
+        if not sidecar.is_file():
+            if path.name != GRID_NAME:
+                items.append(EvalItem(path))
+            continue
+        meta = read_json_object(sidecar, error=InputError, hint="sidecars are written by `sample`/`edit`")
+        prompt = meta.get("prompt") if isinstance(meta.get("prompt"), str) else None
+        category = meta.get("category") if isinstance(meta.get("category"), str) else None
+        source = _resolve_source(meta["source"], sidecar) if meta.get("source") else None
+        source_prompt = meta.get("source_prompt") if isinstance(meta.get("source_prompt"), str) else None
+        items.append(EvalItem(path, prompt, category, source, source_prompt, meta))
+    if not items:
+        raise InputError(f"{root}: no images ({', '.join(IMAGE_SUFFIXES)}); run `meissonic sample` or `meissonic edit` "
+                         f"into it first")
+    return items
+
+
+def check_items(items: Sequence[EvalItem], suites: Sequence[str]) -> None:
+    """Raise InputError if some image lacks what a requested suite needs (prompt, source)."""
+    problems = []
+
+    def need(ok: Callable[[EvalItem], bool], what: str, suite: str) -> None:
+        bad = [it for it in items if not ok(it)]
+        if bad:
+            problems.append(f"--suite {suite} needs {what} in every sidecar; {len(bad)} of {len(items)} images lack it "
+                            f"(first: {bad[0].path.name})")
+
+    if "clip" in suites or "hps" in suites or "shapes" in suites:
+        need(lambda it: bool(it.prompt), "a 'prompt'", ",".join(s for s in suites if s in ("clip", "hps", "shapes")))
+    if "dino" in suites:
+        need(lambda it: it.source is not None, "a 'source' image (written by `meissonic edit`)", "dino")
+    missing = [it for it in items if it.source is not None and not it.source.is_file()]
+    if missing:
+        problems.append(f"{len(missing)} source image(s) named by sidecars do not exist (first: {missing[0].source} "
+                        f"for {missing[0].path.name})")
+    if problems:
+        raise InputError("; ".join(problems))
+
+
+@dataclass
+class PromptEntry:
+    prompt: str
+    category: Optional[str] = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def _entries_from_json(data: Any, where: str, category: Optional[str] = None) -> list[PromptEntry]:
+    if isinstance(data, dict):
+        # {"anime": [...], "photo": [...]}: one list per category
+        return [e for cat, rows in data.items() for e in _entries_from_json(rows, f"{where}[{cat}]", str(cat))]
+    if not isinstance(data, list):
+        raise InputError(f"{where}: expected a list of prompts (strings or objects with 'prompt')")
+    out = []
+    for i, row in enumerate(data):
+        out.append(_entry(row, f"{where} item {i + 1}", category))
+    return out
+
+
+def _entry(row: Any, where: str, category: Optional[str]) -> PromptEntry:
+    if isinstance(row, str) and row.strip():
+        return PromptEntry(row.strip(), category)
+    if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip():
+        cat = row.get("category", category)
+        extra = {k: v for k, v in row.items() if k not in ("prompt", "category")}
+        return PromptEntry(row["prompt"].strip(), None if cat is None else str(cat), extra)
+    raise InputError(f"{where}: expected a non-empty prompt string or an object with a 'prompt'")
+
+
+def read_eval_prompts(spec: str) -> list[PromptEntry]:
+    """Prompts (with categories) from a file, a folder of CATEGORY files, or 'shapes'."""
+    if spec == "shapes":
+        import dataclasses as dc
+
+        from meissonic_cli.shapes import world as shapes
+
+        return [PromptEntry(p.text, p.category, {"expects": [dc.asdict(e) for e in p.expects]})
+                for p in shapes.benchmark_prompts()]
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".json", ".txt", ".jsonl"))
+        if not files:
+            raise InputError(f"--prompts {path}: no CATEGORY.json/.txt/.jsonl files (the HPS v2 benchmark layout)")
+        return [PromptEntry(e.prompt, e.category or f.stem, e.extra) for f in files for e in _read_prompt_file(f)]
+    if not path.is_file():
+        raise InputError(f"--prompts {path}: no such file; give a .txt/.jsonl/.json file, a folder of them, or 'shapes'")
+    return _read_prompt_file(path)
+
+
+def _read_prompt_file(path: Path) -> list[PromptEntry]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text ({err})") from None
+    suffix = path.suffix.lower()
+    entries: list[PromptEntry] = []
+    if suffix == ".json":
+        try:
+            entries = _entries_from_json(json.loads(text), str(path))
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    elif suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise InputError(f"{path} line {number}: not valid JSON ({err.msg})") from None
+                entries.append(_entry(row, f"{path} line {number}", None))
+    elif suffix == ".txt":
+        entries = [PromptEntry(line.strip()) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    else:
+        raise InputError(f"--prompts {path}: expected .txt (one prompt per line), .jsonl or .json")
+    if not entries:
+        raise InputError(f"--prompts {path}: no prompts")
+    return entries
+
+
+
+
+def sample_prompts(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> list[EvalItem]:
+    """Sample `cfg.prompts` with `cfg.model` into OUT/images (resumable) and return the items to score.
+
+    Sampling goes through `sample.run_sample`; the categories (and shapes expectations) of the prompt
+    file are added to each sidecar so that a later `eval --images OUT/images` sees them too.
+    """
+    from meissonic_cli.sample.sample import read_prompts, run_sample
+
+    entries = [e for e in read_eval_prompts(str(cfg.prompts)) for _ in range(cfg.images_per_prompt)]
+    images_dir = cfg.out_dir / "images"
+    sample_cfg = dataclasses.replace(cfg.sample, model=str(cfg.model), prompt=[e.prompt for e in entries],
+                                     prompts=None, out=str(images_dir), grid=False)
+    run_sample(sample_cfg, progress=progress, pipeline=pipeline)
+    items = []
+    for entry, prompt_item in zip(entries, read_prompts(sample_cfg)):
+        png, sidecar = images_dir / f"{prompt_item.stem}.png", images_dir / f"{prompt_item.stem}.json"
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        extra = {k: v for k, v in {"category": entry.category, **entry.extra}.items()
+                 if v is not None and k not in meta}
+        if extra:
+            meta.update(extra)
+            write_text(sidecar, json.dumps(meta, indent=2) + "\n")
+        items.append(EvalItem(png, entry.prompt, entry.category, meta=meta))
+    return items
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+
+
+def _open_rgb(path: Path) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as err:
+        raise InputError(f"{path}: cannot read the image ({err})") from None
+
+
+def _batches(items: Sequence[EvalItem], size: int) -> list[Sequence[EvalItem]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def pixel_l1(image: Any, source: Any) -> float:
+    """Mean absolute pixel difference in [0, 1]; the source is resized to the image's size first."""
+    import numpy as np
+    from PIL import Image
+
+    if source.size != image.size:
+        source = source.resize(image.size, Image.BICUBIC)
+    a = np.asarray(image, dtype=np.float32) / 255.0
+    b = np.asarray(source, dtype=np.float32) / 255.0
+    return float(np.abs(a - b).mean())
+
+
+class _Scorer:
+    """Runs the suites over the items, one metric network at a time, filling `rows`."""
+
+    def __init__(self, cfg: EvalConfig, items: Sequence[EvalItem], weights: dict[str, Path], models: dict[str, str],
+                 device: Any, progress: Any):
+        self.cfg, self.items, self.weights, self.models = cfg, items, weights, models
+        self.device, self.progress = device, progress
+        self.rows: list[dict[str, Any]] = [{"file": it.path.name, "prompt": it.prompt, "category": it.category,
+                                            **({"source": str(it.source)} if it.source else {})} for it in items]
+        self.extra: dict[str, Any] = {}
+
+    def _loop(self, label: str, fn: Callable[[Sequence[EvalItem], list[dict[str, Any]]], None]) -> None:
+        task = self.progress.add_task(label, total=len(self.items))
+        for start in range(0, len(self.items), self.cfg.batch_size):
+            batch = self.items[start:start + self.cfg.batch_size]
+            fn(batch, self.rows[start:start + len(batch)])
+            self.progress.advance(task, len(batch))
+
+    @staticmethod
+    def _free(*objects: Any) -> None:
+        import torch
+
+        del objects
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def clip(self) -> None:
+        from meissonic_cli.metrics.clip import clip_direction, cosine_rows, load_clip
+
+        model = load_clip(self.models["clip_model"], self.weights["clip"], self.device, "open_clip")
+
+        def run(batch: Sequence[EvalItem], rows: list[dict[str, Any]]) -> None:
+            images = [_open_rgb(it.path) for it in batch]
+            img = model.image_features(images)
+            txt = model.text_features([it.prompt or "" for it in batch])
+            for row, cos in zip(rows, cosine_rows(img, txt)):
+                row["clip_t"] = 100.0 * max(cos, 0.0)
+            edited = [k for k, it in enumerate(batch) if it.source is not None]
+            if not edited:
+                return
+            sources = [_open_rgb(batch[k].source) for k in edited]
+            src = model.image_features(sources)
+            for j, k in enumerate(edited):
+                rows[k]["clip_i"] = cosine_rows(img[k:k + 1], src[j:j + 1])[0]
+                rows[k]["l1"] = pixel_l1(images[k], sources[j])
+            directed = [j for j, k in enumerate(edited) if batch[k].source_prompt]
+            if directed:
+                ks = [edited[j] for j in directed]
+                src_txt = model.text_features([batch[k].source_prompt or "" for k in ks])
+                values = clip_direction(img[ks], src[directed], txt[ks], src_txt)
+                for k, value in zip(ks, values):
+                    rows[k]["clip_dir"] = value
+
+        self._loop("CLIP", run)
+        self._free(model)
+
+    def hps(self) -> None:
+        from meissonic_cli.metrics.clip import cosine_rows, load_clip
+
+        model = load_clip(self.models["hps_model"], self.weights["hps"], self.device, "HPS v2")
+
+        def run(batch: Sequence[EvalItem], rows: list[dict[str, Any]]) -> None:
+            img = model.image_features([_open_rgb(it.path) for it in batch])
+            txt = model.text_features([it.prompt or "" for it in batch])
+            for row, cos in zip(rows, cosine_rows(img, txt)):
+                row["hps"] = 100.0 * cos
+
+        self._loop("HPS v2", run)
+        self._free(model)
+
+    def dino(self) -> None:
+        from meissonic_cli.metrics.clip import cosine_rows
+        from meissonic_cli.metrics.dino import load_dino
+
+        model = load_dino(self.models["dino_model"], self.weights["dino"], self.device)
+
+        def run(batch: Sequence[EvalItem], rows: list[dict[str, Any]]) -> None:
+            a = model.features([_open_rgb(it.path) for it in batch])
+            b = model.features([_open_rgb(it.source) for it in batch])  # type: ignore[arg-type]
+            for row, cos in zip(rows, cosine_rows(a, b)):
+                row["dino"] = cos
+
+        self._loop("DINO", run)
+        self._free(model)
+
+    def fid(self) -> None:
+        import numpy as np
+
+        from meissonic_cli.metrics.fid import (feature_stats, fid_from_features, frechet_distance, inception_features,
+                                  load_inception, load_reference_stats)
+
+        model = load_inception(self.weights["inception"], self.device)
+        feats: list[Any] = []
+        self._loop("FID features", lambda batch, rows: feats.append(
+            inception_features(model, [_open_rgb(it.path) for it in batch], self.device)))
+        generated = np.concatenate(feats)
+        reference = Path(str(self.cfg.reference))
+        if reference.is_file():
+            mu, sigma = load_reference_stats(reference)
+            value = frechet_distance(*feature_stats(generated), mu, sigma)
+            n_ref: Optional[int] = None
+        else:
+            ref_paths = _image_files(reference)
+            if len(ref_paths) < 2:
+                raise InputError(f"--reference {reference}: FID needs at least 2 reference images, found {len(ref_paths)}")
+            if reference.resolve() == self.items[0].path.parent.resolve() and len(ref_paths) == len(self.items):
+                ref = generated  # the same folder: its features are already computed
+            else:
+                ref_items = [EvalItem(p) for p in ref_paths]
+                ref_feats: list[Any] = []
+                task = self.progress.add_task("FID reference", total=len(ref_items))
+                for batch in _batches(ref_items, self.cfg.batch_size):
+                    ref_feats.append(inception_features(model, [_open_rgb(it.path) for it in batch], self.device))
+                    self.progress.advance(task, len(batch))
+                ref = np.concatenate(ref_feats)
+            value = fid_from_features(generated, ref)
+            n_ref = len(ref_paths)
+        self.extra["fid"] = {"value": value, "images": len(self.items), "reference": str(reference),
+                             "reference_images": n_ref}
+        self._free(model)
+
+    def shapes(self) -> None:
+        from meissonic_cli.shapes import bench as shapes_bench
+
+        lookup = shapes_bench.prompt_lookup()
+        specs = []
+        for it in self.items:
+            spec = shapes_bench.spec_from_sidecar({**it.meta, "prompt": it.prompt or ""}, lookup)
+            if spec is None:
+                raise InputError(f"--suite shapes: {it.path.name}'s prompt {it.prompt!r} is not a shapes-world caption; "
+                                 f"sample the benchmark prompts with --prompts shapes")
+            specs.append(spec)
+        results: list[dict[str, Any]] = []
+
+        def run(batch: Sequence[EvalItem], rows: list[dict[str, Any]]) -> None:
+            for it, row in zip(batch, rows):
+                scored = shapes_bench.score_image(_open_rgb(it.path), specs[len(results)])
+                results.append({"file": it.path.name, **scored})
+                row["shapes_overall"] = scored["overall"]
+
+        self._loop("shapes", run)
+        self.extra["shapes"] = shapes_bench.summarize(results)
+        self.extra["shapes_results"] = results
+
+
+def summarize_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per metric: mean, std, n over the images that have it, and the mean per category."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in METRIC_LABELS:
+        values = [(r[key], r.get("category")) for r in rows if r.get(key) is not None]
+        if not values:
+            continue
+        xs = [v for v, _ in values]
+        mean = sum(xs) / len(xs)
+        std = math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))
+        by_category: dict[str, float] = {}
+        for cat in sorted({c for _, c in values if c}, key=_category_order):
+            cx = [v for v, c in values if c == cat]
+            by_category[cat] = sum(cx) / len(cx)
+        out[key] = {"label": METRIC_LABELS[key], "mean": mean, "std": std, "n": len(xs), "by_category": by_category}
+    return out
+
+
+def _category_order(cat: str) -> tuple[int, str]:
+    return (HPS_CATEGORIES.index(cat) if cat in HPS_CATEGORIES else len(HPS_CATEGORIES), cat)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reports
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def report_table(report: dict[str, Any]) -> "Table":
+    """The summary as a rich table: one row per metric, with per-category means as columns."""
+    from rich.table import Table
+
+    metrics = report.get("metrics", {})
+    categories = sorted({c for m in metrics.values() for c in m["by_category"]}, key=_category_order)
+    table = Table(title=f"meissonic eval: {report['count']} images ({', '.join(report['suites'])})")
+    table.add_column("metric")
+    table.add_column("mean", justify="right")
+    table.add_column("std", justify="right")
+    table.add_column("n", justify="right")
+    for cat in categories:
+        table.add_column(cat, justify="right")
+    for m in metrics.values():
+        table.add_row(m["label"], _fmt(m["mean"]), _fmt(m["std"]), str(m["n"]),
+                      *(_fmt(m["by_category"].get(c)) for c in categories))
+    if "fid" in report:
+        fid = report["fid"]
+        table.add_row("FID", _fmt(fid["value"], 3), "", str(fid["images"]), *([""] * len(categories)))
+    if "shapes" in report:
+        s = report["shapes"]
+        # n is left blank: each attribute is judged only on the prompts that state it (see the shapes table).
+        for attr in ("color", "shape", "position", "count", "overall"):
+            table.add_row(f"shapes {attr}", _fmt(s.get(attr), 3), "", "", *([""] * len(categories)))
+    return table
+
+
+def _markdown(report: dict[str, Any], grid_name: Optional[str]) -> str:
+    lines = ["# meissonic eval", "",
+             f"- images: `{report['images']}` ({report['count']})",
+             f"- suites: {', '.join(report['suites'])}"]
+    for key, value in report["settings"].get("weights", {}).items():
+        lines.append(f"- {key} weights: `{value}`")
+    metrics = report.get("metrics", {})
+    if metrics:
+        lines += ["", "## Scores", "", "| metric | mean | std | n |", "|---|---:|---:|---:|"]
+        lines += [f"| {m['label']} | {_fmt(m['mean'])} | {_fmt(m['std'])} | {m['n']} |" for m in metrics.values()]
+        categories = sorted({c for m in metrics.values() for c in m["by_category"]}, key=_category_order)
+        if categories:
+            lines += ["", "## By category", "",
+                      "| metric | " + " | ".join(categories) + " |", "|---|" + "---:|" * len(categories)]
+            lines += [f"| {m['label']} | " + " | ".join(_fmt(m["by_category"].get(c)) for c in categories) + " |"
+                      for m in metrics.values()]
+    if "fid" in report:
+        fid = report["fid"]
+        ref = f"{fid['reference_images']} images in " if fid["reference_images"] else ""
+        lines += ["", "## FID", "", f"FID = {_fmt(fid['value'], 3)} ({fid['images']} images against {ref}`{fid['reference']}`)"]
+    if "shapes" in report:
+        s = report["shapes"]
+        attrs = ("color", "shape", "position", "count", "overall")
+        lines += ["", "## Shapes benchmark", "", "| row | images | " + " | ".join(attrs) + " |",
+                  "|---|---:|" + "---:|" * len(attrs)]
+        for cat, row in s["by_category"].items():
+            lines.append(f"| {cat} | {row['images']} | " + " | ".join(_fmt(row.get(a), 3) for a in attrs) + " |")
+        lines.append(f"| **all** | {s['images']} | " + " | ".join(_fmt(s.get(a), 3) for a in attrs) + " |")
+        chance = s.get("chance") or {}
+        lines.append("| chance | | " + " | ".join(_fmt(chance.get(a), 3) for a in attrs) + " |")
+    if grid_name:
+        lines += ["", "## Samples", "", f"![grid]({grid_name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _grid_caption(row: dict[str, Any]) -> str:
+    scores = " ".join(f"{k}={row[k]:.3g}" for k in METRIC_LABELS if isinstance(row.get(k), float))
+    return f"{row.get('prompt') or row['file']}" + (f" [{scores}]" if scores else "")
+
+
+def write_grid(items: Sequence[EvalItem], rows: Sequence[dict[str, Any]], path: Path, limit: int) -> Optional[Path]:
+    """A grid of the first `limit` images (padded to squares) with prompts and scores; None when limit is 0."""
+    from PIL import ImageOps
+
+    from meissonic_cli.sample.sample import make_grid
+
+    if limit <= 0 or not items:
+        return None
+    tiles = [ImageOps.pad(_open_rgb(it.path), (GRID_TILE, GRID_TILE), color="white") for it in items[:limit]]
+    grid = make_grid(tiles, [_grid_caption(r) for r in rows[:limit]])
+    atomic_write(path, lambda p: grid.save(p, format="PNG"))
+    return path
+
+
+def run_eval(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> dict[str, Any]:
+    """Score images (sampling them first with --prompts), write the reports and return report.json's content.
+
+    Weights and inputs are all checked before anything is sampled or any metric network is loaded.
+    `pipeline` may be a loaded `MeissonicPipeline` for --prompts (the CLI loads it from --model).
+    """
+    cfg.validate()
+    weights, models = resolve_weights(cfg)
+    from meissonic_cli.sample.pipeline import resolve_device
+
+    device = resolve_device(cfg.device)
+    out = cfg.out_dir
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a folder")
+    if cfg.images is not None:
+        items = load_items(cfg.images)
+        check_items(items, cfg.suites)
+    else:
+        read_eval_prompts(str(cfg.prompts))  # a bad prompt file fails before the model loads
+        items = sample_prompts(cfg, progress=progress, pipeline=pipeline)
+        check_items(items, cfg.suites)
+    if "fid" in cfg.suites and len(items) < 2:
+        raise InputError(f"--suite fid needs at least 2 images, found {len(items)}")
+
+    with make_progress(progress, remaining=False) as bar:
+        scorer = _Scorer(cfg, items, weights, models, device, bar)
+        for suite in cfg.suites:
+            getattr(scorer, suite)()
+
+    report: dict[str, Any] = {
+        "suites": list(cfg.suites),
+        "images": str(items[0].path.parent),
+        "count": len(items),
+        "settings": {
+            "device": str(device),
+            "weights": {k: str(v) for k, v in weights.items()},
+            "models": {k: v for k, v in models.items()
+                       if {"clip_model": "clip", "hps_model": "hps", "dino_model": "dino"}[k] in cfg.suites},
+            **({"model": cfg.model, "prompts": cfg.prompts, "images_per_prompt": cfg.images_per_prompt,
+                "sampler": {k: getattr(cfg.sample, k) for k in ("steps", "cfg", "seed", "resolution", "temperature",
+                                                                 "token_temperature", "negative_prompt", "dtype",
+                                                                 "exact")}}
+               if cfg.prompts else {}),
+        },
+        "metrics": summarize_metrics(scorer.rows),
+    }
+    if "fid" in scorer.extra:
+        report["fid"] = scorer.extra["fid"]
+    if "shapes" in scorer.extra:
+        from meissonic_cli.shapes.bench import write_report
+
+        report["shapes"] = scorer.extra["shapes"]
+        write_report(scorer.extra["shapes_results"], out)
+    report["per_image"] = scorer.rows
+
+    out.mkdir(parents=True, exist_ok=True)
+    grid = write_grid(items, scorer.rows, out / GRID_PNG, cfg.grid)
+    report["grid"] = str(grid) if grid else None
+    write_text(out / REPORT_JSON, json.dumps(report, indent=2) + "\n")
+    write_text(out / REPORT_MD, _markdown(report, grid.name if grid else None))
+    return report
+
+
+__all__ = ["EvalConfig", "EvalItem", "GRID_PNG", "METRIC_LABELS", "PromptEntry", "REPORT_JSON", "REPORT_MD", "SUITES",
+           "WEIGHTS", "check_items", "load_items", "parse_suites", "pixel_l1", "read_eval_prompts", "report_table",
+           "resolve_weights", "run_eval", "sample_prompts", "summarize_metrics", "write_grid"]

@@ -1,0 +1,1 @@
+"""sample: see docs/ARCHITECTURE.md."""

@@ -1,0 +1,426 @@
+"""Batch sampling to a folder: prompts (flags, .txt or .jsonl) -> one PNG + JSON sidecar per image.
+
+Output naming is stable: image i of the prompt list is `{i:05d}-{slug}.png`, with
+`{i:05d}-{slug}.json` beside it holding the prompt, negative prompt, seed, steps, cfg, resolution,
+temperature, sampler, model and the seconds it took. The sidecar is written last (both atomically),
+so an image counts as done when both files exist; a rerun skips done images and redoes the others.
+A done image whose sidecar records different settings stops the run before anything is written
+(pick another --out), so a folder never mixes settings silently.
+
+Prompt files:
+- `.txt`: one prompt per line; blank lines and lines starting with `#` are skipped.
+- `.jsonl`: one JSON object per line with `prompt` and optionally `negative_prompt`, `seed`,
+  `steps`, `cfg`; missing fields take the command's values. Blank lines are skipped; any other
+  malformed line stops the run naming its line number.
+Seeds: image i gets `seed + i` unless its jsonl line gives one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from meissonic_cli.atomic import atomic_write, write_json
+from meissonic_cli.config import Problems, field
+from meissonic_cli.errors import InputError, OutputExistsError
+from meissonic_cli.progress import key_value_table, make_progress
+
+JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "cfg")
+# Sidecar fields that must equal the current run's for a done image to be skipped.
+_MUST_MATCH = ("prompt", "negative_prompt", "seed", "steps", "cfg", "resolution", "temperature", "token_temperature",
+               "sampler")
+# Values of sidecar fields added after the first release, for sidecars written before them (`edit`'s too).
+_SIDECAR_DEFAULTS = {"token_temperature": 1.0}
+GRID_NAME = "grid.png"
+# Narrower grid tiles are enlarged (see make_grid): 64 px samples would leave room for ~10 characters of caption.
+MIN_GRID_TILE = 160
+
+
+@dataclass
+class SampleConfig:
+    model: str = field("", help="Model folder in the released layout (transformer/, vqvae/, text_encoder/, tokenizer/, "
+                                "scheduler/), or a Hugging Face repo id already in the local cache.")
+    prompt: list[str] = field(default_factory=list, help="A prompt; repeat the flag for several.")
+    prompts: Optional[str] = field(None, help="A prompts file: .txt (one per line, # comments) or .jsonl (prompt, "
+                                              "negative_prompt, seed, steps, cfg per line).")
+    out: str = field("samples", help="Output folder: one PNG and one JSON sidecar per image; a rerun skips images "
+                                     "already written.")
+    negative_prompt: str = field("", help="Negative prompt for classifier-free guidance (jsonl lines may override it).")
+    steps: int = field(48, help="Decoding steps.")
+    cfg: float = field(9.0, help="Classifier-free guidance scale; guidance runs when it is > 1.")
+    resolution: Optional[str] = field(None, help="Image size: 1024 (square) or WxH, a multiple of the VQ factor (x2 "
+                                                 "with compression). Default: 1024 for the compressing (1024px) model, "
+                                                 "512 otherwise, at the released VQ factor 16.")
+    seed: int = field(0, help="Base seed: image i gets seed + i (unless its jsonl line sets one).")
+    batch_size: int = field(1, help="Images sampled together (same steps and cfg).")
+    device: str = field("auto", help="auto, cpu, cuda, cuda:N or mps.")
+    dtype: str = field("fp32", help="Transformer weights and activations: fp32, bf16 or fp16 (the text encoder and "
+                                    "the VQ run in fp32).")
+    temperature: str = field("2,0", help="Gumbel temperature annealed over the steps: 'start,end', or one number tau "
+                                         "for tau..0.01.")
+    token_temperature: float = field(1.0, help="Divides the logits before each token draw: 1 is the official sampler; "
+                                               "below 1 (e.g. 0.25) draws closer to each position's most likely codes, "
+                                               "which helps small or briefly trained models.")
+    grid: bool = field(False, help="Also write grid.png: every image of the prompt list with its prompt.")
+    exact: bool = field(False, help="Run the official sampler loop (full logits and the official scheduler step "
+                                    "every step): slower, reproduces the official random draws.")
+    allow_download: bool = field(False, help="Let --model name a Hugging Face repo id that is downloaded now.")
+
+    def validate(self) -> "SampleConfig":
+        p = Problems()
+        p.check(bool(self.model), "--model is required (a model folder, e.g. one made by `huggingface-cli download "
+                                  "MeissonFlow/Meissonic --local-dir DIR`)")
+        p.check(bool(self.prompt) != bool(self.prompts), "give --prompt (repeatable) or --prompts FILE, not both and "
+                                                         "not neither")
+        self.check_schedule(p)
+        p.check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        p.check(math.isfinite(self.cfg), f"--cfg must be a number, got {self.cfg}")
+        try:
+            parse_resolution(self.resolution)
+        except InputError as err:
+            p.check(False, str(err))
+        from meissonic_cli.sample.pipeline import DTYPES
+
+        p.check(self.dtype.lower() in DTYPES, f"unknown --dtype {self.dtype!r}; use fp32, bf16 or fp16")
+        p.raise_if_any()
+        return self
+
+    def check_schedule(self, p: Problems) -> None:
+        """Add to `p` what is wrong with the decoding settings (--steps, --temperature,
+        --token-temperature): the checks `edit` shares, which has no prompts or output of this kind."""
+        p.check(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+        p.check(math.isfinite(self.token_temperature) and self.token_temperature > 0,
+                f"--token-temperature must be > 0 (1 = the official sampler), got {self.token_temperature}")
+        try:
+            parse_temperature(self.temperature)
+        except InputError as err:
+            p.check(False, str(err))
+
+
+@dataclass
+class PromptItem:
+    index: int
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    cfg: float
+
+    @property
+    def stem(self) -> str:
+        return f"{self.index:05d}-{slugify(self.prompt)}"
+
+
+@dataclass
+class SampleResult:
+    out_dir: Path
+    model: str
+    device: str
+    dtype: str
+    resolution: tuple[int, int]
+    written: list[Path] = dataclasses.field(default_factory=list)
+    skipped: int = 0
+    seconds: float = 0.0
+    steps_run: int = 0
+    grid: Optional[Path] = None
+
+    @property
+    def seconds_per_image(self) -> float:
+        return self.seconds / len(self.written) if self.written else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Parsing
+
+
+def parse_resolution(value: Optional[str]) -> Optional[tuple[int, int]]:
+    """'512' -> (512, 512), '768x512' -> (width 768, height 512); None keeps the model default."""
+    if value is None or str(value).strip() == "":
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX*]\s*(\d+)\s*)?", str(value))
+    if not m or int(m.group(1)) <= 0 or (m.group(2) is not None and int(m.group(2)) <= 0):
+        raise InputError(f"--resolution {value!r} is not a size like 1024 or 1024x768 (width x height)")
+    w = int(m.group(1))
+    return w, int(m.group(2)) if m.group(2) is not None else w
+
+
+def parse_temperature(value: str) -> Any:
+    """'2,0' -> (2.0, 0.0); '3' -> 3.0."""
+    parts = [s.strip() for s in str(value).split(",")]
+    try:
+        numbers = [float(s) for s in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 2) or not all(math.isfinite(x) for x in numbers):
+        raise InputError(f"--temperature {value!r} must be 'start,end' (e.g. 2,0) or one number")
+    return numbers[0] if len(numbers) == 1 else (numbers[0], numbers[1])
+
+
+def slugify(text: str, max_len: int = 48) -> str:
+    """A file-name-safe lowercase slug of a prompt ('prompt' when nothing is left)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:max_len].strip("-")
+    return slug or "prompt"
+
+
+def _check_type(value: Any, kind: type, key: str, where: str) -> Any:
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is str and isinstance(value, str):
+        return value
+    raise InputError(f"{where}: {key!r} must be {'a number' if kind is float else kind.__name__}, got {value!r}")
+
+
+def read_prompts(cfg: SampleConfig) -> list[PromptItem]:
+    """The prompt list from --prompt flags or the --prompts file, with per-image settings filled in."""
+    items: list[PromptItem] = []
+
+    def add(prompt: str, negative: Optional[str] = None, seed: Optional[int] = None, steps: Optional[int] = None,
+            cfg_scale: Optional[float] = None) -> None:
+        i = len(items)
+        items.append(PromptItem(index=i, prompt=prompt, negative_prompt=cfg.negative_prompt if negative is None else negative,
+                                seed=cfg.seed + i if seed is None else seed, steps=cfg.steps if steps is None else steps,
+                                cfg=cfg.cfg if cfg_scale is None else cfg_scale))
+
+    if cfg.prompt:
+        for prompt in cfg.prompt:
+            if not prompt.strip():
+                raise InputError("--prompt must not be empty")
+            add(prompt)
+        return items
+
+    path = Path(cfg.prompts or "")
+    if not path.is_file():
+        raise InputError(f"prompts file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".jsonl"):
+        raise InputError(f"prompts file {path} must end in .txt (one prompt per line) or .jsonl (one JSON object per line)")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path} is not UTF-8 text: {err}") from None
+    for number, line in enumerate(lines, start=1):
+        text = line.strip()
+        if suffix == ".txt":
+            if text and not text.startswith("#"):
+                add(text)
+            continue
+        if not text:
+            continue
+        where = f"{path} line {number}"
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{where}: not valid JSON ({err.msg}); expected an object like "
+                             f'{{"prompt": "...", "seed": 1}}') from None
+        if not isinstance(row, dict):
+            raise InputError(f"{where}: expected a JSON object with a \"prompt\", got {type(row).__name__}")
+        unknown = sorted(set(row) - set(JSONL_FIELDS))
+        if unknown:
+            raise InputError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(JSONL_FIELDS)}")
+        if "prompt" not in row:
+            raise InputError(f"{where}: missing \"prompt\"")
+        prompt = _check_type(row["prompt"], str, "prompt", where)
+        if not prompt.strip():
+            raise InputError(f"{where}: \"prompt\" is empty")
+        negative = _check_type(row["negative_prompt"], str, "negative_prompt", where) if "negative_prompt" in row else None
+        seed = _check_type(row["seed"], int, "seed", where) if "seed" in row else None
+        steps = _check_type(row["steps"], int, "steps", where) if "steps" in row else None
+        if steps is not None and steps < 1:
+            raise InputError(f"{where}: \"steps\" must be >= 1, got {steps}")
+        cfg_scale = _check_type(row["cfg"], float, "cfg", where) if "cfg" in row else None
+        add(prompt, negative, seed, steps, cfg_scale)
+    if not items:
+        what = "blank lines and # comments are skipped" if suffix == ".txt" else "blank lines are skipped"
+        raise InputError(f"no prompts in {path} ({what})")
+    return items
+
+
+# ----------------------------------------------------------------------------------------------
+# Output
+
+
+def _is_done(out: Path, item: PromptItem) -> bool:
+    return (out / f"{item.stem}.png").is_file() and (out / f"{item.stem}.json").is_file()
+
+
+def _sidecar(item: PromptItem, cfg: SampleConfig, width: int, height: int, model: str, seconds: float,
+             dtype: str) -> dict[str, Any]:
+    return {
+        "index": item.index, "file": f"{item.stem}.png", "prompt": item.prompt, "negative_prompt": item.negative_prompt,
+        "seed": item.seed, "steps": item.steps, "cfg": item.cfg, "resolution": f"{width}x{height}",
+        "width": width, "height": height, "temperature": list(_as_list(parse_temperature(cfg.temperature))),
+        "token_temperature": cfg.token_temperature,
+        "sampler": "exact" if cfg.exact else "fast", "model": model, "dtype": dtype, "seconds": round(seconds, 4),
+    }
+
+
+def _as_list(t: Any) -> Sequence[float]:
+    return t if isinstance(t, (tuple, list)) else (t,)
+
+
+def changed_settings(done: dict[str, Any], expected: dict[str, Any], keys: Sequence[str]) -> list[str]:
+    """The `keys` whose value in a finished output's sidecar `done` differs from this run's `expected`
+    (a key older sidecars lack counts as its `_SIDECAR_DEFAULTS` value)."""
+    return [k for k in keys if done.get(k, _SIDECAR_DEFAULTS.get(k)) != expected.get(k)]
+
+
+def _check_done_matches(out: Path, item: PromptItem, expected: dict[str, Any]) -> None:
+    path = out / f"{item.stem}.json"
+    try:
+        done = json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        raise OutputExistsError(f"{path} exists but is not a readable sidecar; move it away or use another --out") from None
+    differ = changed_settings(done, expected, _MUST_MATCH)
+    if differ:
+        changes = ", ".join(f"{k} {done.get(k)!r} there, {expected.get(k)!r} now" for k in differ)
+        raise OutputExistsError(f"{path.name} in {out} was made with other settings ({changes}); nothing was written: "
+                                f"use another --out")
+
+
+def make_grid(images: Sequence[Any], captions: Sequence[str], columns: Optional[int] = None) -> Any:
+    """A PIL grid of equally sized images, each with its caption (wrapped) underneath.
+
+    Images narrower than `MIN_GRID_TILE` are enlarged by a whole factor with nearest-neighbour
+    sampling (every pixel as the model made it, only bigger), so that captions fit beneath them.
+    """
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    n = len(images)
+    cols = columns or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / cols)
+    w, h = images[0].size
+    scale = max(1, math.ceil(MIN_GRID_TILE / w))
+    if scale > 1:
+        images = [image.resize((image.size[0] * scale, image.size[1] * scale), Image.NEAREST) for image in images]
+        w, h = w * scale, h * scale
+    font = ImageFont.load_default()
+    char_w = max(1, int(font.getlength("x"))) if hasattr(font, "getlength") else 6
+    line_h = 12
+    wrapped = [textwrap.wrap(c, width=max(8, w // char_w))[:4] or [""] for c in captions]
+    caption_h = line_h * max(len(x) for x in wrapped) + 6
+    grid = Image.new("RGB", (cols * w, rows * (h + caption_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, lines) in enumerate(zip(images, wrapped)):
+        x, y = (i % cols) * w, (i // cols) * (h + caption_h)
+        grid.paste(image.convert("RGB"), (x, y))
+        for j, line in enumerate(lines):
+            draw.text((x + 3, y + h + 3 + j * line_h), line, fill="black", font=font)
+    return grid
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def _batches(items: Sequence[PromptItem], size: int) -> list[list[PromptItem]]:
+    """Consecutive runs of items with equal steps and cfg, at most `size` each."""
+    out: list[list[PromptItem]] = []
+    for item in items:
+        if out and len(out[-1]) < size and (out[-1][0].steps, out[-1][0].cfg) == (item.steps, item.cfg):
+            out[-1].append(item)
+        else:
+            out.append([item])
+    return out
+
+
+def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -> SampleResult:
+    """Sample every prompt of `cfg` into `cfg.out`, skipping images already written.
+
+    Everything that can be checked is checked before the first file is written: the prompts, the
+    flags, the model folder, the resolution and the sidecars of done images.
+    `pipeline` may be a loaded `MeissonicPipeline` (the model flag then only labels the sidecars).
+    """
+    cfg.validate()
+    items = read_prompts(cfg)
+    temperature = parse_temperature(cfg.temperature)
+    size = parse_resolution(cfg.resolution)
+    from meissonic_cli.sample.pipeline import MeissonicPipeline, resolve_device, resolve_dtype, resolve_model_folder
+
+    resolve_dtype(cfg.dtype)
+    resolve_device(cfg.device)
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"--out {out} is a file; give a folder")
+
+    if pipeline is None:
+        root = resolve_model_folder(cfg.model, allow_download=cfg.allow_download)
+        pipeline = MeissonicPipeline.from_pretrained(root, device=cfg.device, dtype=cfg.dtype)
+        model_label = str(root.resolve())
+    else:
+        model_label = str(getattr(pipeline, "model_path", None) or cfg.model)
+    width, height = size if size is not None else (pipeline.default_resolution,) * 2
+    pipeline.check_resolution(height, width)
+    dtype_name = str(pipeline.dtype).replace("torch.", "")
+
+    todo = []
+    for item in items:
+        if _is_done(out, item):
+            _check_done_matches(out, item, _sidecar(item, cfg, width, height, model_label, 0.0, dtype_name))
+        else:
+            todo.append(item)
+
+    result = SampleResult(out_dir=out, model=model_label, device=str(pipeline.device), dtype=dtype_name,
+                          resolution=(width, height), skipped=len(items) - len(todo))
+    out.mkdir(parents=True, exist_ok=True)
+    with make_progress(progress) as bar:
+        images_task = bar.add_task("images", total=len(items), completed=result.skipped)
+        steps_task = bar.add_task("steps", total=todo[0].steps, visible=False) if todo else None
+        for batch in _batches(todo, cfg.batch_size):
+            first, last = batch[0].index, batch[-1].index
+            bar.update(steps_task, total=batch[0].steps, completed=0, visible=True,
+                       description=f"steps (image {first})" if first == last else f"steps (images {first}-{last})")
+            start = time.perf_counter()
+            images = pipeline(
+                [it.prompt for it in batch], negative_prompt=[it.negative_prompt for it in batch],
+                steps=batch[0].steps, guidance_scale=batch[0].cfg, height=height, width=width, temperature=temperature,
+                token_temperature=cfg.token_temperature, seed=[it.seed for it in batch], exact=cfg.exact,
+                callback=lambda step, total: bar.update(steps_task, completed=step),
+            )
+            seconds = time.perf_counter() - start
+            for item, image in zip(batch, images):
+                png, side = out / f"{item.stem}.png", out / f"{item.stem}.json"
+                atomic_write(png, lambda p, im=image: im.save(p, format="PNG"))
+                write_json(side, _sidecar(item, cfg, width, height, model_label, seconds / len(batch), dtype_name))
+                result.written.append(png)
+            result.seconds += seconds
+            result.steps_run += batch[0].steps
+            bar.advance(images_task, len(batch))
+
+    if cfg.grid:
+        from PIL import Image
+
+        tiles = []
+        for item in items:
+            with Image.open(out / f"{item.stem}.png") as im:
+                tiles.append(im.convert("RGB"))
+        grid = make_grid(tiles, [it.prompt for it in items])
+        result.grid = out / GRID_NAME
+        atomic_write(result.grid, lambda p: grid.save(p, format="PNG"))
+    return result
+
+
+def summary_table(result: SampleResult) -> Any:
+    """A rich table summarising a sample run."""
+    rows = [("output", str(result.out_dir)), ("model", result.model),
+            ("images written / skipped (done)", f"{len(result.written)} / {result.skipped}"),
+            ("resolution", f"{result.resolution[0]}x{result.resolution[1]} on {result.device} ({result.dtype})")]
+    if result.written:
+        rows.append(("time", f"{result.seconds:.1f} s, {result.seconds_per_image:.2f} s/image, "
+                             f"{result.seconds / max(1, result.steps_run):.3f} s/step"))
+    if result.grid is not None:
+        rows.append(("grid", str(result.grid)))
+    return key_value_table("sample", rows)
+
+
+__all__ = ["PromptItem", "SampleConfig", "SampleResult", "make_grid", "parse_resolution", "parse_temperature",
+           "read_prompts", "run_sample", "slugify", "summary_table"]
