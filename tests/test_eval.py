@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+import meissonic_cli.shapes.bench  # noqa: F401  (registers the shapes suite)
 from meissonic_cli.shapes import world as shapes
 from meissonic_cli.cli import app
 from meissonic_cli.errors import ConfigError, InputError, ModelFormatError

@@ -62,6 +62,7 @@ def register(app: typer.Typer) -> None:
         """
         from rich.console import Console
 
+        import meissonic_cli.shapes.bench  # noqa: F401  (registers the shapes suite)
         from meissonic_cli.metrics.evaluate import parse_suites, report_table, run_eval
 
         sample_cfg = SampleConfig(steps=steps, cfg=cfg, seed=seed, resolution=resolution, negative_prompt=negative_prompt,

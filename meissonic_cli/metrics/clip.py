@@ -53,18 +53,9 @@ def load_state_file(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from a .safetensors/.bin/.pt/.pth file; unwraps `state_dict` and `module.` prefixes."""
     if not path.is_file():
         raise ModelFormatError(f"checkpoint not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from meissonic_cli.model.state_io import read_safetensors, read_torch_file
 
-        try:
-            state: Any = load_file(str(path))
-        except Exception as err:  # safetensors has its own error types for bad headers
-            raise ModelFormatError(f"{path}: not a readable safetensors file ({err})") from None
-    else:
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as err:  # pickle errors come in many types; all mean "not a usable checkpoint"
-            raise ModelFormatError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
+    state: Any = read_safetensors(path) if path.suffix == ".safetensors" else read_torch_file(path)
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

@@ -26,74 +26,78 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
-from meissonic_cli.atomic import atomic_write, write_text
+from meissonic_cli.atomic import write_text
 from meissonic_cli.config import Problems, field, read_json_object
 from meissonic_cli.errors import ConfigError, InputError
+from meissonic_cli.metrics.report import (  # noqa: F401  (re-exported: evaluate is the suite's entry point)
+    GRID_TILE,
+    HPS_CATEGORIES,
+    METRIC_LABELS,
+    _markdown,
+    report_table,
+    summarize_metrics,
+    write_grid,
+)
+from meissonic_cli.metrics.report import open_rgb as _open_rgb
+from meissonic_cli.metrics.weights import (  # noqa: F401
+    MODEL_KEYS,
+    SUITE_WEIGHTS,
+    WEIGHTS,
+    WeightSpec,
+    resolve_weights,
+)
 from meissonic_cli.progress import make_progress
 from meissonic_cli.sample.sample import SampleConfig
 
-if TYPE_CHECKING:
-    from rich.table import Table
-
 SUITES: tuple[str, ...] = ("clip", "hps", "dino", "fid", "shapes")
+# Suites implemented above this package (the shapes benchmark lives with the shapes world): they
+# register themselves here, so metrics never imports them.
+PLUGIN_PROVIDERS = {"shapes": "meissonic_cli.shapes.bench"}
+
+
+@dataclass(frozen=True)
+class PluginSuite:
+    """A metric suite registered from outside this module.
+
+    `start(items)` -> state (checks every item first); `score(state, item, image)` -> the image's report row
+    fields; `finish(state)` -> what `write(result, out)` gets; `write` saves extra files and returns the
+    report.json entry. `prompts()` (optional) gives the suite's own prompt set for `--prompts NAME`.
+    """
+
+    name: str
+    start: Callable[[Sequence[Any]], Any]
+    score: Callable[[Any, Any, Any], dict[str, Any]]
+    finish: Callable[[Any], Any]
+    write: Callable[[Any, Path], Any]
+    prompts: Optional[Callable[[], list[Any]]] = None
+
+
+_PLUGINS: dict[str, PluginSuite] = {}
+
+
+def register_suite(suite: PluginSuite) -> None:
+    """Make `suite.name` runnable by `run_eval` (and its prompts available to `--prompts NAME`)."""
+    _PLUGINS[suite.name] = suite
+
+
+def plugin_suite(name: str) -> PluginSuite:
+    """The registered suite `name`, or an error naming the module that provides it."""
+    if name not in _PLUGINS:
+        provider = PLUGIN_PROVIDERS.get(name, "its module")
+        raise ConfigError(f"suite {name!r} is not registered; import {provider} first "
+                          f"(the `meissonic eval` command does this)")
+    return _PLUGINS[name]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 GRID_PNG = "grid.png"
-GRID_TILE = 256
-# Per-image metrics in the order tables show them, with their labels.
-METRIC_LABELS: dict[str, str] = {
-    "clip_t": "CLIP-T (100 cos)",
-    "clip_i": "CLIP-I",
-    "clip_dir": "CLIP-dir",
-    "l1": "L1",
-    "hps": "HPS v2 (100 cos)",
-    "dino": "DINO",
-}
-# HPS v2 benchmark prompt categories (paper Table 2: Animation, Concept-art, Painting, Photo).
-HPS_CATEGORIES = ("anime", "concept-art", "paintings", "photo")
 
 
-@dataclass(frozen=True)
-class WeightSpec:
-    """A checkpoint a suite needs, and what to tell a user who does not have it."""
-
-    metric: str
-    flag: str
-    key: str  # key in --weights-config
-    filename: str
-    source: str
-    hub: Optional[tuple[str, str]] = None  # (repo id, file) for --allow-download
-    url: Optional[str] = None  # direct URL for --allow-download when the file is not on the hub
-
-
-WEIGHTS: dict[str, WeightSpec] = {
-    "clip": WeightSpec("CLIP-T/CLIP-I (--suite clip)", "--clip-checkpoint", "clip", "open_clip_pytorch_model.bin",
-                       "https://huggingface.co/laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-                       hub=("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "open_clip_pytorch_model.bin")),
-    "hps": WeightSpec("HPS v2 (--suite hps)", "--hps-checkpoint", "hps", "HPS_v2_compressed.pt",
-                      "https://huggingface.co/xswu/HPSv2", hub=("xswu/HPSv2", "HPS_v2_compressed.pt")),
-    "dino": WeightSpec("DINO (--suite dino)", "--dino-checkpoint", "dino", "dino_deitsmall16_pretrain.pth",
-                       "facebookresearch/dino (https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/"
-                       "dino_deitsmall16_pretrain.pth) or model.safetensors of "
-                       "https://huggingface.co/timm/vit_small_patch16_224.dino",
-                       hub=("timm/vit_small_patch16_224.dino", "model.safetensors")),
-    "inception": WeightSpec("FID (--suite fid)", "--inception-checkpoint", "inception",
-                            "pt_inception-2015-12-05-6726825d.pth",
-                            "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                            "pt_inception-2015-12-05-6726825d.pth",
-                            url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
-                                "pt_inception-2015-12-05-6726825d.pth"),
-}
-SUITE_WEIGHTS = {"clip": "clip", "hps": "hps", "dino": "dino", "fid": "inception"}
-# --weights-config keys that name an architecture rather than a file.
-MODEL_KEYS = ("clip_model", "hps_model", "dino_model")
 
 
 @dataclass
@@ -174,100 +178,6 @@ def parse_suites(text: str) -> list[str]:
         if name and name not in out:
             out.append(name)
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Weights
-
-
-def _read_weights_config(path: Path) -> dict[str, str]:
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as err:  # yaml and json raise different types; both mean a malformed file
-        raise ConfigError(f"--weights-config {path}: cannot parse ({str(err).splitlines()[0]})") from None
-    data = data or {}
-    allowed = set(WEIGHTS) | set(MODEL_KEYS)
-    if not isinstance(data, dict) or set(map(str, data)) - allowed:
-        extra = sorted(set(map(str, data)) - allowed) if isinstance(data, dict) else []
-        raise ConfigError(f"--weights-config {path}: expected a mapping with keys among {', '.join(sorted(allowed))}"
-                          + (f"; unknown: {', '.join(extra)}" if extra else ""))
-    out = {}
-    for key, value in data.items():
-        if value is None:
-            continue
-        value = str(value)
-        # Paths in the file are relative to the file, so a weights.yaml can live beside the weights.
-        if key in WEIGHTS and not Path(value).expanduser().is_absolute():
-            value = str((path.parent / value).resolve())
-        out[str(key)] = str(Path(value).expanduser()) if key in WEIGHTS else value
-    return out
-
-
-def _hf_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
-
-
-def _download(spec: WeightSpec) -> Path:
-    if _hf_offline():
-        raise ConfigError(f"{spec.metric}: --allow-download was given but HF_HUB_OFFLINE is set; get {spec.filename} "
-                          f"from {spec.source} and pass {spec.flag} PATH")
-    try:
-        if spec.hub is not None:
-            from huggingface_hub import hf_hub_download
-
-            return Path(hf_hub_download(spec.hub[0], spec.hub[1]))
-        import torch
-
-        target = Path(torch.hub.get_dir()) / "checkpoints" / spec.filename
-        if not target.is_file():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(spec.url, str(target), progress=True)
-        return target
-    except Exception as err:  # network and hub errors come in many types; the message is what matters
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ConfigError(f"{spec.metric}: could not download {spec.filename} ({first}); get it from {spec.source} "
-                          f"and pass {spec.flag} PATH") from None
-
-
-def resolve_weights(cfg: EvalConfig) -> tuple[dict[str, Path], dict[str, str]]:
-    """The checkpoint of every suite in `cfg.suites` that needs one, and the architectures to build.
-
-    Flags win over --weights-config. Raises one ConfigError naming every missing file, the flag that
-    sets it and where to obtain it (unless --allow-download fetches it).
-    """
-    from_file = _read_weights_config(Path(cfg.weights_config)) if cfg.weights_config else {}
-    flags = {"clip": cfg.clip_checkpoint, "hps": cfg.hps_checkpoint, "dino": cfg.dino_checkpoint,
-             "inception": cfg.inception_checkpoint}
-    defaults = {f.name: f.default for f in dataclasses.fields(EvalConfig) if f.name in MODEL_KEYS}
-    models = {key: (getattr(cfg, key) if getattr(cfg, key) != defaults[key] else from_file.get(key, defaults[key]))
-              for key in MODEL_KEYS}
-    found: dict[str, Path] = {}
-    problems: list[str] = []
-    for suite in cfg.suites:
-        key = SUITE_WEIGHTS.get(suite)
-        if key is None:
-            continue
-        spec = WEIGHTS[key]
-        value = flags[key] or from_file.get(key)
-        if value and Path(value).expanduser().is_file():
-            found[key] = Path(value).expanduser()
-            continue
-        if cfg.allow_download and not value:
-            found[key] = _download(spec)
-            continue
-        where = f"{value} does not exist" if value else "no checkpoint given"
-        problems.append(f"{spec.metric} needs {spec.filename}: {where}; get it from {spec.source} and pass "
-                        f"{spec.flag} PATH (or '{spec.key}: PATH' in --weights-config)"
-                        + ("" if value else ", or add --allow-download"))
-    if problems:
-        raise ConfigError(problems)
-    return found, models
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,13 +292,8 @@ def _entry(row: Any, where: str, category: Optional[str]) -> PromptEntry:
 
 def read_eval_prompts(spec: str) -> list[PromptEntry]:
     """Prompts (with categories) from a file, a folder of CATEGORY files, or 'shapes'."""
-    if spec == "shapes":
-        import dataclasses as dc
-
-        from meissonic_cli.shapes import world as shapes
-
-        return [PromptEntry(p.text, p.category, {"expects": [dc.asdict(e) for e in p.expects]})
-                for p in shapes.benchmark_prompts()]
+    if spec in _PLUGINS and _PLUGINS[spec].prompts is not None:
+        return _PLUGINS[spec].prompts()
     path = Path(spec)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".json", ".txt", ".jsonl"))
@@ -459,16 +364,6 @@ def sample_prompts(cfg: EvalConfig, progress: bool = True, pipeline: Any = None)
 
 # ----------------------------------------------------------------------------------------------
 # Scoring
-
-
-def _open_rgb(path: Path) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise InputError(f"{path}: cannot read the image ({err})") from None
 
 
 def _batches(items: Sequence[EvalItem], size: int) -> list[Sequence[EvalItem]]:
@@ -575,8 +470,14 @@ class _Scorer:
     def fid(self) -> None:
         import numpy as np
 
-        from meissonic_cli.metrics.fid import (feature_stats, fid_from_features, frechet_distance, inception_features,
-                                  load_inception, load_reference_stats)
+        from meissonic_cli.metrics.fid import (
+            feature_stats,
+            fid_from_features,
+            frechet_distance,
+            inception_features,
+            load_inception,
+            load_reference_stats,
+        )
 
         model = load_inception(self.weights["inception"], self.device)
         feats: list[Any] = []
@@ -608,143 +509,17 @@ class _Scorer:
                              "reference_images": n_ref}
         self._free(model)
 
-    def shapes(self) -> None:
-        from meissonic_cli.shapes import bench as shapes_bench
-
-        lookup = shapes_bench.prompt_lookup()
-        specs = []
-        for it in self.items:
-            spec = shapes_bench.spec_from_sidecar({**it.meta, "prompt": it.prompt or ""}, lookup)
-            if spec is None:
-                raise InputError(f"--suite shapes: {it.path.name}'s prompt {it.prompt!r} is not a shapes-world caption; "
-                                 f"sample the benchmark prompts with --prompts shapes")
-            specs.append(spec)
-        results: list[dict[str, Any]] = []
+    def plugin(self, name: str) -> None:
+        """A suite registered with `register_suite` (e.g. `shapes`, by `meissonic_cli.shapes.bench`)."""
+        suite = plugin_suite(name)
+        state = suite.start(self.items)
 
         def run(batch: Sequence[EvalItem], rows: list[dict[str, Any]]) -> None:
             for it, row in zip(batch, rows):
-                scored = shapes_bench.score_image(_open_rgb(it.path), specs[len(results)])
-                results.append({"file": it.path.name, **scored})
-                row["shapes_overall"] = scored["overall"]
+                row.update(suite.score(state, it, _open_rgb(it.path)))
 
-        self._loop("shapes", run)
-        self.extra["shapes"] = shapes_bench.summarize(results)
-        self.extra["shapes_results"] = results
-
-
-def summarize_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per metric: mean, std, n over the images that have it, and the mean per category."""
-    out: dict[str, dict[str, Any]] = {}
-    for key in METRIC_LABELS:
-        values = [(r[key], r.get("category")) for r in rows if r.get(key) is not None]
-        if not values:
-            continue
-        xs = [v for v, _ in values]
-        mean = sum(xs) / len(xs)
-        std = math.sqrt(sum((x - mean) ** 2 for x in xs) / len(xs))
-        by_category: dict[str, float] = {}
-        for cat in sorted({c for _, c in values if c}, key=_category_order):
-            cx = [v for v, c in values if c == cat]
-            by_category[cat] = sum(cx) / len(cx)
-        out[key] = {"label": METRIC_LABELS[key], "mean": mean, "std": std, "n": len(xs), "by_category": by_category}
-    return out
-
-
-def _category_order(cat: str) -> tuple[int, str]:
-    return (HPS_CATEGORIES.index(cat) if cat in HPS_CATEGORIES else len(HPS_CATEGORIES), cat)
-
-
-# ----------------------------------------------------------------------------------------------
-# Reports
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def report_table(report: dict[str, Any]) -> "Table":
-    """The summary as a rich table: one row per metric, with per-category means as columns."""
-    from rich.table import Table
-
-    metrics = report.get("metrics", {})
-    categories = sorted({c for m in metrics.values() for c in m["by_category"]}, key=_category_order)
-    table = Table(title=f"meissonic eval: {report['count']} images ({', '.join(report['suites'])})")
-    table.add_column("metric")
-    table.add_column("mean", justify="right")
-    table.add_column("std", justify="right")
-    table.add_column("n", justify="right")
-    for cat in categories:
-        table.add_column(cat, justify="right")
-    for m in metrics.values():
-        table.add_row(m["label"], _fmt(m["mean"]), _fmt(m["std"]), str(m["n"]),
-                      *(_fmt(m["by_category"].get(c)) for c in categories))
-    if "fid" in report:
-        fid = report["fid"]
-        table.add_row("FID", _fmt(fid["value"], 3), "", str(fid["images"]), *([""] * len(categories)))
-    if "shapes" in report:
-        s = report["shapes"]
-        # n is left blank: each attribute is judged only on the prompts that state it (see the shapes table).
-        for attr in ("color", "shape", "position", "count", "overall"):
-            table.add_row(f"shapes {attr}", _fmt(s.get(attr), 3), "", "", *([""] * len(categories)))
-    return table
-
-
-def _markdown(report: dict[str, Any], grid_name: Optional[str]) -> str:
-    lines = ["# meissonic eval", "",
-             f"- images: `{report['images']}` ({report['count']})",
-             f"- suites: {', '.join(report['suites'])}"]
-    for key, value in report["settings"].get("weights", {}).items():
-        lines.append(f"- {key} weights: `{value}`")
-    metrics = report.get("metrics", {})
-    if metrics:
-        lines += ["", "## Scores", "", "| metric | mean | std | n |", "|---|---:|---:|---:|"]
-        lines += [f"| {m['label']} | {_fmt(m['mean'])} | {_fmt(m['std'])} | {m['n']} |" for m in metrics.values()]
-        categories = sorted({c for m in metrics.values() for c in m["by_category"]}, key=_category_order)
-        if categories:
-            lines += ["", "## By category", "",
-                      "| metric | " + " | ".join(categories) + " |", "|---|" + "---:|" * len(categories)]
-            lines += [f"| {m['label']} | " + " | ".join(_fmt(m["by_category"].get(c)) for c in categories) + " |"
-                      for m in metrics.values()]
-    if "fid" in report:
-        fid = report["fid"]
-        ref = f"{fid['reference_images']} images in " if fid["reference_images"] else ""
-        lines += ["", "## FID", "", f"FID = {_fmt(fid['value'], 3)} ({fid['images']} images against {ref}`{fid['reference']}`)"]
-    if "shapes" in report:
-        s = report["shapes"]
-        attrs = ("color", "shape", "position", "count", "overall")
-        lines += ["", "## Shapes benchmark", "", "| row | images | " + " | ".join(attrs) + " |",
-                  "|---|---:|" + "---:|" * len(attrs)]
-        for cat, row in s["by_category"].items():
-            lines.append(f"| {cat} | {row['images']} | " + " | ".join(_fmt(row.get(a), 3) for a in attrs) + " |")
-        lines.append(f"| **all** | {s['images']} | " + " | ".join(_fmt(s.get(a), 3) for a in attrs) + " |")
-        chance = s.get("chance") or {}
-        lines.append("| chance | | " + " | ".join(_fmt(chance.get(a), 3) for a in attrs) + " |")
-    if grid_name:
-        lines += ["", "## Samples", "", f"![grid]({grid_name})"]
-    return "\n".join(lines) + "\n"
-
-
-def _grid_caption(row: dict[str, Any]) -> str:
-    scores = " ".join(f"{k}={row[k]:.3g}" for k in METRIC_LABELS if isinstance(row.get(k), float))
-    return f"{row.get('prompt') or row['file']}" + (f" [{scores}]" if scores else "")
-
-
-def write_grid(items: Sequence[EvalItem], rows: Sequence[dict[str, Any]], path: Path, limit: int) -> Optional[Path]:
-    """A grid of the first `limit` images (padded to squares) with prompts and scores; None when limit is 0."""
-    from PIL import ImageOps
-
-    from meissonic_cli.sample.sample import make_grid
-
-    if limit <= 0 or not items:
-        return None
-    tiles = [ImageOps.pad(_open_rgb(it.path), (GRID_TILE, GRID_TILE), color="white") for it in items[:limit]]
-    grid = make_grid(tiles, [_grid_caption(r) for r in rows[:limit]])
-    atomic_write(path, lambda p: grid.save(p, format="PNG"))
-    return path
+        self._loop(name, run)
+        self.extra[name] = suite.finish(state)
 
 
 def run_eval(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> dict[str, Any]:
@@ -774,7 +549,10 @@ def run_eval(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> di
     with make_progress(progress, remaining=False) as bar:
         scorer = _Scorer(cfg, items, weights, models, device, bar)
         for suite in cfg.suites:
-            getattr(scorer, suite)()
+            if suite in _PLUGINS:
+                scorer.plugin(suite)
+            else:
+                getattr(scorer, suite)()
 
     report: dict[str, Any] = {
         "suites": list(cfg.suites),
@@ -795,11 +573,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> di
     }
     if "fid" in scorer.extra:
         report["fid"] = scorer.extra["fid"]
-    if "shapes" in scorer.extra:
-        from meissonic_cli.shapes.bench import write_report
-
-        report["shapes"] = scorer.extra["shapes"]
-        write_report(scorer.extra["shapes_results"], out)
+    for name in cfg.suites:
+        if name in _PLUGINS:
+            report[name] = _PLUGINS[name].write(scorer.extra[name], out)
     report["per_image"] = scorer.rows
 
     out.mkdir(parents=True, exist_ok=True)
@@ -810,6 +586,6 @@ def run_eval(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> di
     return report
 
 
-__all__ = ["EvalConfig", "EvalItem", "GRID_PNG", "METRIC_LABELS", "PromptEntry", "REPORT_JSON", "REPORT_MD", "SUITES",
+__all__ = ["EvalConfig", "EvalItem", "GRID_PNG", "METRIC_LABELS", "PluginSuite", "PromptEntry", "REPORT_JSON", "REPORT_MD", "SUITES",
            "WEIGHTS", "check_items", "load_items", "parse_suites", "pixel_l1", "read_eval_prompts", "report_table",
-           "resolve_weights", "run_eval", "sample_prompts", "summarize_metrics", "write_grid"]
+           "register_suite", "resolve_weights", "run_eval", "sample_prompts", "summarize_metrics", "write_grid"]

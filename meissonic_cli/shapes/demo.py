@@ -39,8 +39,8 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-    from meissonic_cli.model.transformer import TransformerConfig
     from meissonic_cli.model.text_encoder import TextEncoderConfig
+    from meissonic_cli.model.transformer import TransformerConfig
     from meissonic_cli.train.config import TrainConfig
 
 REPORT_NAME = "report.json"
@@ -164,8 +164,8 @@ class DemoResult:
 
 def demo_model_configs(budget: DemoBudget) -> tuple["TransformerConfig", "TextEncoderConfig"]:
     """The tiny transformer (no feature compression: an 8 x 8 grid is small already) and text tower."""
-    from meissonic_cli.model.transformer import TransformerConfig
     from meissonic_cli.model.text_encoder import TextEncoderConfig
+    from meissonic_cli.model.transformer import TransformerConfig
 
     head_dim = budget.width // budget.heads
     # Rotary channels over (0, row, col): the constant axis needs few, rows and columns share the rest.
@@ -294,9 +294,9 @@ def build_demo_model(out: str | Path, budget: DemoBudget, seed: int = 0, overwri
 
     Returns the VQ fit report of `shapes.tokenizer.fit_demo_vq` (held-out PSNR, codebook size, seconds).
     """
-    from meissonic_cli.shapes.tokenizer import fit_demo_vq
     from meissonic_cli.model.scaffold import build_model_folder
     from meissonic_cli.model.vq.vqgan import tiny_vq_config
+    from meissonic_cli.shapes.tokenizer import fit_demo_vq
 
     transformer, text = demo_model_configs(budget)
     # The scaffold writes a stand-in VQModel of the right codebook size; the fitted patch VQ replaces it.
@@ -435,6 +435,7 @@ def _sample(budget: DemoBudget, checkpoint: Path, out: Path, grid_path: Path, se
 
 
 def _eval(budget: DemoBudget, checkpoint: Path, out: Path, seed: int, device: str) -> tuple[dict[str, Any], str]:
+    import meissonic_cli.shapes.bench  # noqa: F401  (registers the shapes suite)
     from meissonic_cli.metrics.evaluate import run_eval
 
     report = run_eval(demo_eval_config(budget, checkpoint, out, seed, device))
