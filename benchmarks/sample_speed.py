@@ -2,7 +2,7 @@
 
     python benchmarks/sample_speed.py (--model DIR | --config medium|1b|tiny) [--resolution 512] [--steps 48]
         [--batch 1] [--cfg 9] [--device cpu] [--dtype fp32] [--threads N] [--repeats 1] [--warmup-steps 2]
-        [--compare-official-style] [--json]
+        [--compare-official-style] [--sampler FIELD=VALUE,...] [--json]
 
 --model is a released-layout folder of which only transformer/ is needed; --config builds random
 weights instead: `medium` is the conformance timing config (4 + 8 blocks, 8 heads x 64, text width
@@ -23,6 +23,9 @@ scheduler step with draws for every position), alternating the two loops `--repe
 reports the ratio. Both loops use the same weights and features. The official model's own CPU time
 recorded in cases.json (0.66 s per forward at batch 2 on a 32x32 grid, 2 threads, another CPU) is
 printed as a secondary reference.
+
+--sampler runs the fast loop with `samplers.SamplerOptions` (e.g. `cache_refresh=3` or `order=halton`);
+FLOPs are then still counted for the plain fast loop (the cache does less work than counted).
 """
 
 from __future__ import annotations
@@ -163,6 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each loop, alternating (median reported)")
     ap.add_argument("--warmup-steps", type=int, default=2, help="steps of an untimed run first")
     ap.add_argument("--compare-official-style", action="store_true", help="also time the exact (official-work) loop")
+    ap.add_argument("--sampler", default="", help="SamplerOptions FIELD=VALUE pairs for the fast loop, e.g. cache_refresh=3")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     args = ap.parse_args(argv)
     if bool(args.model) == bool(args.config):
@@ -173,7 +177,11 @@ def main(argv: list[str] | None = None) -> dict:
     from meissonic_cli.sample.pipeline import resolve_device, resolve_dtype, sample_tokens
     from meissonic_cli.sample.sample import parse_resolution
     from meissonic_cli.model.scheduler import MaskGITScheduler
+    from meissonic_cli.sample.samplers import SamplerOptions
 
+    pairs = [p.partition("=") for p in args.sampler.split(",") if p.strip()]
+    options = SamplerOptions(**{k.strip(): json.loads(v) if v.strip()[:1].isdigit() else v.strip() for k, _, v in pairs})
+    options.validate()
     if args.threads:
         torch.set_num_threads(args.threads)
     device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
@@ -210,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
         marks.append(time.perf_counter())
         sample_tokens(model, scheduler, feats["text"], feats["pooled"], micro, grid, steps=steps,
                       guidance_scale=args.cfg, negative_text=feats["negative_text"],
-                      negative_pooled=feats["negative_pooled"], generator=gen, exact=exact, callback=mark)
+                      negative_pooled=feats["negative_pooled"], generator=gen, exact=exact, callback=mark,
+                      sampler=None if exact else options)
         return [b - a for a, b in zip(marks, marks[1:])]
 
     if device.type == "cuda":
@@ -235,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
         "resolution": f"{width}x{height}", "grid": list(grid), "steps": args.steps, "batch": args.batch,
         "cfg": args.cfg, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads() if device.type == "cpu" else None, "repeats": args.repeats,
+        "sampler": options.label,
         "peak_matmul_gflops": peak / 1e9,
     }
     for exact in modes:

@@ -1,8 +1,8 @@
 """Training speed of `meissonic train`: seconds per step, image tokens/s, MFU and peak memory.
 
-    python benchmarks/train_speed.py --model 1b --feature-compression off --resolution 512 \\
+    python benchmarks/train_speed.py --arch 1b --feature-compression off --resolution 512 \\
         --precision bf16 --batch 16,24,32 [--steps 10] [--warmup 3] [--gradient-checkpointing] [--json]
-    python benchmarks/train_speed.py --model tiny --set num_layers=2 --set attention_head_dim=32 \\
+    python benchmarks/train_speed.py --arch tiny --set num_layers=2 --set attention_head_dim=32 \\
         --resolution 256 --batch 4 --device cpu
 
 Each run goes through the trainer's own step (`Trainer.train_step`: shard reading, collation,
@@ -34,10 +34,11 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from meissonic_cli.model.transformer import NAMED_CONFIGS, TransformerConfig  # noqa: E402
 from meissonic_cli.data.shards import TokenSample, TokenShardWriter, write_dataset_info  # noqa: E402
-from meissonic_cli.train.trainer import Trainer, init_distributed  # noqa: E402
+from meissonic_cli.model.transformer import NAMED_CONFIGS, TransformerConfig  # noqa: E402
 from meissonic_cli.train.config import TrainConfig  # noqa: E402
+from meissonic_cli.train.distributed import init_distributed  # noqa: E402
+from meissonic_cli.train.trainer import Trainer  # noqa: E402
 
 
 def model_config(name: str, overrides: list[str], compression: str) -> TransformerConfig:
@@ -147,7 +148,8 @@ def measure(tmp: Path, args: argparse.Namespace, config_path: Path, batch: int, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="tiny", help="named config (1b, tiny) or a transformer config.json")
+    ap.add_argument("--arch", "--model", dest="model", default="tiny",
+                    help="architecture: a named config (1b, tiny) or a transformer config.json (--model: old spelling)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON", help="override a TransformerConfig field")
     ap.add_argument("--feature-compression", default="auto", choices=["auto", "on", "off"])
     ap.add_argument("--resolution", type=int, default=256)
@@ -157,7 +159,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     ap.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     args = ap.parse_args()

@@ -10,8 +10,11 @@ import importlib
 
 import typer
 
+from meissonic_cli.commands._options import RootGroup
+
 app = typer.Typer(
     name="meissonic",
+    cls=RootGroup,
     help="Curate data for, train, sample, edit and evaluate Meissonic masked image transformers.",
     no_args_is_help=True,
     add_completion=False,
@@ -34,7 +37,6 @@ _COMMAND_MODULES = [
 ]
 
 
-
 def _version(value: bool) -> None:
     if value:
         from . import __version__
@@ -45,7 +47,8 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, metavar="",
+                                 help="Print the version and exit."),
 ) -> None:
     """Curate data for, train, sample, edit and evaluate Meissonic masked image transformers."""
 

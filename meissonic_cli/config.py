@@ -9,18 +9,43 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Optional
 
-from meissonic_cli.errors import ConfigError, MeissonicError, ModelFormatError
+from meissonic_cli.errors import ConfigError, InputError, MeissonicError, ModelFormatError
 
 
 def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
-          flag: str | None = None) -> Any:
-    """A dataclass field with its help text (and optionally the CLI flag that sets it)."""
-    meta = {"help": help}
+          flag: str | None = None, short: str | None = None, aliases: tuple[str, ...] | list[str] = (),
+          also: tuple[str, ...] | list[str] = (), hidden: bool = False, cli: bool = True,
+          panel: str | None = None) -> Any:
+    """A dataclass field with its help text and how the CLI exposes it (see `commands/_options.py`).
+
+    - `flag`: the option's name (default `--field-name`); a boolean's off switch may follow a slash
+      (`--random-crop/--center-crop`; default `--no-NAME`).
+    - `short`: a one-letter spelling such as `-o`.
+    - `aliases`: deprecated spellings, hidden from `--help`; using one prints one deprecation line.
+    - `also`: further spellings that stay (shown in `--help`), e.g. `--cfg` beside `--guidance-scale`.
+    - `hidden`: a working flag left out of `--help`.
+    - `cli=False`: not a flag at all (set by code or by a config file only).
+    - `panel`: the `--help` section the flag is listed under.
+    """
+    meta: dict[str, Any] = {"help": help}
     if flag:
         meta["flag"] = flag
+    if short:
+        meta["short"] = short
+    if aliases:
+        meta["aliases"] = tuple(aliases)
+    if also:
+        meta["also"] = tuple(also)
+    if hidden:
+        meta["hidden"] = True
+    if not cli:
+        meta["cli"] = False
+    if panel:
+        meta["panel"] = panel
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -38,8 +63,26 @@ def flag_of(cls: type, name: str) -> str:
     """The CLI flag for a field: explicit metadata, else `--field-name`."""
     for f in dataclasses.fields(cls):
         if f.name == name:
-            return f.metadata.get("flag", "--" + name.replace("_", "-"))
+            return f.metadata.get("flag", "--" + name.replace("_", "-")).split("/")[0]
     raise KeyError(name)
+
+
+def parse_resolution(value: Any, flag: str = "--resolution") -> Optional[tuple[int, int]]:
+    """The one `--resolution` syntax of every command: '512' -> (512, 512), '768x512' -> (width 768,
+    height 512); an int N is N x N; None or '' -> None (the command's default)."""
+    if value is None or str(value).strip() == "":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX*]\s*(\d+)\s*)?", str(value))
+    if not m or int(m.group(1)) <= 0 or (m.group(2) is not None and int(m.group(2)) <= 0):
+        raise InputError(f"{flag} {value!r} is not a size like 1024 or 1024x768 (width x height)")
+    w = int(m.group(1))
+    h = int(m.group(2)) if m.group(2) is not None else w
+    from meissonic_cli.safety import check_resolution
+
+    check_resolution(w, h, flag)
+    return w, h
 
 
 def read_json_object(path: str | os.PathLike, missing: Optional[str] = None,

@@ -18,7 +18,7 @@ ROWS=${ROWS:-18000}                        # synthetic metadata rows (about half
 STEPS=${STEPS:-}                           # training steps; empty: the recipe's max_steps
 IMAGES_PER_PROMPT=${IMAGES_PER_PROMPT:-2}  # benchmark images per prompt (78 prompts)
 SEED=${SEED:-0}
-SAMPLER=(--steps 16 --cfg 1.5 --temperature 1,0 --token-temperature 0.25 --resolution 64 --device cpu)
+SAMPLER=(--steps 16 --guidance-scale 1.5 --temperature 1,0 --token-temperature 0.25 --resolution 64 --device cpu)
 # Yielding OpenMP threads: spinning ones make torch several times slower on a busy CPU.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
@@ -35,7 +35,7 @@ meissonic demo --model-only --out "$OUT" --seed "$SEED"
 
 stage "synth: LAION-style source, served on 127.0.0.1 (any free port) until this script ends"
 # (--sides 64: served at the training size, as `meissonic demo` does, so edges stay crisp.)
-meissonic synth "$OUT/source" --rows "$ROWS" --seed "$SEED" --sides 64 --serve --port 0 \
+meissonic synth --out "$OUT/source" --rows "$ROWS" --seed "$SEED" --sides 64 --serve --port 0 \
   >"$OUT/server.log" 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null || true' EXIT
@@ -46,11 +46,11 @@ done
 cat "$OUT/server.log"
 
 stage "curate: filter the metadata with DuckDB"
-meissonic curate "$OUT/source/metadata" --output "$OUT/curated" \
+meissonic curate "$OUT/source/metadata" --out "$OUT/curated" \
   --max-watermark 0.5 --max-unsafe 0.5 --min-side 64 --max-aspect-ratio 2 --min-caption-words 2 --seed "$SEED"
 
 stage "download: img2dataset over the loopback server (PNG keeps the flat colours exact)"
-meissonic download "$OUT/curated" --output "$OUT/images" --image-size 64 --resize-mode keep_ratio \
+meissonic download "$OUT/curated" --out "$OUT/images" --image-size 64 --resize-mode keep_ratio \
   --encode-format png --encode-quality 1 --processes 1 --threads 8 --shard-size 2000
 kill "$server" 2>/dev/null || true
 
@@ -59,8 +59,8 @@ meissonic tokenize "$OUT/images" --out "$OUT/tokens" --model "$OUT/model" --reso
   --batch-size 64 --device cpu --workers 1
 
 stage "train: masked image modeling (recipe: pipelines/demo_train.yaml)"
-meissonic train --config "$(dirname "$0")/demo_train.yaml" --data "$OUT/tokens" --output "$OUT/run" \
-  --model "$OUT/model" --base-model "$OUT/model" ${STEPS:+--max-steps "$STEPS" --checkpoint-every "$STEPS"}
+meissonic train --config "$(dirname "$0")/demo_train.yaml" --data "$OUT/tokens" --out "$OUT/run" \
+  --arch "$OUT/model" --base-model "$OUT/model" ${STEPS:+--max-steps "$STEPS" --checkpoint-every "$STEPS"}
 checkpoint=$(ls -d "$OUT"/run/step-* | tail -n 1)
 
 stage "sample: a few prompts, with a grid"
@@ -73,7 +73,7 @@ meissonic sample --model "$checkpoint" --out "$OUT/samples" --grid --batch-size 
 
 stage "eval: the shapes benchmark (pixel scorer, no weights)"
 meissonic eval --suite shapes --prompts shapes --model "$checkpoint" --out "$OUT/eval" \
-  --images-per-prompt "$IMAGES_PER_PROMPT" --sample-batch-size 64 "${SAMPLER[@]}" --seed "$SEED" --grid 24
+  --images-per-prompt "$IMAGES_PER_PROMPT" --sample-batch-size 64 "${SAMPLER[@]}" --seed "$SEED" --grid-size 24
 
 echo
 echo "done in $((SECONDS - start)) s: samples in $OUT/samples/grid.png, benchmark in $OUT/eval/report.json"

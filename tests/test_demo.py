@@ -105,5 +105,5 @@ def test_demo_script_parses_and_uses_the_demo_settings():
     full = demo.BUDGETS["full"]
     assert f"ROWS=${{ROWS:-{full.rows}}}" in script
     assert f"--sides {','.join(str(side) for side in demo.SOURCE_SIDES)} " in script
-    assert (f"--steps {full.sample_steps} --cfg {full.cfg:g} --temperature {full.temperature} "
+    assert (f"--steps {full.sample_steps} --guidance-scale {full.cfg:g} --temperature {full.temperature} "
             f"--token-temperature {full.token_temperature:g}") in script

@@ -11,12 +11,20 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from meissonic_cli.shapes import world as shapes
 from meissonic_cli.cli import app
-from meissonic_cli.sample.edit import (EditCase, box_mask, edit_image, load_mask, outpaint_layout, remask_positions,
-                                token_mask)
 from meissonic_cli.errors import InputError
 from meissonic_cli.model.vq import images_to_tensor
+from meissonic_cli.sample.edit import (
+    EditCase,
+    box_mask,
+    edit_image,
+    load_mask,
+    mask_token_grid,
+    outpaint_layout,
+    remask_positions,
+    token_mask,
+)
+from meissonic_cli.shapes import world as shapes
 
 runner = CliRunner()
 
@@ -85,10 +93,18 @@ def test_token_mask_downsampling_and_dilation(tmp_path):
     corner = np.zeros((64, 64), dtype=bool)
     corner[0, 0] = True
     assert token_mask(corner, 16, dilate=2).sum() == 9  # clipped at the border
-    Image.fromarray((pixels * 255).astype(np.uint8)).save(tmp_path / "m.png")
-    assert np.array_equal(load_mask(tmp_path / "m.png", (96, 64)), pixels)
-    with pytest.raises(InputError, match="must have the image's size"):
-        load_mask(tmp_path / "m.png", (64, 64))
+    # A mask image: resized to the working size like inpaint.py (any size), then the official rule:
+    # Lanczos straight to the token grid, repaint where the grey level is >= 128.
+    block = np.zeros((64, 96), dtype=np.uint8)
+    block[16:48, 48:80] = 255  # exactly tokens (1..2, 3..4)
+    block[40, :] = 255  # a 1-pixel line: far under half a token, so it masks nothing
+    Image.fromarray(block).save(tmp_path / "m.png")
+    mask = load_mask(tmp_path / "m.png", (96, 64))
+    assert mask.size == (96, 64) and mask.mode == "RGB"
+    grid = mask_token_grid(mask, (4, 6))
+    assert grid.sum() == 4 and bool(grid[1:3, 3:5].all())
+    assert mask_token_grid(load_mask(tmp_path / "m.png", (192, 128)), (8, 12)).sum() == 16  # same mask, twice the size
+    assert mask_token_grid(mask, (4, 6), dilate=1).sum() == 16
     with pytest.raises(InputError, match="inside the 64x64 image"):
         box_mask((10, 10, 70, 20), (64, 64))
 
@@ -113,8 +129,8 @@ def test_outpaint_keeps_the_original_tokens(pipe, source):
 @pytest.mark.parametrize("strength,count", [(0.25, 4), (1.0, 16)])  # 0.5 -> 8: the cases test
 def test_mask_free_edit_remasks_round_strength_times_tokens(pipe, source, strength, count):
     original = _encode(pipe, source)
-    for how in ("random", "confidence"):
-        result = edit_image(pipe, _case(source, mode="edit", strength=strength, remask=how))
+    for how in ("exact-count", "confidence"):
+        result = edit_image(pipe, _case(source, mode="edit", strength=strength, edit_rule=how))
         assert result.masked == count, how
         keep = ~result.token_mask
         assert torch.equal(result.tokens_out[keep], original[keep])
@@ -142,7 +158,7 @@ def test_cases_file_writes_sidecars_and_rerun_skips(tmp_path, model_dir, source)
     cases = [
         {"image": str(source), "mask": "mask.png", "prompt": "a red circle", "mode": "inpaint", "seed": 3},
         {"image": str(source), "prompt": "a wide scene", "mode": "outpaint", "extend": [32, 0, 32, 0], "name": "wide"},
-        {"image": str(source), "prompt": "a green square", "mode": "edit", "strength": 0.5,
+        {"image": str(source), "prompt": "a green square", "mode": "edit", "strength": 0.5, "remask": "random",
          "source_prompt": "a blue square", "category": "photo"},
     ]
     (tmp_path / "cases.jsonl").write_text("\n".join(json.dumps(c) for c in cases) + "\n")
@@ -158,6 +174,7 @@ def test_cases_file_writes_sidecars_and_rerun_skips(tmp_path, model_dir, source)
     assert inpaint["mask"] == str((tmp_path / "mask.png").resolve())
     edit = json.loads((out / "00002-edit-a-green-square.json").read_text())
     assert edit["masked_tokens"] == 8 and edit["source_prompt"] == "a blue square" and edit["category"] == "photo"
+    assert edit["edit_rule"] == "exact-count"  # the JSONL key of older versions, "remask": "random"
     with Image.open(out / "wide.png") as im:
         assert im.size == (128, 64)
 
@@ -178,7 +195,6 @@ def test_cases_file_writes_sidecars_and_rerun_skips(tmp_path, model_dir, source)
 
 def test_bad_inputs_fail_with_one_clear_line(tmp_path, model_dir, source):
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    Image.new("L", (32, 32), 255).save(tmp_path / "small_mask.png")
     base = ["edit", "--model", str(model_dir), "--prompt", "x", "--steps", "2", "--device", "cpu"]
     out = tmp_path / "out"
     out.mkdir()
@@ -186,7 +202,7 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, model_dir, source):
     cases = [
         (["--image", str(tmp_path / "missing.png"), "--box", "0,0,8,8"], "image not found"),
         (["--image", str(tmp_path / "broken.png"), "--box", "0,0,8,8"], "cannot be read as an image"),
-        (["--image", str(source), "--mask", str(tmp_path / "small_mask.png")], "is 32x32 but the image is 64x64"),
+        (["--image", str(source), "--mode", "edit", "--edit-rule", "most"], "--edit-rule must be one of"),
         (["--image", str(source), "--mask", str(tmp_path / "nope.png")], "mask not found"),
         (["--image", str(source), "--box", "0,0,80,10"], "inside the 64x64 image"),
         (["--image", str(source), "--box", "1,2,3"], "4 comma-separated integers"),
@@ -203,3 +219,47 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, model_dir, source):
         assert needle in result.output, (extra, result.output)
         assert result.output.startswith("Error:") and result.output.count("\n") == 1, result.output
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_official_cases_json_runs_end_to_end(tmp_path, model_dir, source, monkeypatch):
+    """The official inpaint.py cases.json format: a JSON list of {input, mask, prompt, negative_prompts};
+    null negative = none, a missing key = the command's; relative paths against the file's folder, then
+    the working directory; masks of another size than their image are resized (and said so)."""
+    assets = tmp_path / "assets" / "inpaint"
+    assets.mkdir(parents=True)
+    Image.open(source).save(assets / "scene.png")
+    half = np.zeros((128, 128), dtype=np.uint8)
+    half[:, 64:] = 255  # the right half, at twice the image's size
+    Image.fromarray(half).save(assets / "half.png")
+    wide = np.zeros((64, 96, 3), dtype=np.uint8)
+    wide[..., 0] = np.linspace(0, 255, 96, dtype=np.uint8)
+    Image.fromarray(wide).save(assets / "wide.png")
+    spot = Image.new("RGBA", (48, 32), (0, 0, 0, 255))
+    spot.paste((255, 255, 255, 255), (0, 0, 16, 16))
+    spot.save(assets / "wide_mask.png")
+    cases = [
+        {"input": "scene.png", "mask": "half.png", "prompt": "a red circle", "negative_prompts": None},
+        {"input": "./assets/inpaint/wide.png", "mask": "./assets/inpaint/wide_mask.png", "prompt": "a green square"},
+    ]
+    (assets / "cases.json").write_text(json.dumps(cases, indent=2))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["edit", "--model", str(model_dir), "--cases", str(assets / "cases.json"),
+                                 "--out", str(out), "--steps", "2", "--cfg", "2", "--device", "cpu",
+                                 "--negative-prompt", "blurry"])
+    assert result.exit_code == 0, result.output
+    assert "mask half.png is 128x128 and image scene.png 64x64: each is resized to 64x64" in result.output
+    first = json.loads((out / "00000-inpaint-a-red-circle.json").read_text())
+    second = json.loads((out / "00001-inpaint-a-green-square.json").read_text())
+    assert first["negative_prompt"] == "" and second["negative_prompt"] == "blurry"
+    assert first["mask"] == str((assets / "half.png").resolve())
+    assert second["source"] == str((assets / "wide.png").resolve())
+    expected = [mask_token_grid(load_mask(assets / name, size), (size[1] // 16, size[0] // 16)).sum()
+                for name, size in (("half.png", (64, 64)), ("wide_mask.png", (96, 64)))]
+    assert [first["masked_tokens"], second["masked_tokens"]] == expected == [8, 4]
+    with Image.open(out / "00001-inpaint-a-green-square.png") as im:
+        assert im.size == (96, 64)
+    # A key neither format has: one clear line.
+    (assets / "bad.json").write_text(json.dumps([{"input": "scene.png", "prompt": "x", "guidance": 2}]))
+    bad = runner.invoke(app, ["edit", "--model", str(model_dir), "--cases", str(assets / "bad.json"), "--out", str(out)])
+    assert bad.exit_code == 1 and "unknown key(s) guidance" in bad.output and bad.output.count("\n") == 1

@@ -18,7 +18,7 @@ def _error_text(res) -> str:
 
 
 def test_info_released_config_prints_the_parameter_count() -> None:
-    res = CliRunner().invoke(app, ["info", "--config", "1b"], env={"COLUMNS": "200"})
+    res = CliRunner().invoke(app, ["info", "--arch", "1b"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, _error_text(res)
     assert "1,006,946,304" in res.output and "single_transformer_blocks" in res.output and "440,724,480" in res.output
     assert "8255" in res.output  # derived mask token id
@@ -46,9 +46,9 @@ def test_info_errors(tmp_path: Path) -> None:
     runner = CliRunner()
     res = runner.invoke(app, ["info", "--model", str(tmp_path / "missing")])
     assert res.exit_code == 1 and "model folder not found" in _error_text(res)
-    res = runner.invoke(app, ["info", "--config", "7b"])
+    res = runner.invoke(app, ["info", "--arch", "7b"])
     assert res.exit_code == 1 and "1b, tiny" in _error_text(res)
-    res = runner.invoke(app, ["info", "--config", "1b", "--model", str(tmp_path)])
+    res = runner.invoke(app, ["info", "--arch", "1b", "--model", str(tmp_path)])
     assert res.exit_code == 1 and "exactly one" in _error_text(res)
 
     tdir = MeissonicTransformer(meissonic_tiny()).save_pretrained(tmp_path / "m" / "transformer")

@@ -9,11 +9,11 @@ import tarfile
 import numpy as np
 import pytest
 
-from meissonic_cli.errors import InputError
 from meissonic_cli.data.shards import (
+    DataCursor,
+    ShardStream,
     TokenSample,
     TokenShardWriter,
-    iter_token_samples,
     list_token_shards,
     read_dataset_info,
     read_shard_stats,
@@ -22,6 +22,7 @@ from meissonic_cli.data.shards import (
     stats_path,
     write_dataset_info,
 )
+from meissonic_cli.errors import InputError
 
 
 def _sample(i: int, mode: str = "full") -> TokenSample:
@@ -104,30 +105,41 @@ def test_writer_rejects_bad_samples(tmp_path):
     assert safe_key("dir/img.001 copy") == "dir_img_001_copy"
 
 
+def _keys(stream: ShardStream) -> list[str]:
+    with stream:
+        return [s.key for s in stream]
+
+
 def test_rank_split_and_resume_cursor(tmp_path):
     for shard in range(5):
         _write(tmp_path, shard, [_sample(shard * 10 + j, "none") for j in range(3)])
-    keys = {r: [s.key for s, _ in iter_token_samples(tmp_path, rank=r, world_size=2)] for r in (0, 1)}
+    keys = {r: _keys(ShardStream.open(tmp_path, rank=r, world_size=2, epochs=1)) for r in (0, 1)}
     assert len(keys[0]) == 9 and len(keys[1]) == 6  # shards 0,2,4 and 1,3
     assert not set(keys[0]) & set(keys[1])
     assert keys[0][:3] == ["000000000", "000000001", "000000002"] and keys[1][0] == "000000010"
 
-    full = list(iter_token_samples(tmp_path, rank=0, world_size=2))
-    cursor = full[4][1]  # resume right after the 5th sample
-    resumed = [s.key for s, _ in iter_token_samples(tmp_path, rank=0, world_size=2, cursor=cursor)]
-    assert resumed == keys[0][5:]
+    stream = ShardStream.open(tmp_path, rank=0, world_size=2, epochs=1)
+    for _ in range(5):
+        next(stream)
+    cursor = DataCursor(**stream.cursor.to_dict())  # resume right after the 5th sample
+    stream.close()
+    assert cursor.to_dict() == {"epoch": 0, "position": 1, "offset": 2}
+    assert _keys(ShardStream.open(tmp_path, rank=0, world_size=2, epochs=1, cursor=cursor)) == keys[0][5:]
 
-    # Repeating continues into the next epoch with the same cursor arithmetic; shuffling permutes shards.
-    stream = iter_token_samples(tmp_path, repeat=True, shuffle_seed=1)
-    epoch0 = [next(stream)[0].key for _ in range(15)]
-    sample, cur = next(stream)
-    assert cur[0] == 5  # first shard of the second epoch
-    assert sorted(epoch0) == sorted(s.key for s, _ in iter_token_samples(tmp_path))
-    again = iter_token_samples(tmp_path, repeat=True, shuffle_seed=1, cursor=cur)
-    assert next(again)[0].key == next(stream)[0].key
+    # An endless stream continues into the next epoch; shuffling permutes shards and samples afresh each epoch.
+    stream = ShardStream.open(tmp_path, shuffle=True, seed=1)
+    epoch0 = [next(stream).key for _ in range(15)]
+    assert stream.cursor.to_dict() == {"epoch": 1, "position": 0, "offset": 0}
+    assert sorted(epoch0) == sorted(_keys(ShardStream.open(tmp_path, epochs=1)))
+    assert epoch0 != sorted(epoch0)
+    cur = DataCursor(**stream.cursor.to_dict())
+    again = ShardStream.open(tmp_path, shuffle=True, seed=1, cursor=cur)
+    assert [next(again).key for _ in range(7)] == [next(stream).key for _ in range(7)]
+    again.close()
+    stream.close()
 
     with pytest.raises(InputError, match="cannot feed 8 ranks"):
-        list(iter_token_samples(tmp_path, rank=7, world_size=8))
+        ShardStream.open(tmp_path, rank=7, world_size=8)
 
 
 def test_dataset_info(tmp_path):
@@ -151,6 +163,6 @@ def test_damaged_tar_is_an_input_error(tmp_path):
 
 def test_repeat_over_empty_shards_stops(tmp_path):
     _write(tmp_path, 0, [])
-    assert list(iter_token_samples(tmp_path)) == []
-    with pytest.raises(InputError, match="hold no samples"):
-        next(iter_token_samples(tmp_path, repeat=True))
+    assert _keys(ShardStream.open(tmp_path, epochs=1)) == []
+    with pytest.raises(InputError, match="every token shard of this rank is empty"):
+        next(ShardStream.open(tmp_path))

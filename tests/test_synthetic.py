@@ -184,7 +184,7 @@ def test_image_folder_and_cli(tmp_path):
     paths = write_image_folder(tmp_path / "folder", 5, size=32, seed=1)
     assert len(paths) == 5 and all(p.with_suffix(".txt").read_text().strip() for p in paths)
     assert Image.open(paths[0]).size == (32, 32)
-    res = CliRunner().invoke(app, ["synth", str(tmp_path / "src"), "--rows", "30", "--files", "2",
+    res = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "src"), "--rows", "30", "--files", "2",
                                    "--schema", "lowercase"])
     assert res.exit_code == 0, res.output
     files = sorted((tmp_path / "src" / "metadata").glob("*.parquet"))
@@ -196,7 +196,7 @@ def test_cli_sides_set_the_served_image_sizes(tmp_path):
     assert parse_sides(synth_command.DEFAULT_SIDES) == DEFAULT_SIDES  # the CLI default is the library's
     for flag, expected in (("64", {64}), ("64, 96,128", {64, 96, 128})):
         out = tmp_path / f"src-{len(expected)}"
-        res = CliRunner().invoke(app, ["synth", str(out), "--rows", "60", "--sides", flag])
+        res = CliRunner().invoke(app, ["synth", "--out", str(out), "--rows", "60", "--sides", flag])
         assert res.exit_code == 0, res.output
         images = sorted((out / "images").iterdir())
         assert len(images) > 40
@@ -211,7 +211,7 @@ def test_cli_sides_set_the_served_image_sizes(tmp_path):
 
 @pytest.mark.parametrize("flag", ["64,x", "0", "4", "64,,96", ""])
 def test_cli_bad_sides_is_one_line_and_writes_nothing(tmp_path, flag):
-    res = CliRunner().invoke(app, ["synth", str(tmp_path / "src"), "--rows", "20", "--sides", flag])
+    res = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "src"), "--rows", "20", "--sides", flag])
     assert res.exit_code == 1
     assert res.output.strip().splitlines() == [(
         f"Error: --sides {flag!r} must be image sides in pixels (integers >= 8) separated by commas, "

@@ -170,11 +170,80 @@ def test_tokenizer_folder_settings(tmp_path):
     tok = ClipTokenizer.from_pretrained(tmp_path)
     assert tok.pad_id == EOT_ID and tok("a cat")[0, -1] == EOT_ID
 
+    # The BPE comes from the folder's own files: a merges.txt that names a token vocab.json lacks is refused,
+    # and one whose merges differ tokenizes by them.
     lines = (tmp_path / "merges.txt").read_text().split("\n")
+    saved = list(lines)
     lines[5] = "q z"
     (tmp_path / "merges.txt").write_text("\n".join(lines))
-    with pytest.raises(ModelFormatError, match="not CLIP's"):
+    with pytest.raises(ModelFormatError, match="do not belong together"):
         ClipTokenizer.from_pretrained(tmp_path)
+    cut = "\n".join(line for line in saved if line != "c at</w>")  # drop the merge that makes 'cat</w>'
+    (tmp_path / "merges.txt").write_text(cut)
+    pieces = ClipTokenizer.from_pretrained(tmp_path).tokens("a cat")
+    assert pieces[0] == "a</w>" and "cat</w>" not in pieces and "".join(pieces[1:]) == "cat</w>"
+    (tmp_path / "vocab.json").unlink()
+    with pytest.raises(ModelFormatError, match="has merges.txt but not vocab.json"):
+        ClipTokenizer.from_pretrained(tmp_path)
+
+
+def test_added_tokens_split_before_bpe(tmp_path):
+    """Every special token (and `added_tokens_decoder` entry) is cut out of the raw text before the BPE,
+    by exact match, with its strip flags; the laion pad token `!` is then id 0 on its own."""
+    tok = ClipTokenizer()
+    assert tok.pad_id == 0 and tok.added["!"].id == 0
+    ids = tok(["wow!", "!!!", "go!<|endoftext|>", "<|ENDOFTEXT|>"])
+    assert ids[0, :4].tolist() == [SOT_ID, tok.vocab.encoder["wow</w>"], 0, EOT_ID]
+    assert ids[1, :5].tolist() == [SOT_ID, 0, 0, 0, EOT_ID]
+    assert ids[2, :5].tolist() == [SOT_ID, tok.vocab.encoder["go</w>"], 0, EOT_ID, EOT_ID]
+    # Upper case is not an exact match: it reaches the BPE, whose regex still knows the token.
+    assert ids[3, :3].tolist() == [SOT_ID, EOT_ID, EOT_ID]
+    assert tok.tokens("wow！") == ["wow</w>", "!</w>"]  # a "!" made by cleaning (fullwidth) is BPE's own
+
+    ClipTokenizer().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"] = {str(tok.vocab.encoder["cat</w>"]): {
+        "content": "<cat>", "lstrip": True, "rstrip": True, "single_word": False, "normalized": False, "special": True}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    custom = ClipTokenizer.from_pretrained(tmp_path)
+    assert custom.tokens("a  <cat>  dog") == ["a</w>", "<cat>", "dog</w>"]
+    assert custom("a<cat>")[0, :4].tolist() == [SOT_ID, 320, tok.vocab.encoder["cat</w>"], EOT_ID]
+
+
+def _clip_model_folder(encoder: TextEncoder, folder) -> None:
+    """A full Hugging Face CLIPModel folder around `encoder` (random vision tower), with tokenizer files."""
+    encoder.save_pretrained(folder)
+    text_cfg = json.loads((folder / "config.json").read_text())
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["vision_model.embeddings.patch_embedding.weight"] = torch.randn(8, 3, 4, 4)
+    weights["vision_model.post_layernorm.weight"] = torch.ones(8)
+    weights["visual_projection.weight"] = torch.randn(text_cfg["projection_dim"], 8)
+    weights["logit_scale"] = torch.tensor(4.6)
+    save_file(weights, str(folder / "model.safetensors"))
+    config = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": text_cfg["projection_dim"],
+              "text_config": {k: v for k, v in text_cfg.items() if k != "architectures"},
+              "vision_config": {"hidden_size": 8, "patch_size": 4, "image_size": 8}}
+    # laion's config keeps the text tower's real values in text_config_dict; text_config holds defaults.
+    config["text_config"]["hidden_size"] = 1024
+    config["text_config_dict"] = {"hidden_size": text_cfg["hidden_size"]}
+    (folder / "config.json").write_text(json.dumps(config))
+    ClipTokenizer().save_pretrained(folder)
+
+
+def test_full_clip_model_folder_loads_its_text_tower(encoder, tmp_path):
+    _clip_model_folder(encoder, tmp_path / "clip")
+    loaded = TextEncoder.from_pretrained(tmp_path / "clip").eval()
+    with torch.no_grad():
+        ref, got = encoder.encode(PROMPTS), loaded.encode(PROMPTS)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert loaded.tokenizer.pad_id == 0
+    # A text-model folder with vision weights (no CLIPModel config) is still refused, naming them.
+    encoder.save_pretrained(tmp_path / "te")
+    sd = load_file(str(tmp_path / "te" / "model.safetensors"))
+    sd["vision_model.post_layernorm.weight"] = torch.ones(8)
+    save_file(sd, str(tmp_path / "te" / "model.safetensors"))
+    with pytest.raises(ModelFormatError, match="unexpected 1 key"):
+        TextEncoder.from_pretrained(tmp_path / "te")
 
 
 def test_trainable_under_autograd():

@@ -15,10 +15,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from meissonic_cli.cli import app
-from meissonic_cli.errors import ConfigError, ModelFormatError
-from meissonic_cli.data.shards import iter_token_samples, list_token_shards, read_dataset_info, read_shard_stats, read_token_shard
-from meissonic_cli.model.text_encoder import TextEncoder
+from meissonic_cli.data.shards import ShardStream, list_token_shards, read_dataset_info, read_shard_stats, read_token_shard
 from meissonic_cli.data.tokenize import TokenizeConfig, tokenize
+from meissonic_cli.errors import ConfigError, ModelFormatError
+from meissonic_cli.model.text_encoder import TextEncoder
 from meissonic_cli.model.vq.vqgan import VQTokenizer
 
 R = 32  # tiny VQ has f = 16: a 2x2 code grid
@@ -99,7 +99,7 @@ def test_image_folder_end_to_end(image_folder, model_dir, tmp_path):
     assert info["grid"] == [2, 2] and info["text_features"] == "full" and info["text_dim"] == 32
     assert info["pooled_dim"] == 32 and info["codebook_size"] == 64 and info["crop"] == "center"
 
-    samples = {s.key: s for s, _ in iter_token_samples(out)}
+    samples = {s.key: s for s in ShardStream.open(out, epochs=1)}
     assert set(samples) == {"img0", "img1", "img2", "img3", "sub_no_caption"}
     vq = VQTokenizer.from_pretrained(model_dir)
     te = TextEncoder.from_pretrained(model_dir).eval()
@@ -150,7 +150,7 @@ def test_webdataset_input_random_crop(wds_input, model_dir, tmp_path):
                          random_crop=True, seed=5, batch_size=2, text_features="pooled")
     res = tokenize(cfg, show_progress=False)
     assert res.shards_written == 2 and res.images == 5 and res.failed == 0
-    samples = [s for s, _ in iter_token_samples(tmp_path / "a")]
+    samples = list(ShardStream.open(tmp_path / "a", epochs=1))
     assert [s.key for s in samples] == ["000000000", "000000001", "000000002", "000000010", "000000011"]
     references = []
     for s in samples:
@@ -170,7 +170,7 @@ def test_webdataset_input_random_crop(wds_input, model_dir, tmp_path):
     again = tokenize(TokenizeConfig(input=str(wds_input), out=str(tmp_path / "b"), vq=str(model_dir), resolution=R,
                                     random_crop=True, seed=5, text_features="none"), show_progress=False)
     assert again.images == 5
-    assert [s.micro.tolist() for s, _ in iter_token_samples(tmp_path / "b")] == [s.micro.tolist() for s in samples]
+    assert [s.micro.tolist() for s in ShardStream.open(tmp_path / "b", epochs=1)] == [s.micro.tolist() for s in samples]
 
 
 def _jpeg_of(shards: Path, key: str) -> bytes:

@@ -13,25 +13,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from meissonic_cli.cli import app
+from meissonic_cli.data.shards import ShardStream, TokenSample, TokenShardWriter, read_token_shard, write_dataset_info
+from meissonic_cli.errors import ConfigError, InputError, ModelFormatError, OutputExistsError
+from meissonic_cli.model.scaffold import build_tiny_model_folder
+from meissonic_cli.model.text_encoder import TextEncoder
+from meissonic_cli.model.transformer import MeissonicTransformer, load_state_dict_files, meissonic_tiny
 from meissonic_cli.train import trainer as train_mod
 from meissonic_cli.train.checkpoint import list_checkpoints
-from meissonic_cli.cli import app
-from meissonic_cli.errors import ConfigError, InputError, ModelFormatError, OutputExistsError
-from meissonic_cli.model.transformer import MeissonicTransformer, load_state_dict_files, meissonic_tiny
-from meissonic_cli.model.scaffold import build_tiny_model_folder
-from meissonic_cli.data.shards import TokenSample, TokenShardWriter, read_token_shard, write_dataset_info
-from meissonic_cli.model.text_encoder import TextEncoder
-from meissonic_cli.train.trainer import (
-    IGNORE_INDEX,
-    ShardStream,
-    Trainer,
-    TrainingDivergedError,
-    mask_tokens,
-    masked_cross_entropy,
-    sample_masking_rates,
-    train,
-)
 from meissonic_cli.train.config import TrainConfig, load_train_config
+from meissonic_cli.train.objective import IGNORE_INDEX, mask_tokens, masked_cross_entropy, sample_masking_rates
+from meissonic_cli.train.trainer import Trainer, TrainingDivergedError, train
 
 REPO = Path(__file__).resolve().parents[1]
 GRID = 4  # 64 px at a VQ factor of 16
@@ -447,7 +439,7 @@ def test_cli_print_config_resolves_file_then_flags(tmp_path):
 def test_cli_runs_the_tiny_cpu_recipe(tmp_path):
     data = make_token_dataset(tmp_path / "data", shards=1)
     te = make_model_folder(tmp_path / "model") / "text_encoder"
-    result = _invoke("--config", str(REPO / "pipelines" / "tiny_cpu.yaml"), "--data", str(data), "--output",
+    result = _invoke("--config", str(REPO / "pipelines" / "tiny_cpu.yaml"), "--data", str(data), "--out",
                      str(tmp_path / "run"), "--text-encoder", str(te), "--batch-size", "2", "--max-steps", "2")
     assert result.exit_code == 0, _error_text(result)
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]
@@ -472,7 +464,7 @@ def test_tensorboard_is_optional(tmp_path):
 @pytest.mark.parametrize("case", ["missing", "empty", "grid", "field"])
 def test_cli_bad_inputs_fail_with_one_line(tmp_path, case):
     data = make_token_dataset(tmp_path / "data", shards=1)
-    args = ["--data", str(data), "--output", str(tmp_path / "run"), "--model", "tiny", "--resolution", "64", "--device", "cpu"]
+    args = ["--data", str(data), "--out", str(tmp_path / "run"), "--arch", "tiny", "--resolution", "64", "--device", "cpu"]
     if case == "missing":
         args[1], expect = str(tmp_path / "nope"), "does not exist"
     elif case == "empty":
@@ -502,7 +494,128 @@ def test_resume_with_a_different_model_config_is_refused_without_damage(tmp_path
         Trainer(cfg_for(tmp_path, data, max_steps=4))
     with pytest.raises(InputError, match="not a training checkpoint"):
         Trainer(cfg_for(tmp_path, data, max_steps=4, resume=str(run / "step-00000009")))
-    result = _invoke("--data", str(data), "--output", str(run), "--model", "tiny", "--resolution", "64", "--device", "cpu",
+    result = _invoke("--data", str(data), "--out", str(run), "--arch", "tiny", "--resolution", "64", "--device", "cpu",
                      "--resume", "auto", "--feature-compression", "off", "--max-steps", "4")
     assert result.exit_code == 1 and "different model config" in _error_text(result)
     assert tree_digest(run) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints hold no pickle; an interrupted run says how to resume
+
+
+def test_no_torch_load_in_the_package_turns_the_safe_loader_off():
+    import ast
+
+    offenders, calls = [], 0
+    for path in sorted((REPO / "meissonic_cli").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
+                    and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+                calls += 1
+                safe = [k for k in node.keywords if k.arg == "weights_only"]
+                if not (safe and isinstance(safe[0].value, ast.Constant) and safe[0].value.value is True):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert calls >= 1  # the walk does find torch.load calls
+    assert offenders == [], f"torch.load without weights_only=True: {offenders}"
+
+
+class _RunsCode:
+    """Unpickling this creates a marker file: what a crafted checkpoint would do with a shell command."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("pickled")
+    data = make_token_dataset(tmp / "data", shards=1)
+    train(cfg_for(tmp, data, max_steps=2, checkpoint_every=2))
+    return data, tmp / "run"
+
+
+@pytest.mark.parametrize("target", ["legacy_rng", "rng", "trainer_state"])
+def test_a_pickle_payload_in_a_checkpoint_is_never_run_on_resume(tmp_path, finished_run, target):
+    import pickle
+
+    data, original = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(original, run)
+    step = run / "step-00000002"
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({"python": _RunsCode(str(marker))})
+    if target == "legacy_rng":  # a checkpoint in the old layout, rng/rank-00000.pt
+        (step / "rng" / "rank-00000.safetensors").unlink()
+        (step / "rng" / "rank-00000.pt").write_bytes(payload)
+        expect = "old pickle format"
+    elif target == "rng":
+        (step / "rng" / "rank-00000.safetensors").write_bytes(payload)
+        expect = "not a readable safetensors file"
+    else:
+        torch.save({"step": 2, "optimizer": {}, "scheduler": {}, "evil": _RunsCode(str(marker))}, step / "trainer_state.pt")
+        expect = "refused without loading it"
+    before = tree_digest(run)
+    result = _invoke("--data", str(data), "--out", str(run), "--arch", "tiny", "--resolution", "64", "--device", "cpu",
+                     "--batch-size", "4", "--cond-dropout", "0", "--max-steps", "4", "--resume", "auto")
+    assert result.exit_code == 1, _error_text(result)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and expect in lines[0], result.output
+    assert "weights_only" not in result.output
+    assert not marker.exists()
+    assert tree_digest(run) == before
+
+
+def test_ctrl_c_prints_the_command_that_resumes(tmp_path, monkeypatch):
+    import shlex
+
+    data = make_token_dataset(tmp_path / "data", shards=1)
+    args = ["--data", str(data), "--out", str(tmp_path / "run"), "--arch", "tiny", "--resolution", "64",
+            "--device", "cpu", "--batch-size", "4", "--cond-dropout", "0", "--max-steps", "4", "--checkpoint-every", "2"]
+    save = train_mod.Trainer.save_checkpoint
+
+    def save_then_interrupt(self):
+        save(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod.Trainer, "save_checkpoint", save_then_interrupt)
+    result = _invoke(*args)
+    assert result.exit_code == 130
+    line = result.output.strip().splitlines()[-1]
+    assert line.startswith("Error: interrupted") and "rerun the same command" not in line
+    command = shlex.split(line.split("Resume with: ", 1)[1])
+    assert command[:2] == ["meissonic", "train"] and command[-2:] == ["--resume", "auto"]
+    monkeypatch.setattr(train_mod.Trainer, "save_checkpoint", save)
+    resumed = _invoke(*command[2:])
+    assert resumed.exit_code == 0, _error_text(resumed)
+    assert "resumed from" in (tmp_path / "run" / "train.log").read_text()
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2, 4]
+
+
+def test_rng_state_round_trips_through_safetensors_and_json(tmp_path):
+    import random
+
+    from meissonic_cli.train import checkpoint as ckpt
+
+    g = torch.Generator().manual_seed(5)
+    random.gauss(0, 1)  # a cached python gaussian
+    np.random.normal()  # and numpy's
+    cuda = [torch.randint(0, 255, (16,), dtype=torch.uint8) for _ in range(2)]  # as on a 2-GPU rank
+    state = {**ckpt.rng_state(g), "cuda": cuda}
+    ckpt.write_rng_state(tmp_path / "rank-00000.safetensors", state)
+    (tmp_path / "rng").mkdir()
+    (tmp_path / "rank-00000.safetensors").rename(ckpt.rng_file(tmp_path, 0))
+    back = ckpt.read_rng_state(tmp_path, 0)
+    assert back["python"] == state["python"]
+    assert back["numpy"][0] == state["numpy"][0] and np.array_equal(back["numpy"][1], state["numpy"][1])
+    assert back["numpy"][2:] == state["numpy"][2:]
+    for key in ("torch", "trainer"):
+        assert torch.equal(back[key], state[key])
+    assert all(torch.equal(a, b) for a, b in zip(back["cuda"], state["cuda"])) and len(back["cuda"]) == 2
+    expected = (random.random(), float(np.random.normal()), float(torch.rand(1)), float(torch.rand(1, generator=g)))
+    ckpt.restore_rng_state(back, g)
+    assert (random.random(), float(np.random.normal()), float(torch.rand(1)), float(torch.rand(1, generator=g))) == expected
+    assert ckpt.read_rng_state(tmp_path, 1) is None  # no state for a rank the checkpoint did not have

@@ -11,7 +11,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from test_train import make_token_dataset
 
 # Each rank trains, then reports a digest of its own final weights; only rank 0 writes the run.
@@ -86,7 +85,7 @@ def test_two_gloo_processes_end_with_identical_weights(tmp_path, mode):
     assert cursors["world_size"] == 2
     assert [c["offset"] for c in cursors["ranks"]] == [r0["cursor"]["offset"], r1["cursor"]["offset"]]
     assert cursors["ranks"][0]["shard"] in r0["shards"] and cursors["ranks"][1]["shard"] in r1["shards"]
-    assert (run / "step-00000003" / "rng" / "rank-00001.pt").is_file()
+    assert (run / "step-00000003" / "rng" / "rank-00001.safetensors").is_file()
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
 
     if mode == "ddp":

@@ -1,4 +1,7 @@
-"""`meissonic demo`: the whole chain on synthetic data, on a CPU (see `meissonic_cli.shapes.demo`)."""
+"""`meissonic demo`: the whole chain on synthetic data, on a CPU (see `meissonic_cli.shapes.demo`).
+
+Every `DemoConfig` field is a flag (`_options.py`).
+"""
 
 from __future__ import annotations
 
@@ -6,26 +9,14 @@ import os
 
 import typer
 
-from meissonic_cli.config import help_of
 from meissonic_cli.shapes.demo import DemoConfig
-from ._common import handle_errors
 
-
-def _h(name: str) -> str:
-    return help_of(DemoConfig, name)
+from ._options import Group, Options, command
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("demo")
-    @handle_errors
-    def demo_command(
-        out: str = typer.Option("demo-out", "--out", "-o", help=_h("out")),
-        budget: str = typer.Option("full", "--budget", help=_h("budget")),
-        overwrite: bool = typer.Option(False, "--overwrite", help=_h("overwrite")),
-        seed: int = typer.Option(0, "--seed", help=_h("seed")),
-        device: str = typer.Option("cpu", "--device", help=_h("device")),
-        model_only: bool = typer.Option(False, "--model-only", help=_h("model_only")),
-    ) -> None:
+    @command(app, "demo", [Group(DemoConfig, key="demo")])
+    def demo_command(opts: Options) -> None:
         """Run the whole chain on synthetic data on a CPU and show that the model learned.
 
         Synth, curate, download, tokenize, train, sample and the shapes benchmark, in about 10 minutes on
@@ -40,7 +31,7 @@ def register(app: typer.Typer) -> None:
 
         from meissonic_cli.shapes.demo import run_demo, summary_table
 
-        cfg = DemoConfig(out=out, budget=budget, overwrite=overwrite, seed=seed, device=device, model_only=model_only)
+        cfg = opts.build("demo")
         console = Console()
         result = run_demo(cfg.validate(), console)
         console.print(summary_table(result))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import typer
 
-from ._common import handle_errors
+from meissonic_cli.config import field
+
+from ._options import Group, Options, command
 
 # Sub-folders of a released model root and what each holds.
 LAYOUT = {
@@ -18,17 +21,19 @@ LAYOUT = {
 }
 
 
+@dataclass
+class InfoConfig:
+    """What `meissonic info` describes: a model folder or a named architecture; field help is the CLI help."""
+
+    model: Optional[str] = field(None, help="Model root (with transformer/, vqvae/, ...) or a transformer/ folder.",
+                                 short="-m")
+    arch: Optional[str] = field(None, help="Instead of a folder, a named architecture built on the meta device: 1b "
+                                           "(released) or tiny.", aliases=("--config",))
+
+
 def register(app: typer.Typer) -> None:
-    @app.command("info", no_args_is_help=True)
-    @handle_errors
-    def info_command(
-        model: Optional[str] = typer.Option(
-            None, "--model", "-m", help="Model root (with transformer/, vqvae/, ...) or a transformer/ folder."
-        ),
-        config: Optional[str] = typer.Option(
-            None, "--config", help="Instead of a folder, a named configuration built on the meta device: 1b (released) or tiny."
-        ),
-    ) -> None:
+    @command(app, "info", [Group(InfoConfig, key="info")], no_args_is_help=True)
+    def info_command(opts: Options) -> None:
         """Print the transformer config, parameter counts and which parts of the released layout exist."""
         from pathlib import Path
 
@@ -47,21 +52,22 @@ def register(app: typer.Typer) -> None:
             weight_shapes,
         )
 
-        if (model is None) == (config is None):
-            raise InputError("give exactly one of --model DIR or --config NAME (e.g. meissonic info --config 1b)")
+        model, arch = opts.get("info", "model"), opts.get("info", "arch")
+        if (model is None) == (arch is None):
+            raise InputError("give exactly one of --model DIR or --arch NAME (e.g. meissonic info --arch 1b)")
         console = Console()
         weights_note = None
-        if config is not None:
-            if config not in NAMED_CONFIGS:
-                raise InputError(f"unknown --config {config!r}; choose one of {', '.join(NAMED_CONFIGS)}")
-            cfg = NAMED_CONFIGS[config]()
-            title = f"configuration {config}"
+        if arch is not None:
+            if arch not in NAMED_CONFIGS:
+                raise InputError(f"unknown --arch {arch!r}; choose one of {', '.join(NAMED_CONFIGS)}")
+            cfg = NAMED_CONFIGS[arch]()
+            title = f"architecture {arch}"
         else:
             tdir = transformer_folder(model)
             cfg = TransformerConfig.from_json(tdir / "config.json")
             title = str(tdir)
         meta_model = build_on_meta(cfg)
-        if config is None:
+        if arch is None:
             stored = weight_shapes(tdir)
             check_state_dict(meta_model, {k: shape for k, (shape, _) in stored.items()}, f"weights in {tdir}")
             dtypes = sorted({dtype for _, dtype in stored.values()})

@@ -22,21 +22,25 @@ Output (webdataset, as img2dataset writes it): `<output>/NNNNN.tar` with `KEY.jp
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import math
 import os
-import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from meissonic_cli.atomic import atomic_write, write_json
-from meissonic_cli.config import Problems, field, flag_of
+from meissonic_cli.atomic import atomic_write, replace_directory, write_json
+from meissonic_cli.config import Problems, field, flag_of, read_json_object
 from meissonic_cli.data.curate import ROLE_CANDIDATES, detect_columns, resolve_inputs
+from meissonic_cli.data.inputs import check_output_parent, staging_folder, url_scheme_mask
+from meissonic_cli.data.workers import end_with_parent
 from meissonic_cli.errors import ConfigError, InputError, MeissonicError, OutputExistsError
+from meissonic_cli.safety import DEFAULT_URL_SCHEMES, parse_schemes
 
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 ENCODE_FORMATS = ("jpg", "png", "webp")
@@ -61,7 +65,8 @@ class DownloadConfig:
         default_factory=list,
         help="Curated parquet files, directories or globs (e.g. the output of `meissonic curate`)."
     )
-    output: str = field("", help="Output directory for the webdataset shards.", flag="--output")
+    output: str = field("", help="Output directory for the webdataset shards.", flag="--out", short="-o",
+                        aliases=("--output",))
     image_size: int = field(512, help="Target image size in pixels (meaning depends on --resize-mode).")
     resize_mode: str = field(
         "keep_ratio",
@@ -70,7 +75,8 @@ class DownloadConfig:
     )
     resize_only_if_bigger: bool = field(
         True,
-        help="Only shrink images; never upscale small ones (tokenize crops and records the original size)."
+        help="Only shrink images; never upscale small ones (tokenize crops and records the original size).",
+        flag="--resize-only-if-bigger/--upscale",
     )
     min_image_size: int = field(0, help="Skip images whose shorter side is below this many pixels.")
     max_aspect_ratio: float | None = field(None, help="Skip images whose longer side / shorter side exceeds this.")
@@ -84,14 +90,34 @@ class DownloadConfig:
     shard_size: int = field(10_000, help="Samples per output shard.")
     distributor: str = field(
         "multiprocessing",
-        help="multiprocessing (one machine), pyspark or ray (many machines; needs the package and a running "
-             "cluster)."
+        help="multiprocessing (one machine), pyspark (pip install 'meissonic[spark]', needs Java) or ray (pip "
+             "install 'meissonic[ray]'). pyspark and ray run locally with --processes workers unless given "
+             "--spark-master / --ray-address; the shards are the same whichever runs them."
+    )
+    spark_master: str | None = field(
+        None,
+        help="Spark master for --distributor pyspark: spark://HOST:7077, yarn, k8s://..., local[N] (default: "
+             "local[--processes]). Unused when a Spark session is already active."
+    )
+    ray_address: str | None = field(
+        None,
+        help="Ray cluster for --distributor ray: HOST:6379, ray://HOST:10001 or auto (default: $RAY_ADDRESS, else a "
+             "local Ray instance with --processes CPUs). Unused when Ray is already initialised."
     )
     timeout: int = field(10, help="Seconds before one image request gives up.")
     retries: int = field(0, help="Retries per failed image.")
     url_col: str | None = field(None, help="Column holding the image URL (default: detected, e.g. url or URL).")
     caption_col: str | None = field(None, help="Column holding the caption (default: detected, e.g. caption or TEXT).")
     overwrite: bool = field(False, help="Delete an existing output directory and start over (default: resume it).")
+    allow_schemes: list[str] = field(
+        default_factory=list,
+        help="Also download URLs of these schemes (repeatable or comma-separated, e.g. file or ftp). By default only "
+             "http and https URLs are fetched; rows with other schemes are counted and skipped."
+    )
+
+    def url_schemes(self) -> tuple[str, ...]:
+        """The URL schemes img2dataset may fetch: http, https and --allow-schemes."""
+        return tuple(dict.fromkeys(DEFAULT_URL_SCHEMES + parse_schemes(self.allow_schemes)))
 
     def validate(self) -> None:
         p = Problems()
@@ -129,6 +155,8 @@ class DownloadConfig:
                                                  "min_image_size", "max_aspect_ratio", "encode_format", "shard_size")}
         # The resolved value, so leaving the flag out resumes a run that gave the default explicitly.
         options["encode_quality"] = self.quality()
+        if self.url_schemes() != DEFAULT_URL_SCHEMES:  # only then: older manifests resume unchanged
+            options["url_schemes"] = list(self.url_schemes())
         return options
 
 
@@ -165,8 +193,11 @@ def _inspect_inputs(files: list[Path], cfg: DownloadConfig) -> dict[str, str]:
     return columns
 
 
-def _stage_inputs(files: list[Path], cols: dict[str, str], stage: Path) -> tuple[int, int, list[int]]:
-    """Write each input as `stage/part-NNNNN.parquet` with canonical column names; drop rows without a URL."""
+def _stage_inputs(files: list[Path], cols: dict[str, str], stage: Path,
+                  schemes: tuple[str, ...] = DEFAULT_URL_SCHEMES,
+                  refused: dict[str, int] | None = None) -> tuple[int, int, list[int]]:
+    """Write each input as `stage/part-NNNNN.parquet` with canonical column names; drop rows without a URL
+    and rows whose URL scheme is not in `schemes` (counted by scheme into `refused`)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -177,10 +208,20 @@ def _stage_inputs(files: list[Path], cols: dict[str, str], stage: Path) -> tuple
     names = {cols["url"]: "url", cols["caption"]: "caption"}
     names.update({cols[r]: SAVED_NAMES[r] for r in SAVED_NAMES if r in cols})
     for k, path in enumerate(files):
-        table = pq.read_table(path, columns=list(names))
+        try:
+            table = pq.read_table(path, columns=list(names))
+        except (pa.ArrowException, OSError) as err:
+            raise InputError(f"cannot read {path} as parquet ({err}); expected curated parquet metadata") from None
         table = table.rename_columns([names[c] for c in table.column_names])
         url = table.column("url").cast(pa.string())
         ok = pc.and_(pc.is_valid(url), pc.not_equal(pc.utf8_length(pc.fill_null(url, "")), 0))
+        scheme_ok, counts = url_scheme_mask(url, schemes)
+        for name, n in counts.items():
+            if refused is not None:
+                refused[name] = refused.get(name, 0) + n
+        table = table.filter(pc.or_(scheme_ok, pc.invert(ok)))
+        ok = pc.and_(pc.is_valid(table.column("url")), pc.not_equal(pc.utf8_length(pc.fill_null(
+            table.column("url").cast(pa.string()), "")), 0))
         kept = table.filter(ok)
         # NaN would reach each sample's json as the non-standard token NaN: store null instead.
         for i, name in enumerate(kept.column_names):
@@ -192,6 +233,10 @@ def _stage_inputs(files: list[Path], cols: dict[str, str], stage: Path) -> tuple
         per_file.append(kept.num_rows)
         atomic_write(stage / f"part-{k:05d}.parquet", lambda tmp, t=kept: pq.write_table(t, tmp))
     return rows, dropped, per_file
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} {n:,}" for name, n in sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def _fingerprint(files: list[Path], cfg: DownloadConfig) -> dict[str, Any]:
@@ -225,8 +270,103 @@ def _check_distributor(name: str) -> None:
     import importlib.util
 
     if name != "multiprocessing" and importlib.util.find_spec(name) is None:
-        raise ConfigError(f"--distributor {name} needs the {name} package (pip install {name}) and a running "
-                          f"{'Spark' if name == 'pyspark' else 'Ray'} cluster; use --distributor multiprocessing on one machine")
+        extra = "spark" if name == "pyspark" else "ray"
+        raise ConfigError(f"--distributor {name} needs the {name} package: pip install 'meissonic[{extra}]' (or "
+                          f"pip install {name}); use --distributor multiprocessing on one machine")
+    if name == "pyspark":
+        _check_java()
+
+
+# Oldest Java each pyspark major version runs on (Spark 4 dropped Java 8 and 11).
+_JAVA_FOR_SPARK = {3: 8, 4: 17}
+
+
+def java_version(java: str) -> int | None:
+    """The major version `java -version` reports (8 for "1.8.0_392", 17 for "17.0.15"), None if unreadable."""
+    import re
+    import subprocess
+
+    try:
+        done = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r'version "(\d+)(?:\.(\d+))?', done.stderr + done.stdout)
+    if not m:
+        return None
+    major = int(m.group(1))
+    return int(m.group(2) or 0) if major == 1 else major
+
+
+def _check_java() -> None:
+    """Spark runs on the JVM: refuse before any work when no (new enough) `java` is there, saying what to install."""
+    import shutil
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        spark_version = version("pyspark")
+    except PackageNotFoundError:
+        spark_version = "?"
+    major = int(spark_version.split(".")[0]) if spark_version[:1].isdigit() else 4
+    needed = _JAVA_FOR_SPARK.get(major, 17)
+    home = os.environ.get("JAVA_HOME")
+    java = str(Path(home) / "bin" / "java") if home else shutil.which("java")
+    install = (f"install Java {needed} or newer (Debian/Ubuntu: apt-get install openjdk-{max(needed, 17)}-jre-headless; "
+               f"macOS: brew install openjdk@{max(needed, 17)}; conda: conda install -c conda-forge openjdk={max(needed, 17)})")
+    if not java or not Path(java).is_file():
+        where = f"JAVA_HOME={home} holds no bin/java" if home else "no `java` on PATH"
+        raise ConfigError(f"--distributor pyspark runs on Java and found {where}: {install}, or use --distributor "
+                          "multiprocessing")
+    found = java_version(java)
+    if found is None or found < needed:
+        seen = f"Java {found}" if found else f"no version from `{java} -version`"
+        raise ConfigError(f"--distributor pyspark (pyspark {spark_version}) needs Java {needed} or newer and found "
+                          f"{seen} ({java}): {install}, and point JAVA_HOME at it")
+
+
+@contextlib.contextmanager
+def _distributed(cfg: DownloadConfig) -> Iterator[None]:
+    """Start the Spark session or Ray instance img2dataset's distributor runs on, unless one is already active,
+    and stop it afterwards (one that was already active is left as it was)."""
+    if cfg.distributor == "pyspark":
+        # Spark starts its Python workers with `python3` from PATH unless told otherwise, which may be
+        # an interpreter without img2dataset (`No module named 'img2dataset'`): use this one. On a
+        # cluster, set PYSPARK_PYTHON to the interpreter path on the workers.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+        from pyspark.sql import SparkSession
+
+        spark = SparkSession.getActiveSession()
+        owned = spark is None
+        if owned:
+            spark = (SparkSession.builder.appName("meissonic-download")
+                     .master(cfg.spark_master or f"local[{cfg.processes}]")
+                     .config("spark.ui.showConsoleProgress", "false")
+                     .getOrCreate())
+            spark.sparkContext.setLogLevel("ERROR")
+        try:
+            yield
+        finally:
+            if owned:
+                spark.stop()
+    elif cfg.distributor == "ray":
+        import ray
+
+        owned = not ray.is_initialized()
+        if owned:
+            kw: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
+            if cfg.ray_address:
+                ray.init(address=cfg.ray_address, **kw)
+            elif os.environ.get("RAY_ADDRESS"):
+                ray.init(**kw)
+            else:  # never join some other cluster on this machine by surprise
+                ray.init(address="local", num_cpus=cfg.processes, include_dashboard=False, **kw)
+        try:
+            yield
+        finally:
+            if owned:
+                ray.shutdown()
+    else:
+        yield
 
 
 def download(cfg: DownloadConfig) -> DownloadResult:
@@ -241,25 +381,38 @@ def download(cfg: DownloadConfig) -> DownloadResult:
     columns = _inspect_inputs(files, cfg)
     saved = [SAVED_NAMES[r] for r in SAVED_NAMES if r in columns]
 
+    check_output_parent(out, "--out")
     if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out} exists and is not a directory; choose another --output")
+        raise OutputExistsError(f"{out} exists and is not a directory; choose another --out")
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:
         if not manifest.is_file():
             raise OutputExistsError(f"{out} is not empty and holds no `meissonic download` state; choose another "
-                                    "--output, or pass --overwrite to delete it and start over")
-        previous = json.loads(manifest.read_text())
+                                    "--out, or pass --overwrite to delete it and start over")
+        previous = read_json_object(manifest, error=InputError, hint="move the folder away, or pass --overwrite to "
+                                                                      "delete it and start over")
         if previous.get("fingerprint") != fingerprint:
             raise ConfigError(f"{out} was started with other inputs or image options; rerun with the same ones to "
                               "resume, or pass --overwrite to delete it and start over")
-    if cfg.overwrite and out.exists():
-        shutil.rmtree(out)
 
-    state.mkdir(parents=True, exist_ok=True)
+    # Stage (read and check) every input row beside the output first; only then replace an old output
+    # (--overwrite) or add the staged input to the folder being resumed.
     stage = state / "input"
-    rows, dropped, per_file = _stage_inputs(files, columns, stage)
+    refused: dict[str, int] = {}
+    with staging_folder(out) as staging:
+        rows, dropped, per_file = _stage_inputs(files, columns, staging / STATE_DIR / "input", cfg.url_schemes(),
+                                                refused)
+        if rows == 0 and refused:
+            raise InputError(f"no row of the input has an allowed URL scheme ({', '.join(cfg.url_schemes())}); "
+                             f"refused: {_counts_text(refused)}. Pass --allow-schemes NAME to fetch others on purpose")
+        if cfg.overwrite and out.exists():
+            replace_directory(staging, out)
+        else:
+            state.mkdir(parents=True, exist_ok=True)
+            replace_directory(staging / STATE_DIR / "input", stage)
     expected_shards = sum(math.ceil(n / cfg.shard_size) for n in per_file)
     write_json(manifest, {"fingerprint": fingerprint, "columns": columns, "saved_columns": saved,
-                           "rows": rows, "rows_without_url": dropped})
+                           "rows": rows, "rows_without_url": dropped, "rows_refused_scheme": sum(refused.values()),
+                           "refused_schemes": refused})
 
     # img2dataset imports wandb and albumentations: keep both off the network.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -272,39 +425,49 @@ def download(cfg: DownloadConfig) -> DownloadResult:
     # turn its exit into an error, so an interrupted download never looks like a finished one.
     previous_handler = signal.getsignal(signal.SIGINT)
     try:
-        img2dataset.download(
-            url_list=str(stage),
-            output_folder=str(out),
-            input_format="parquet",
-            output_format="webdataset",
-            url_col="url",
-            caption_col="caption",
-            save_additional_columns=saved or None,
-            image_size=cfg.image_size,
-            resize_mode=cfg.resize_mode,
-            resize_only_if_bigger=cfg.resize_only_if_bigger,
-            min_image_size=cfg.min_image_size,
-            max_aspect_ratio=cfg.max_aspect_ratio if cfg.max_aspect_ratio is not None else math.inf,
-            encode_format=cfg.encode_format,
-            encode_quality=cfg.quality(),
-            processes_count=cfg.processes,
-            thread_count=cfg.threads,
-            number_sample_per_shard=cfg.shard_size,
-            distributor=cfg.distributor,
-            timeout=cfg.timeout,
-            retries=cfg.retries,
-            incremental_mode="incremental",
-            enable_wandb=False,
-        )
+        # its pool workers (and a local Spark JVM or Ray instance) die with us, even on kill -9
+        with end_with_parent(), _distributed(cfg):
+            img2dataset.download(
+                url_list=str(stage),
+                output_folder=str(out),
+                input_format="parquet",
+                output_format="webdataset",
+                url_col="url",
+                caption_col="caption",
+                save_additional_columns=saved or None,
+                image_size=cfg.image_size,
+                resize_mode=cfg.resize_mode,
+                resize_only_if_bigger=cfg.resize_only_if_bigger,
+                min_image_size=cfg.min_image_size,
+                max_aspect_ratio=cfg.max_aspect_ratio if cfg.max_aspect_ratio is not None else math.inf,
+                encode_format=cfg.encode_format,
+                encode_quality=cfg.quality(),
+                processes_count=cfg.processes,
+                thread_count=cfg.threads,
+                number_sample_per_shard=cfg.shard_size,
+                distributor=cfg.distributor,
+                timeout=cfg.timeout,
+                retries=cfg.retries,
+                incremental_mode="incremental",
+                enable_wandb=False,
+            )
     except SystemExit:
         raise MeissonicError(f"download interrupted; completed shards in {out} are kept, rerun the same "
                              "command to resume") from None
     except (OSError, ValueError) as err:
         raise InputError(f"img2dataset failed: {err}") from None
+    except Exception as err:
+        # Spark (py4j) and Ray wrap a worker's failure in their own exception types.
+        if type(err).__module__.split(".")[0] not in ("py4j", "pyspark", "ray"):
+            raise
+        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise MeissonicError(f"--distributor {cfg.distributor} failed: {first.strip()[:300]}; completed shards in "
+                             f"{out} are kept, rerun the same command to resume") from None
     finally:
         signal.signal(signal.SIGINT, previous_handler)
     summary = summarize(out)
-    summary.update({"rows": rows, "rows_without_url": dropped, "saved_columns": saved,
+    summary.update({"rows": rows, "rows_without_url": dropped, "rows_refused_scheme": sum(refused.values()),
+                    "refused_schemes": refused, "saved_columns": saved,
                     "expected_shards": expected_shards, "complete": summary["shards"] >= expected_shards,
                     "seconds": round(time.perf_counter() - start, 3)})
     write_json(state / "download_summary.json", summary)
@@ -319,6 +482,9 @@ def summary_table(summary: dict[str, Any]) -> "Any":
     table.add_column("")
     table.add_column("count", justify="right")
     table.add_row("rows in input", f"{summary.get('rows', summary['count']):,}")
+    if summary.get("rows_refused_scheme"):
+        table.add_row("[yellow]refused: URL scheme[/yellow] (" + _counts_text(summary.get("refused_schemes") or {})
+                      + "; --allow-schemes)", f"{summary['rows_refused_scheme']:,}")
     table.add_row("shards complete", f"{summary['shards']:,}")
     table.add_row("samples tried", f"{summary['count']:,}")
     table.add_row("[green]downloaded[/green]", f"{summary['successes']:,} ({summary['success_rate']:.1%})")

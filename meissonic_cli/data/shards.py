@@ -34,8 +34,8 @@ key and reason), `bytes` (tar size) and `source` (the input it came from), plus 
 from the tokenizer.
 
 Reading: `list_token_shards` lists complete shards in order; `read_token_shard(path, start)`
-iterates one shard from a sample offset; `iter_token_samples` gives each rank its share of shards
-and a resumable cursor.
+iterates one shard from a sample offset; `ShardStream` is the reader everything else uses (training,
+tests, tools): a rank's share of the shards, seeded shuffling, epochs and an exactly resumable cursor.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import random
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +50,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from meissonic_cli.atomic import write_json
 from meissonic_cli.errors import InputError
+from meissonic_cli.safety import open_tar_stream, read_member
 
 if TYPE_CHECKING:  # numpy is imported where used: `meissonic --help` imports this module
     import numpy as np
@@ -268,21 +268,22 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (f"{head}/{key}" if head else key), (ext if dot else "")
 
 
-def iter_tar_groups(path: str | Path) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_tar_groups(path: str | Path, max_member_bytes: int | None = None,
+                    allow_compressed: bool | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Yield `(key, {field: bytes})` for consecutive members of a tar sharing a key.
 
     Raises `tarfile.TarError` (or `EOFError`) if the tar is truncated; the groups read before
-    the damage have been yielded by then.
+    the damage have been yielded by then. A compressed tar, or a member over `max_member_bytes`
+    (default `safety.max_member_bytes()`), raises `InputError` (see `meissonic_cli.safety`).
     """
-    with tarfile.open(str(path), mode="r|*") as tar:
+    with open_tar_stream(path, allow_compressed) as tar:
         key: str | None = None
         group: dict[str, bytes] = {}
         for member in tar:
             if not member.isfile():
                 continue
             k, ext = split_member_name(member.name)
-            f = tar.extractfile(member)
-            data = f.read() if f is not None else b""
+            data = read_member(tar, member, path, max_member_bytes)
             if k != key:
                 if key is not None:
                     yield key, group
@@ -339,39 +340,128 @@ def rank_shards(shards: list[Path], rank: int = 0, world_size: int = 1) -> list[
     return mine
 
 
-def iter_token_samples(directory: str | Path, rank: int = 0, world_size: int = 1,
-                       cursor: tuple[int, int] = (0, 0), repeat: bool = False,
-                       shuffle_seed: int | None = None) -> Iterator[tuple[TokenSample, tuple[int, int]]]:
-    """Yield `(sample, cursor_after)` for this rank's share of the complete shards.
+@dataclass
+class DataCursor:
+    """Where a stream continues: epoch, position in that epoch's shard order, samples taken from that shard."""
 
-    The cursor is `(shard_step, offset)`: `shard_step` counts shards read by this rank across
-    epochs (epoch = shard_step // shards per rank) and `offset` is the sample index in that shard.
-    Passing a saved `cursor_after` back resumes right after that sample. With `repeat` the shards are
-    read forever; with `shuffle_seed` the shard order of each epoch is a seeded permutation.
+    epoch: int = 0
+    position: int = 0
+    offset: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "offset": self.offset}
+
+
+class ShardStream:
+    """The one reader of token datasets: an exactly resumable stream of samples over a list of shards.
+
+    Each epoch visits the shards in a seeded order and each shard's samples in a seeded order (a
+    whole shard is read into memory for that); the next shard is read in a background thread.
+    The cursor always points at the next sample, so a checkpoint taken between batches resumes at
+    the same sample. Endless by default (training); `epochs=1` reads every sample once and stops.
+    `ShardStream.open(directory, rank=, world_size=)` streams one rank's share of a dataset.
     """
-    mine = rank_shards(list_token_shards(directory), rank, world_size)
-    step, offset = int(cursor[0]), int(cursor[1])
-    n = len(mine)
-    empty_in_a_row = 0
-    while repeat or step < n:
-        epoch, pos = divmod(step, n)
-        order = list(range(n))
-        if shuffle_seed is not None:
-            random.Random(shuffle_seed * 1_000_003 + epoch).shuffle(order)
-        shard = mine[order[pos]]
-        got = 0
-        for i, sample in enumerate(read_token_shard(shard, start=offset), start=offset):
-            got += 1
-            yield sample, (step, i + 1)
-        empty_in_a_row = 0 if got else empty_in_a_row + 1
-        if repeat and empty_in_a_row > n:
-            # Every shard of this rank is empty: repeating would spin forever.
-            raise InputError(f"rank {rank}'s {n} token shard(s) in {directory} hold no samples; rerun `meissonic tokenize`")
-        step, offset = step + 1, 0
+
+    def __init__(self, shards: list[Path], *, seed: int = 0, shuffle: bool = False, cursor: DataCursor | None = None,
+                 epochs: int | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.shards = list(shards)
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epochs = epochs
+        self.cursor = cursor or DataCursor()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-reader")
+        self._loaded: dict[tuple[int, int], Any] = {}
+
+    @classmethod
+    def open(cls, directory: str | Path, *, rank: int = 0, world_size: int = 1, **kwargs: Any) -> "ShardStream":
+        """Stream rank `rank`'s share (see `rank_shards`) of the complete shards in `directory`."""
+        return cls(rank_shards(list_token_shards(directory), rank, world_size), **kwargs)
+
+    def _order(self, epoch: int) -> list[int]:
+        import numpy as np
+
+        order = list(range(len(self.shards)))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(order)).tolist()
+        return order
+
+    def _read(self, epoch: int, position: int) -> list[TokenSample]:
+        import numpy as np
+
+        index = self._order(epoch)[position]
+        samples = list(read_token_shard(self.shards[index]))
+        if self.shuffle:
+            # Shuffle from key order, not file order: img2dataset writes a shard's images in the order
+            # their downloads finish, so the same data would otherwise train in another order each time.
+            samples.sort(key=lambda sample: sample.key)
+            perm = np.random.default_rng([self.seed, epoch, index, 1]).permutation(len(samples))
+            samples = [samples[i] for i in perm]
+        return samples
+
+    def _following(self, epoch: int, position: int) -> tuple[int, int]:
+        return (epoch, position + 1) if position + 1 < len(self.shards) else (epoch + 1, 0)
+
+    def _finished(self, epoch: int) -> bool:
+        return self.epochs is not None and epoch >= self.epochs
+
+    def _get(self, key: tuple[int, int]) -> Any:
+        if key not in self._loaded:
+            self._loaded[key] = self._pool.submit(self._read, *key)
+        return self._loaded[key]
+
+    def __next__(self) -> TokenSample:
+        empty_in_a_row = 0
+        while True:
+            c = self.cursor
+            if not self.shards or self._finished(c.epoch):
+                self.close()
+                raise StopIteration
+            key = (c.epoch, c.position)
+            samples = self._get(key).result()
+            following = self._following(*key)
+            if not self._finished(following[0]):
+                self._get(following)  # prefetch
+            if c.offset < len(samples):
+                sample = samples[c.offset]
+                c.offset += 1
+                if c.offset >= len(samples):
+                    self._advance()
+                return sample
+            empty_in_a_row += 1
+            if self.epochs is None and empty_in_a_row > len(self.shards):
+                raise InputError(f"every token shard of this rank is empty ({self.shards[0].parent}); rerun `meissonic tokenize`")
+            self._advance()
+
+    def __iter__(self) -> Iterator[TokenSample]:
+        return self
+
+    def cursor_record(self) -> dict[str, Any]:
+        """The cursor plus the name of the shard it points into, for a checkpoint's data_cursor.json."""
+        shard = self.shards[self._order(self.cursor.epoch)[self.cursor.position]]
+        return {**self.cursor.to_dict(), "shard": shard.name}
+
+    def _advance(self) -> None:
+        c = self.cursor
+        self._loaded.pop((c.epoch, c.position), None)
+        c.epoch, c.position = self._following(c.epoch, c.position)
+        c.offset = 0
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> "ShardStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 __all__ = [
     "DATASET_INFO",
+    "DataCursor",
+    "ShardStream",
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "MICRO_FIELDS",
@@ -380,7 +470,6 @@ __all__ = [
     "TokenShardWriter",
     "is_complete",
     "iter_tar_groups",
-    "iter_token_samples",
     "decode_sample",
     "list_token_shards",
     "rank_shards",

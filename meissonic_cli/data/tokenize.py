@@ -3,12 +3,15 @@
 Precomputing codes and text features once is what makes training cheap: the trainer never runs
 the VQ encoder (the official training script re-encodes every image at every step).
 
-Input is either webdataset image shards as img2dataset writes them (`NNNNN.tar` holding
-`<key>.jpg|png|webp`, `<key>.txt`, `<key>.json`) or a folder of images with same-stem `.txt`
-captions (and optionally same-stem `.json` metadata). Each input shard becomes one output shard
-(`tokens-NNNNN.tar`, see `shards.py` for the format); a folder is cut into shards of
-`shard_size` images. That one-to-one mapping is the resume unit: a rerun skips output shards whose
-stats file exists and redoes the others.
+Input is webdataset image shards as img2dataset writes them (`NNNNN.tar` holding
+`<key>.jpg|png|webp`, `<key>.txt`, `<key>.json`), a folder of images with same-stem `.txt`
+captions (and optionally same-stem `.json` metadata, whose `caption` / `text` / `--caption-col` key
+is the caption when there is no `.txt`), or a table of image paths or URLs plus captions (see
+`tables.py`). Each input shard becomes one output shard (`tokens-NNNNN.tar`, see `shards.py` for
+the format); a folder is cut into shards of `shard_size` images, a table into shards of
+`shard_size` rows (keys `rowNNNNNNNNN`). That one-to-one mapping is the resume unit: a rerun skips
+output shards whose stats file exists and redoes the others. A missing file, a failed fetch or an
+undecodable image is one failed sample, listed in its shard's stats file.
 
 Every image is prepared exactly as training expects (the official `process_image`): EXIF
 orientation applied, RGB, shorter side resized to R (bilinear, antialiased), an R x R crop (centre,
@@ -34,15 +37,14 @@ import re
 import tarfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field as dc_field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from glob import glob
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
 from meissonic_cli.config import Problems, field
-from meissonic_cli.device import DTYPE_NAMES, resolve_device
-from meissonic_cli.errors import ConfigError, InputError
-from meissonic_cli.progress import key_value_table, make_progress
+from meissonic_cli.data.inputs import check_image_shards, check_output_parent, unique_key
 from meissonic_cli.data.shards import (
     DATASET_INFO,
     FORMAT_NAME,
@@ -59,6 +61,10 @@ from meissonic_cli.data.shards import (
     stats_path,
     write_dataset_info,
 )
+from meissonic_cli.device import DTYPE_NAMES, resolve_device
+from meissonic_cli.errors import ConfigError, InputError
+from meissonic_cli.progress import key_value_table, make_progress
+from meissonic_cli.safety import MAX_RESOLUTION, MAX_SEED, check_pixels, image_errors
 
 if TYPE_CHECKING:  # numpy is imported where used: `meissonic --help` imports this module
     import numpy as np
@@ -71,18 +77,22 @@ _SETTINGS_THAT_MUST_MATCH = ("resolution", "grid", "text_features", "text_dim", 
 
 @dataclass
 class TokenizeConfig:
-    input: str = field("", help="Image shards (a directory of img2dataset .tar files, one .tar, or a glob) or a folder "
-                                "of images with same-stem .txt captions.")
-    out: str = field("", help="Output directory for token shards (tokens-NNNNN.tar + .stats.json) and dataset.json.")
+    input: str = field("", help="Image shards (a directory of img2dataset .tar files, one .tar, or a glob), a folder "
+                                "of images with same-stem .txt captions (or .json with a caption key), or a table "
+                                "(.parquet, .csv, .tsv, .jsonl) of image paths or http(s) URLs plus captions.")
+    out: str = field("", help="Output directory for token shards (tokens-NNNNN.tar + .stats.json) and dataset.json.",
+                     short="-o")
     model: str | None = field(None, help="Released-layout model folder providing vqvae/ and text_encoder/ (+ tokenizer/).")
     vq: str | None = field(None, help="VQ folder (diffusers VQModel: config.json + diffusion_pytorch_model.safetensors); "
                                       "overrides the model folder's vqvae/.")
-    text_encoder: str | None = field(None, help="Text encoder folder (Hugging Face CLIP format); overrides the model "
-                                                "folder's text_encoder/.")
+    text_encoder: str | None = field(None, help="Text encoder folder (CLIPTextModelWithProjection, or a full CLIPModel "
+                                                "such as laion's CLIP-ViT-H-14); overrides the model folder's "
+                                                "text_encoder/ (captions keep the model's tokenizer/).")
     resolution: int = field(256, help="Training resolution R: shorter side resized to R, then an R x R crop. Must be a "
                                       "multiple of the VQ's downsample factor (16 for the released VQ).")
     random_crop: bool = field(False, help="Random crop (seeded per sample key) instead of the centre crop; the offsets "
-                                          "are stored as micro-conditions either way.")
+                                          "are stored as micro-conditions either way.",
+                             flag="--random-crop/--center-crop")
     seed: int = field(0, help="Seed of --random-crop.")
     text_features: str = field("full", help="CLIP features to store: full (77xD sequence + pooled; ~154 KB/sample at "
                                             "D=1024), pooled (pooled only), none (train encodes captions online).")
@@ -93,19 +103,30 @@ class TokenizeConfig:
     device: str = field("auto", help="Device: auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, cuda, cuda:N.")
     dtype: str = field("fp32", help="Text encoder precision: fp32, bf16 or fp16. The VQ stays in fp32 when its config "
                                     "sets force_upcast (the released one does).")
-    shard_size: int = field(1000, help="Images per output shard when the input is an image folder.")
-    workers: int = field(2, help="Threads decoding and resizing images while the models run.")
+    shard_size: int = field(1000, help="Images per output shard when the input is an image folder or a table.")
+    workers: int = field(2, help="Threads decoding and resizing images (and fetching a table's URLs) while the models "
+                                 "run.")
+    image_col: str | None = field(None, help="Table input: the column holding each image's path (relative to the "
+                                             "table's folder), http(s) URL or bytes (default: detected: image, path, "
+                                             "file_name, url, ...).")
+    caption_col: str | None = field(None, help="Table input: the caption column; image folder: the caption key of the "
+                                               ".json sidecars (default: detected: caption, text, ...).")
+    url_timeout: float = field(10.0, help="Table input: seconds before fetching one image URL gives up (one try; "
+                                          "for many URLs run `meissonic download` first).")
 
     def validate(self) -> "TokenizeConfig":
         p = Problems()
         p.check(bool(self.input), "--input is required (image shards or an image folder)")
         p.check(bool(self.out), "--out is required (the token shard directory)")
-        p.check(self.resolution > 0, f"--resolution must be positive, got {self.resolution}")
+        p.check(0 < self.resolution <= MAX_RESOLUTION,
+                f"--resolution must be between 1 and {MAX_RESOLUTION} pixels, got {self.resolution}")
+        p.check(0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
         p.check(self.text_features in TEXT_MODES,
                 f"--text-features must be one of {', '.join(TEXT_MODES)}, got {self.text_features!r}")
         p.check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         p.check(self.shard_size >= 1, f"--shard-size must be >= 1, got {self.shard_size}")
         p.check(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
+        p.check(self.url_timeout > 0, f"--url-timeout must be > 0 seconds, got {self.url_timeout}")
         p.check(self.dtype in DTYPES, f"--dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
         p.check(bool(self.model or self.vq), "give --model (a released-layout folder) or --vq")
         if self.text_features != "none":
@@ -126,6 +147,7 @@ class RawSample:
     caption: str
     meta: dict[str, Any]
     error: str | None = None  # set when the sample is unusable before decoding (e.g. no image member)
+    load: Callable[[], bytes] | None = None  # reads the image in a decode thread when `image` is None
 
 
 @dataclass
@@ -180,6 +202,7 @@ def _shard_samples(tar_path: Path) -> Iterator[RawSample]:
     from meissonic_cli.data.shards import iter_tar_groups
 
     n = 0
+    seen: set[str] = set()
     try:
         for key, fields in iter_tar_groups(tar_path):
             n += 1
@@ -195,7 +218,7 @@ def _shard_samples(tar_path: Path) -> Iterator[RawSample]:
             if image_ext is None and error is None:
                 error = f"no image member (.{'/.'.join(IMAGE_EXTS)}); members: {', '.join(sorted(fields))}"
             caption = lower.get("txt", b"").decode("utf-8", errors="replace").strip()
-            yield RawSample(safe_key(key), lower.get(image_ext) if image_ext else None, caption,
+            yield RawSample(unique_key(safe_key(key), seen), lower.get(image_ext) if image_ext else None, caption,
                             meta if isinstance(meta, dict) else {"json": meta}, error)
     except (tarfile.TarError, EOFError, OSError) as err:
         yield RawSample(f"{safe_key(tar_path.stem)}__truncated", None, "", {},
@@ -211,7 +234,9 @@ def _expected_count(tar_path: Path) -> int | None:
         return None
 
 
-def _folder_samples(root: Path, images: list[Path], keys: list[str]) -> Iterator[RawSample]:
+def _folder_samples(root: Path, images: list[Path], keys: list[str], caption_key: str | None = None) -> Iterator[RawSample]:
+    from meissonic_cli.data.tables import sidecar_caption
+
     for path, key in zip(images, keys):
         caption_path = path.with_suffix(".txt")
         meta_path = path.with_suffix(".json")
@@ -224,7 +249,9 @@ def _folder_samples(root: Path, images: list[Path], keys: list[str]) -> Iterator
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 error = f"unreadable {meta_path.name}: {err}"
         caption = caption_path.read_text(encoding="utf-8", errors="replace").strip() if caption_path.is_file() else ""
-        if not caption_path.is_file():
+        if not caption_path.is_file():  # else the caption in the .json sidecar, if it has one
+            caption = sidecar_caption(meta, caption_key) or ""
+        if not caption:
             meta["no_caption"] = True
         try:
             data = path.read_bytes()
@@ -233,8 +260,12 @@ def _folder_samples(root: Path, images: list[Path], keys: list[str]) -> Iterator
         yield RawSample(key, data, caption, meta, error)
 
 
-def discover_units(input_path: str, shard_size: int = 1000) -> tuple[str, list[WorkUnit]]:
-    """Work units for `input_path`: ("webdataset", one per .tar) or ("folder", chunks of images)."""
+def discover_units(input_path: str, shard_size: int = 1000, *, image_col: str | None = None,
+                   caption_col: str | None = None, url_timeout: float = 10.0) -> tuple[str, list[WorkUnit]]:
+    """Work units for `input_path`: ("webdataset", one per .tar), ("folder", chunks of images) or
+    ("table", chunks of rows)."""
+    from meissonic_cli.data.tables import TABLE_SUFFIXES, is_table
+
     if _is_glob(input_path):
         tars = sorted(Path(p) for p in glob(input_path) if p.endswith(".tar"))
         if not tars:
@@ -243,19 +274,46 @@ def discover_units(input_path: str, shard_size: int = 1000) -> tuple[str, list[W
         path = Path(input_path)
         if not path.exists():
             raise InputError(f"input {path} does not exist; give image shards from `meissonic download` or an image folder")
+        if is_table(path):
+            return "table", _table_units(path, shard_size, image_col, caption_col, url_timeout)
         if path.is_file():
             if path.suffix != ".tar":
-                raise InputError(f"input {path} is a file but not a .tar shard")
+                raise InputError(f"input {path} is neither a .tar shard nor a table ({', '.join(TABLE_SUFFIXES)})")
             tars = [path]
         else:
             tars = sorted(path.glob("*.tar"))
             if not tars:
-                return "folder", _folder_units(path, shard_size)
+                return "folder", _folder_units(path, shard_size, caption_col)
+    check_image_shards(tars)
     units = [WorkUnit(i, str(t), (lambda t=t: _shard_samples(t)), _expected_count(t)) for i, t in enumerate(tars)]
     return "webdataset", units
 
 
-def _folder_units(root: Path, shard_size: int) -> list[WorkUnit]:
+def _table_units(path: Path, shard_size: int, image_col: str | None, caption_col: str | None,
+                 url_timeout: float) -> list[WorkUnit]:
+    from meissonic_cli.data.tables import caption_of, load_image_table, row_source
+
+    table = load_image_table(path, image_col, caption_col)
+
+    def samples(start: int, stop: int) -> Iterator[RawSample]:
+        for i in range(start, stop):
+            row = table.rows[i]
+            image, load, meta, error = row_source(row, table, url_timeout)
+            caption = caption_of(row, table)
+            meta["row"] = i
+            if not caption:
+                meta["no_caption"] = True
+            # Keys are row numbers: unique whatever the paths are, and a failure names its row.
+            yield RawSample(f"row{i:09d}", image, caption, meta, error, load)
+
+    units = []
+    for index, start in enumerate(range(0, len(table.rows), shard_size)):
+        stop = min(start + shard_size, len(table.rows))
+        units.append(WorkUnit(index, f"{path} [{start}:{stop}]", (lambda a=start, b=stop: samples(a, b)), stop - start))
+    return units
+
+
+def _folder_units(root: Path, shard_size: int, caption_key: str | None = None) -> list[WorkUnit]:
     images = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in IMAGE_EXTS
                     and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if not images:
@@ -276,7 +334,8 @@ def _folder_units(root: Path, shard_size: int) -> list[WorkUnit]:
     for i, start in enumerate(range(0, len(images), shard_size)):
         chunk, chunk_keys = images[start:start + shard_size], keys[start:start + shard_size]
         source = f"{root} [{start}:{start + len(chunk)}]"
-        units.append(WorkUnit(i, source, (lambda c=chunk, k=chunk_keys: _folder_samples(root, c, k)), len(chunk)))
+        units.append(WorkUnit(i, source, (lambda c=chunk, k=chunk_keys: _folder_samples(root, c, k, caption_key)),
+                              len(chunk)))
     return units
 
 
@@ -342,9 +401,11 @@ def prepare_image(raw: RawSample, cfg: TokenizeConfig) -> Prepared:
 
     if raw.error:
         raise ValueError(raw.error)
-    if not raw.image:
+    data = raw.load() if raw.image is None and raw.load is not None else raw.image
+    if not data:
         raise ValueError("empty image")
-    with Image.open(io.BytesIO(raw.image)) as opened:
+    with image_errors(f"image of sample {raw.key}"), Image.open(io.BytesIO(data)) as opened:
+        check_pixels(opened, f"image of sample {raw.key}")
         opened.load()
         image = ImageOps.exif_transpose(opened)
         image = image.convert("RGB") if image.mode != "RGB" else image.copy()
@@ -386,7 +447,7 @@ def load_models(cfg: TokenizeConfig, device: Any) -> tuple[Any, Any | None]:
     vq = load_vq(cfg.vq or cfg.model, dtype=dtype).to(device).eval()
     text = None
     if cfg.text_features != "none":
-        text = TextEncoder.from_pretrained(cfg.text_encoder or cfg.model, dtype=dtype).to(device).eval()
+        text = TextEncoder.for_model(cfg.model, cfg.text_encoder, dtype=dtype).to(device).eval()
     return vq, text
 
 
@@ -520,7 +581,9 @@ def tokenize(cfg: TokenizeConfig, rank: int | None = None, world_size: int | Non
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is not in [0, WORLD_SIZE={world_size})")
     out = Path(cfg.out)
-    kind, units = discover_units(cfg.input, cfg.shard_size)
+    check_output_parent(out, "--out")
+    kind, units = discover_units(cfg.input, cfg.shard_size, image_col=cfg.image_col, caption_col=cfg.caption_col,
+                                 url_timeout=cfg.url_timeout)
     device = resolve_device(cfg.device, per_rank=True)
     vq, text = load_models(cfg, device)
     f = vq.downsample_factor

@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from meissonic_cli.atomic import write_text
 from meissonic_cli.config import Problems, field, read_json_object
-from meissonic_cli.errors import ConfigError, InputError
+from meissonic_cli.errors import ConfigError, InputError, OutputExistsError
 from meissonic_cli.metrics.report import (  # noqa: F401  (re-exported: evaluate is the suite's entry point)
     GRID_TILE,
     HPS_CATEGORIES,
@@ -52,6 +52,7 @@ from meissonic_cli.metrics.weights import (  # noqa: F401
     resolve_weights,
 )
 from meissonic_cli.progress import make_progress
+from meissonic_cli.sample.outputs import check_output_folder, make_output_folder
 from meissonic_cli.sample.sample import SampleConfig
 
 SUITES: tuple[str, ...] = ("clip", "hps", "dino", "fid", "shapes")
@@ -105,15 +106,15 @@ class EvalConfig:
     suites: list[str] = field(default_factory=lambda: ["clip"],
                               help="Metric suites, comma-separated: clip (CLIP-T; for edits also CLIP-I, L1, CLIP-dir), "
                                    "hps (HPS v2), dino (DINO similarity to the edit's source), fid (against "
-                                   "--reference), shapes (the weight-free shapes benchmark).")
+                                   "--reference), shapes (the weight-free shapes benchmark).", flag="--suite", short="-s")
     images: Optional[str] = field(None, help="Folder of images with NAME.json sidecars from `sample` or `edit` "
-                                             "('prompt', optional 'category', 'source' for edits).")
+                                             "('prompt', optional 'category', 'source' for edits).", short="-i")
     prompts: Optional[str] = field(None, help="Instead of --images: prompts to sample with --model first: .txt, .jsonl or "
                                               ".json ({prompt, category}), a folder of CATEGORY.json/.txt files (the HPS "
                                               "v2 benchmark layout), or 'shapes' for the shapes benchmark prompts.")
-    model: Optional[str] = field(None, help="Model folder that samples --prompts.")
+    model: Optional[str] = field(None, help="Model folder that samples --prompts.", short="-m")
     out: Optional[str] = field(None, help="Report folder (report.json, report.md, grid.png); with --prompts the samples "
-                                          "go to OUT/images. Default with --images: DIR-eval beside it.")
+                                          "go to OUT/images. Default with --images: DIR-eval beside it.", short="-o")
     reference: Optional[str] = field(None, help="FID reference: a folder of real images, or a .npz with mu and sigma "
                                                 "(pytorch-fid statistics).")
     clip_model: str = field("ViT-H-14", help="open_clip architecture for the clip suite: a config name or a model "
@@ -133,9 +134,12 @@ class EvalConfig:
     allow_download: bool = field(False, help="Download missing weights from their published location (not when "
                                              "HF_HUB_OFFLINE is set). Off: nothing is fetched.")
     device: str = field("auto", help="Device for the metric networks: auto, cpu, cuda, cuda:N.")
+    overwrite: bool = field(False, help="Replace report.json, report.md and grid.png of an existing report in --out "
+                                        "(default: refuse).")
     batch_size: int = field(16, help="Images per batch through the metric networks.")
     images_per_prompt: int = field(1, help="With --prompts: images sampled per prompt (seeds differ).")
-    grid: int = field(16, help="Images shown in the report's grid.png (0: no grid).")
+    grid: int = field(16, help="Images shown in the report's grid.png (0: no grid).", flag="--grid-size",
+                      aliases=("--grid",))
     sample: SampleConfig = field(default_factory=SampleConfig,
                                  help="Sampler settings for --prompts (the `sample` command's settings).")
 
@@ -156,7 +160,7 @@ class EvalConfig:
         p.check(self.reference is None or Path(self.reference).exists(), f"--reference {self.reference} does not exist")
         p.check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         p.check(self.images_per_prompt >= 1, f"--images-per-prompt must be >= 1, got {self.images_per_prompt}")
-        p.check(self.grid >= 0, f"--grid must be >= 0, got {self.grid}")
+        p.check(self.grid >= 0, f"--grid-size must be >= 0, got {self.grid}")
         p.check(self.weights_config is None or Path(self.weights_config).is_file(),
                 f"--weights-config {self.weights_config} is not a file")
         p.raise_if_any()
@@ -536,6 +540,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> di
     out = cfg.out_dir
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; give a folder")
+    check_output_folder(out)
+    if (out / REPORT_JSON).exists() and not cfg.overwrite:
+        raise OutputExistsError(f"{out / REPORT_JSON} exists; pass --overwrite to replace the report, or use another --out")
     if cfg.images is not None:
         items = load_items(cfg.images)
         check_items(items, cfg.suites)
@@ -578,7 +585,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> di
             report[name] = _PLUGINS[name].write(scorer.extra[name], out)
     report["per_image"] = scorer.rows
 
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     grid = write_grid(items, scorer.rows, out / GRID_PNG, cfg.grid)
     report["grid"] = str(grid) if grid else None
     write_text(out / REPORT_JSON, json.dumps(report, indent=2) + "\n")

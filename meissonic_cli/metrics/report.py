@@ -32,11 +32,14 @@ def open_rgb(path: Path) -> Any:
     """The image at `path` as RGB, or an InputError naming the file."""
     from PIL import Image, UnidentifiedImageError
 
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise InputError(f"{path}: cannot read the image ({err})") from None
+    from meissonic_cli.safety import check_pixels, image_errors
+
+    with image_errors(str(path)):
+        try:
+            with Image.open(path) as im:
+                return check_pixels(im, str(path)).convert("RGB")
+        except (UnidentifiedImageError, OSError) as err:
+            raise InputError(f"{path}: cannot read the image ({err})") from None
 
 
 def summarize_metrics(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -58,7 +58,10 @@ MODEL_KEYS = ("clip_model", "hps_model", "dino_model")
 
 
 def _read_weights_config(path: Path) -> dict[str, str]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"--weights-config {path}: cannot be read as UTF-8 text ({err})") from None
     try:
         if path.suffix.lower() == ".json":
             data = json.loads(text)

@@ -104,19 +104,11 @@ class LoRA(nn.Module):
         self.load_state_dict(state, strict=True)
 
     def _check(self, adapters: dict[str, torch.Tensor]) -> None:
-        expected = {f"{n}.{part}.weight" for n in self.layer_names for part in ("lora_A", "lora_B")}
-        missing = sorted(expected - set(adapters))
-        unexpected = sorted(set(adapters) - expected)
-        if missing or unexpected:
-            raise ModelFormatError(
-                f"LoRA adapters do not match the model: {len(missing)} missing (e.g. {missing[:2]}), "
-                f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
-            )
-        for key, tensor in adapters.items():
-            a = self.adapters[_key(key.rsplit(".", 2)[0])]
-            want = tuple((a.lora_A if ".lora_A." in key else a.lora_B).weight.shape)
-            if tuple(tensor.shape) != want:
-                raise ModelFormatError(f"LoRA tensor {key} has shape {tuple(tensor.shape)}, expected {want} (rank {self.rank})")
+        from meissonic_cli.model.state_io import check_keys
+
+        expected = {f"{n}.{part}.weight": getattr(self.adapters[_key(n)], part).weight.shape
+                    for n in self.layer_names for part in ("lora_A", "lora_B")}
+        check_keys(expected, adapters, "LoRA adapters", what=f"the model's rank-{self.rank} adapters")
 
 
 class _AddUpdate:
@@ -163,14 +155,12 @@ def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
+    from meissonic_cli.model.state_io import read_safetensors
 
     path = Path(path)
     if not path.is_file():
         raise ModelFormatError(f"LoRA adapter file {path} does not exist")
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    state, meta = read_safetensors(path, with_metadata=True)
     if meta.get("format") != "meissonic-lora":
         raise ModelFormatError(f"{path} is not a meissonic LoRA adapter file (no format=meissonic-lora metadata)")
     return state, meta

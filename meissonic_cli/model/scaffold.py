@@ -22,18 +22,16 @@ The folder is built in a temporary sibling directory and renamed into place.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from meissonic_cli.atomic import replace_directory
+from meissonic_cli.atomic import atomic_directory
 from meissonic_cli.errors import ConfigError, OutputExistsError
-from meissonic_cli.model.transformer import MeissonicTransformer, TransformerConfig, meissonic_tiny
 from meissonic_cli.model.scheduler import MaskGITScheduler, SchedulerConfig
 from meissonic_cli.model.text_encoder import ClipTokenizer, TextEncoder, TextEncoderConfig, tiny_text_config
+from meissonic_cli.model.transformer import MeissonicTransformer, TransformerConfig, meissonic_tiny
 from meissonic_cli.model.vq.vqgan import VQTokenizer, tiny_vq_config
 
 MODEL_INDEX = {
@@ -72,9 +70,7 @@ def build_model_folder(out_dir: str | Path, transformer_config: TransformerConfi
     check_compatible(transformer_config, text_config, vq_config)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise OutputExistsError(f"{out} already exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_directory(out) as tmp:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             MeissonicTransformer(transformer_config).save_pretrained(tmp / "transformer")
@@ -88,10 +84,6 @@ def build_model_folder(out_dir: str | Path, transformer_config: TransformerConfi
                                                      masking_schedule=masking_schedule))
         scheduler.save_config(tmp / "scheduler")
         (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
-        replace_directory(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -13,9 +13,15 @@ checkpoint's `text_encoder/` folder (Hugging Face CLIP format) is mapped onto it
 are concatenated into `in_proj`, `fc1/fc2` become `c_fc/c_proj` and the projection is transposed.
 `save_pretrained` writes that Hugging Face format back, so tiny test folders round-trip.
 
-Prompts are tokenized to 77 ids with open_clip's CLIP BPE (the same merges as the Hugging Face CLIP
-tokenizer): start-of-text, BPE ids, end-of-text, then the pad id (0 = "!", as in the laion
-tokenizer). Too-long prompts are cut and end with end-of-text.
+Prompts are tokenized to 77 ids exactly as the Hugging Face `CLIPTokenizer` the checkpoint was
+trained with (`ClipTokenizer`, built from the folder's vocab.json/merges.txt and special-token
+files; no transformers needed): added/special tokens (with the laion files the pad token "!") are
+split out of the raw text first, each remaining chunk gets ftfy + whitespace + lower-case cleaning
+and CLIP's byte-level BPE; then start-of-text, at most 75 ids, end-of-text and the pad id.
+
+`TextEncoder.from_pretrained` reads a `CLIPTextModelWithProjection` folder, a model root holding
+`text_encoder/`, or a full `CLIPModel` folder (e.g. laion/CLIP-ViT-H-14-laion2B-s32B-b79K, the
+encoder the official scripts load), whose vision tower is ignored.
 
 The encoder is a plain `nn.Module`: `forward(token_ids)` works under autograd, so a training stage
 can unfreeze it.
@@ -24,7 +30,6 @@ can unfreeze it.
 from __future__ import annotations
 
 import functools
-import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +41,7 @@ from torch import nn
 from meissonic_cli.atomic import atomic_write, write_text
 from meissonic_cli.config import read_json_object
 from meissonic_cli.errors import ModelFormatError
+from meissonic_cli.model.clip_tokenizer import ClipTokenizer
 
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
@@ -43,8 +49,6 @@ HF_WEIGHTS_INDEX = "model.safetensors.index.json"
 
 SOT_ID = 49406
 EOT_ID = 49407
-# Names the Hugging Face CLIP tokenizer gives open_clip's two special tokens.
-_HF_SPECIAL = {"<start_of_text>": "<|startoftext|>", "<end_of_text>": "<|endoftext|>"}
 
 
 @dataclass
@@ -102,7 +106,10 @@ class TextEncoderConfig:
     def from_hf(cls, cfg: dict[str, Any], source: str = "config.json") -> "TextEncoderConfig":
         # Some exported configs nest the text part under "text_config" (a full CLIPConfig).
         if "text_config" in cfg and "hidden_size" not in cfg:
-            cfg = {**cfg["text_config"], "projection_dim": cfg.get("projection_dim", cfg["text_config"].get("projection_dim"))}
+            text = dict(cfg.get("text_config") or {})
+            # Older CLIPModel configs (laion's among them) keep the values that matter in text_config_dict.
+            text.update(cfg.get("text_config_dict") or {})
+            cfg = {**text, "projection_dim": cfg.get("projection_dim", text.get("projection_dim"))}
         required = ["hidden_size", "num_hidden_layers", "num_attention_heads"]
         missing = [k for k in required if k not in cfg]
         if missing:
@@ -131,106 +138,6 @@ def vit_h14_text_config() -> TextEncoderConfig:
 def tiny_text_config(embed_dim: int = 32) -> TextEncoderConfig:
     """A tiny text tower for tests (width 32, 2 layers, 2 heads); keeps the real BPE vocabulary."""
     return TextEncoderConfig(width=32, layers=2, heads=2, intermediate_size=128, embed_dim=embed_dim)
-
-
-# ---------------------------------------------------------------------------------------------
-# Tokenizer
-
-
-@functools.lru_cache(maxsize=1)
-def _simple_tokenizer() -> Any:
-    # Building the BPE tables takes a noticeable fraction of a second; share one instance.
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer()
-
-
-@functools.lru_cache(maxsize=1)
-def _bundled_merges() -> tuple[str, ...]:
-    from open_clip.tokenizer import default_bpe
-
-    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
-    return tuple(lines[1 : 49152 - 256 - 2 + 1])
-
-
-class ClipTokenizer:
-    """CLIP BPE tokenization to a fixed length, padded with `pad_id` (0 in the laion tokenizer)."""
-
-    def __init__(self, context_length: int = 77, pad_id: int = 0):
-        self.context_length = context_length
-        self.pad_id = pad_id
-
-    def __call__(self, prompts: Sequence[str] | str) -> torch.Tensor:
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        bpe = _simple_tokenizer()
-        out = torch.full((len(prompts), self.context_length), self.pad_id, dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            ids = [SOT_ID] + bpe.encode(prompt) + [EOT_ID]
-            if len(ids) > self.context_length:
-                ids = ids[: self.context_length]
-                ids[-1] = EOT_ID
-            out[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        return out
-
-    @classmethod
-    def from_pretrained(cls, folder: str | Path, context_length: int = 77) -> "ClipTokenizer":
-        """Read a Hugging Face CLIP `tokenizer/` folder: its pad token and length; check its BPE merges.
-
-        Only CLIP's own BPE is supported (it ships with open_clip); a folder whose `merges.txt`
-        differs is refused rather than tokenized wrongly.
-        """
-        folder = Path(folder)
-        settings: dict[str, Any] = {}
-        for name in ("tokenizer_config.json", "special_tokens_map.json"):
-            path = folder / name
-            if path.is_file():
-                try:
-                    settings.update({k: v for k, v in json.loads(path.read_text()).items() if v is not None})
-                except (json.JSONDecodeError, AttributeError) as err:
-                    raise ModelFormatError(f"{path}: not a valid tokenizer JSON file ({err})") from None
-        merges = folder / "merges.txt"
-        if merges.is_file():
-            lines = merges.read_text(encoding="utf-8").split("\n")
-            body = tuple(line for line in lines[1:] if line)
-            if body[: len(_bundled_merges())] != _bundled_merges():
-                raise ModelFormatError(
-                    f"{merges}: these BPE merges are not CLIP's; only the CLIP tokenizer (as in Meissonic) is supported"
-                )
-        max_len = settings.get("model_max_length")
-        if isinstance(max_len, int) and max_len < context_length:
-            context_length = max_len
-        pad = settings.get("pad_token", "!")
-        if isinstance(pad, dict):
-            pad = pad.get("content", "!")
-        return cls(context_length=context_length, pad_id=_token_id(str(pad), folder))
-
-    def save_pretrained(self, folder: str | Path) -> None:
-        """Write a Hugging Face CLIP tokenizer folder (vocab.json, merges.txt and the two JSON settings)."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        bpe = _simple_tokenizer()
-        vocab = {_HF_SPECIAL.get(tok, tok): idx for tok, idx in bpe.encoder.items()}
-        pad = bpe.decoder[self.pad_id]
-        pad = _HF_SPECIAL.get(pad, pad)
-        special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": pad,
-                   "unk_token": "<|endoftext|>"}
-        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.context_length,
-                  "do_lower_case": True, "errors": "replace", **special}
-        write_text(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
-        write_text(folder / "merges.txt", "#version: 0.2\n" + "\n".join(_bundled_merges()) + "\n")
-        write_text(folder / "special_tokens_map.json", json.dumps(special, indent=2))
-        write_text(folder / "tokenizer_config.json", json.dumps(config, indent=2))
-
-
-def _token_id(token: str, folder: Path) -> int:
-    encoder = _simple_tokenizer().encoder
-    for name, hf_name in _HF_SPECIAL.items():
-        if token == hf_name:
-            return encoder[name]
-    if token in encoder:
-        return encoder[token]
-    raise ModelFormatError(f"{folder}: pad token {token!r} is not in the CLIP vocabulary")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -359,10 +266,14 @@ class TextEncoder(nn.Module):
         return encoder.to(dtype)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32) -> "TextEncoder":
-        """Load a Hugging Face `CLIPTextModelWithProjection` folder (or a model root holding `text_encoder/`).
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32,
+                        tokenizer: "ClipTokenizer | str | Path | None" = None) -> "TextEncoder":
+        """Load a Hugging Face `CLIPTextModelWithProjection` folder, a model root holding `text_encoder/`,
+        or a full `CLIPModel` folder (its vision tower and logit scale are ignored).
 
-        The tokenizer settings come from the sibling `tokenizer/` folder when there is one.
+        The tokenizer is `tokenizer` (a ClipTokenizer or a tokenizer folder) when given; else the
+        folder's own tokenizer files (vocab.json, as in a laion CLIP folder), else the sibling
+        `tokenizer/` folder, else CLIP's bundled BPE in the laion layout.
         """
         folder = Path(folder)
         if (folder / "text_encoder").is_dir():
@@ -372,16 +283,39 @@ class TextEncoder(nn.Module):
         if not folder.is_dir():
             raise ModelFormatError(f"text encoder folder not found: {folder}")
         config_path = folder / HF_CONFIG
-        config = TextEncoderConfig.from_hf(
-            read_json_object(config_path, f"{folder}: expected {HF_CONFIG} (a CLIPTextModelWithProjection config)"),
-            str(config_path))
-        tokenizer_dir = root / "tokenizer"
-        tokenizer = (ClipTokenizer.from_pretrained(tokenizer_dir, config.context_length)
-                     if tokenizer_dir.is_dir() else ClipTokenizer(config.context_length))
+        raw = read_json_object(config_path, f"{folder}: expected {HF_CONFIG} (a CLIPTextModelWithProjection or "
+                                            f"CLIPModel config)")
+        config = TextEncoderConfig.from_hf(raw, str(config_path))
+        if tokenizer is None:
+            if (folder / "vocab.json").is_file():
+                tokenizer = ClipTokenizer.from_pretrained(folder, config.context_length)
+            elif (root / "tokenizer").is_dir():
+                tokenizer = ClipTokenizer.from_pretrained(root / "tokenizer", config.context_length)
+            else:
+                tokenizer = ClipTokenizer(config.context_length)
+        elif not isinstance(tokenizer, ClipTokenizer):
+            tokenizer = ClipTokenizer.from_pretrained(tokenizer, config.context_length)
         hf_state = _read_safetensors_folder(folder, HF_WEIGHTS, HF_WEIGHTS_INDEX)
+        if _is_full_clip(raw):
+            # A CLIPModel checkpoint: the text tower's keys are those of CLIPTextModelWithProjection.
+            hf_state = {k: v for k, v in hf_state.items()
+                        if not k.startswith(("vision_model.", "visual_projection.")) and k != "logit_scale"}
         encoder = cls._empty(config, tokenizer)
         _load_checked(encoder.model, hf_to_open_clip(hf_state, config, str(folder)), str(folder))
         return encoder.to(dtype)
+
+    @classmethod
+    def for_model(cls, root: str | Path | None, folder: str | Path | None = None,
+                  dtype: torch.dtype = torch.float32) -> "TextEncoder":
+        """The text encoder a model folder `root` runs with: its own `text_encoder/`, or `folder` (another
+        CLIPTextModelWithProjection or CLIPModel folder, as the official scripts load laion's) with the
+        model's `tokenizer/` when it has one (the official scripts pair them so)."""
+        if folder is None:
+            if root is None:
+                raise ModelFormatError("no text encoder: give a model folder or a text encoder folder")
+            return cls.from_pretrained(root, dtype)
+        tokenizer = Path(root) / "tokenizer" if root is not None else None
+        return cls.from_pretrained(folder, dtype, tokenizer=tokenizer if tokenizer and tokenizer.is_dir() else None)
 
     @classmethod
     def _empty(cls, config: TextEncoderConfig, tokenizer: ClipTokenizer | None = None) -> "TextEncoder":
@@ -514,56 +448,30 @@ def open_clip_to_hf(state: dict[str, torch.Tensor], config: TextEncoderConfig) -
 
 
 def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    own = module.state_dict()
-    bad = [f"{k} {tuple(v.shape)} (expected {tuple(own[k].shape)})" for k, v in state.items()
-           if k in own and tuple(v.shape) != tuple(own[k].shape)]
-    if bad:
-        raise ModelFormatError(f"{source}: tensor shapes do not match the config: {'; '.join(bad[:3])}")
-    missing = sorted(set(own) - set(state) - {"attn_mask"})
-    if missing:
-        raise ModelFormatError(f"{source}: missing weights {', '.join(missing[:3])}")
+    from meissonic_cli.model.state_io import load_state_into
+
     # assign=True adopts the loaded tensors (the module may have been built on the meta device).
-    state = {k: v.to(own[k].dtype).contiguous() for k, v in state.items() if k in own}
-    module.load_state_dict(state, strict=False, assign=True)
+    load_state_into(module, state, source, what="the text encoder config")
 
 
 def _load_state_file(path: Path) -> dict[str, Any]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    from meissonic_cli.model.state_io import read_safetensors, read_torch_file
 
-        return load_file(str(path))
-    try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors have many types; all mean "not a usable checkpoint"
-        raise ModelFormatError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
+    return read_safetensors(path) if path.suffix == ".safetensors" else read_torch_file(path)
+
+
+def _is_full_clip(config: dict[str, Any]) -> bool:
+    """Whether a config.json describes a full CLIPModel (text and vision towers)."""
+    return "text_config" in config and "hidden_size" not in config and (
+        "vision_config" in config or config.get("model_type") == "clip"
+        or "CLIPModel" in (config.get("architectures") or []))
 
 
 def _read_safetensors_folder(folder: Path, weights: str, index: str) -> dict[str, torch.Tensor]:
     """Read `weights`, or every shard named by the sharded-checkpoint `index` file."""
-    from safetensors.torch import load_file
+    from meissonic_cli.model.state_io import read_weights
 
-    if (folder / weights).is_file():
-        files = [folder / weights]
-    elif (folder / index).is_file():
-        try:
-            weight_map = json.loads((folder / index).read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise ModelFormatError(f"{folder / index}: not a sharded-checkpoint index ({err})") from None
-        files = [folder / name for name in sorted(set(weight_map.values()))]
-        for f in files:
-            if not f.is_file():
-                raise ModelFormatError(f"{folder}: shard {f.name} named in {index} is missing")
-    else:
-        raise ModelFormatError(f"{folder}: expected {weights} (or {index} with its shards)")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        try:
-            state.update(load_file(str(f)))
-        except Exception as err:  # safetensors raises its own error types for corrupt headers
-            raise ModelFormatError(f"{f}: not a readable safetensors file ({err})") from None
-    return state
-
-
+    return read_weights(folder, weights, index)
 
 
 __all__ = [

@@ -27,7 +27,6 @@ conformance vectors (../shared/conformance) to within 1e-4 given the same timest
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from pathlib import Path
@@ -142,7 +141,14 @@ class TransformerConfig:
         missing = sorted(n for n in names if n not in values and n not in optional)
         if missing:
             raise ModelFormatError(f"{source}: missing transformer config field(s) {', '.join(missing)}")
-        return cls(**{k: v for k, v in values.items() if k in names}).validate()
+        kinds = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+        wrong = [f"{k}={v!r}" for k, v in values.items() if k in names and (
+            (kinds[k] == "int" and (not isinstance(v, int) or isinstance(v, bool))) or (kinds[k] == "bool" and not isinstance(v, bool))
+            or (kinds[k].startswith("tuple") and not (isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in v))))]
+        if wrong:
+            raise ModelFormatError(f"{source}: transformer config field(s) of the wrong type: {', '.join(wrong)} "
+                                   "(sizes are whole numbers, flags true/false, axes_dims_rope a list of whole numbers)")
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in values.items() if k in names}).validate()
 
     @classmethod
     def from_json(cls, path: Union[str, Path]) -> "TransformerConfig":
@@ -789,53 +795,25 @@ def _weights_name(variant: Optional[str]) -> str:
     return WEIGHTS_NAME if not variant else WEIGHTS_NAME.replace(".safetensors", f".{variant}.safetensors")
 
 
-def load_state_dict_files(folder: Path, variant: Optional[str] = None, device: Union[str, torch.device] = "cpu") -> dict[str, torch.Tensor]:
-    """Read the weights of a transformer folder: the single file, else the sharded index."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _index_name(variant: Optional[str]) -> str:
+    return _weights_name(variant).replace(".safetensors", ".safetensors.index.json")
 
-    single = folder / _weights_name(variant)
-    index = folder / _weights_name(variant).replace(".safetensors", ".safetensors.index.json")
-    try:
-        if single.is_file():
-            return load_file(str(single), device=str(device))
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ModelFormatError(f"{index} is not a safetensors index (needs a 'weight_map'): {err}") from None
-            state: dict[str, torch.Tensor] = {}
-            for shard in sorted(set(weight_map.values())):
-                path = folder / shard
-                if not path.is_file():
-                    raise ModelFormatError(f"shard {path} listed in {index.name} is missing")
-                state.update(load_file(str(path), device=str(device)))
-            return state
-    except SafetensorError as err:
-        raise ModelFormatError(f"cannot read weights in {folder}: {err}") from None
-    raise ModelFormatError(f"transformer weights not found: expected {single} or {index}")
+
+def load_state_dict_files(folder: Path, variant: Optional[str] = None, device: Union[str, torch.device] = "cpu") -> dict[str, torch.Tensor]:
+    """Read the weights of a transformer folder: the single file, else the sharded index (see `state_io`)."""
+    from meissonic_cli.model.state_io import read_weights
+
+    return read_weights(folder, _weights_name(variant), _index_name(variant), device=device)
 
 
 def weight_shapes(folder: Union[str, Path], variant: Optional[str] = None) -> dict[str, tuple[tuple[int, ...], str]]:
     """Key -> (shape, safetensors dtype) of a transformer folder's weights, read from the file headers only."""
     from safetensors import SafetensorError, safe_open
 
-    folder = Path(folder)
-    single = folder / _weights_name(variant)
-    index = folder / _weights_name(variant).replace(".safetensors", ".safetensors.index.json")
-    if single.is_file():
-        files = [single]
-    elif index.is_file():
-        try:
-            files = [folder / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ModelFormatError(f"{index} is not a safetensors index (needs a 'weight_map'): {err}") from None
-    else:
-        raise ModelFormatError(f"transformer weights not found: expected {single} or {index}")
+    from meissonic_cli.model.state_io import weight_files
+
     out: dict[str, tuple[tuple[int, ...], str]] = {}
-    for path in files:
-        if not path.is_file():
-            raise ModelFormatError(f"shard {path} listed in {index.name} is missing")
+    for path in weight_files(folder, _weights_name(variant), _index_name(variant)):
         try:
             with safe_open(str(path), framework="pt") as fh:
                 for key in fh.keys():
@@ -847,21 +825,10 @@ def weight_shapes(folder: Union[str, Path], variant: Optional[str] = None) -> di
 
 
 def check_state_dict(model: nn.Module, state: Mapping[str, Any], source: str) -> None:
-    """Strict key and shape matching with a readable error; values are tensors or shapes."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    shapes = {k: tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v) for k, v in state.items()}
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s) (e.g. {', '.join(missing[:4])})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s) (e.g. {', '.join(unexpected[:4])})")
-    wrong = [f"{k} {shapes[k]} != {expected[k]}" for k in sorted(expected) if k in shapes and shapes[k] != expected[k]]
-    if wrong:
-        problems.append(f"{len(wrong)} shape mismatch(es) (e.g. {'; '.join(wrong[:3])})")
-    if problems:
-        raise ModelFormatError(f"{source} does not match the transformer config: {'; '.join(problems)}")
+    """Strict key and shape matching with a readable error; values are tensors or shapes (see `state_io.check_keys`)."""
+    from meissonic_cli.model.state_io import check_keys
+
+    check_keys(model.state_dict(), state, source, what="the transformer config")
 
 
 def from_pretrained(
@@ -871,15 +838,14 @@ def from_pretrained(
     variant: Optional[str] = None,
 ) -> MeissonicTransformer:
     """Load `folder` (model root or transformer/ folder); see `MeissonicTransformer.from_pretrained`."""
+    from meissonic_cli.model.state_io import load_state_into
+
     tdir = transformer_folder(folder)
     config = TransformerConfig.from_json(tdir / CONFIG_NAME)
     device = torch.device(device) if device is not None else torch.device("cpu")
     state = load_state_dict_files(tdir, variant, device=device)
     model = build_on_meta(config)
-    check_state_dict(model, state, f"weights in {tdir}")
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
+    load_state_into(model, state, f"weights in {tdir}", what="the transformer config", dtype=dtype or "stored")
     return model.eval()
 
 

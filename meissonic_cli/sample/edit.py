@@ -7,18 +7,37 @@ MaskGIT decoding from that partial grid with the new prompt (the pipeline's own 
 the official inpainting pipeline does) and only ever writes masked positions, so every token that
 was not masked comes out bit-identical.
 
-Modes:
-- `inpaint`: a mask PNG (white = edit; same size as the image) or `--box x0,y0,x1,y1` (pixels,
-  end-exclusive). A token is masked when any pixel of its f x f cell is white, then the token mask is
-  dilated by `--dilate N` tokens (a (2N+1)^2 square).
+Modes (the defaults follow the official scripts, github viiika/Meissonic `inpaint.py` and its
+`InpaintPipeline` / `Img2ImgPipeline`; tests check them against their recorded outputs):
+- `inpaint`: a mask image (white = repaint) or `--box x0,y0,x1,y1` (pixels, end-exclusive). The
+  mask may have any size: like inpaint.py, the image and the mask are each resized to the working
+  size with PIL's default filter (a line says so when their sizes differ). The mask then goes
+  straight to the token grid with a Lanczos resize, to grey (ITU-R 601) and a token is repainted
+  when its level is >= 128 of 255, the official rule (thin lines and specks under about half a token
+  vanish; soft edges count by their weight). A box masks every token it touches. `--dilate N` then
+  grows the token mask by N tokens (a (2N+1)^2 square). Inpainting and outpainting decode with the
+  linear masking schedule from starting ratio M/L, which the official inpainting pipeline forces.
+  Better than the official code: a mask that selects no token leaves the image as it is (the
+  official loop re-masks one kept token per step), and any token grid works (the official mask
+  preprocessing crashes unless the grid side is a multiple of 16, e.g. at 384 or 640 px).
 - `outpaint`: `--extend left,top,right,bottom` pixels or `--target WxH` (the original centred). Each
   side is rounded to the nearest multiple of the VQ factor, plus one token where the model's 2x2
   compression needs an even grid. The original's tokens are its own encoding, placed on the canvas;
   the new area is masked.
-- `edit` (mask-free, image-to-image): re-mask round(strength x L) of the L tokens (at least one),
-  either uniformly at random (`--remask random`) or those the model finds least likely under the new
-  prompt (`--remask confidence`: one guided forward pass over the unmasked grid, at timestep 0 —
-  the "nothing masked" end of both the sampler's and the trainer's timestep scale).
+- `edit` (mask-free, image-to-image), `--edit-rule`:
+  - `official` (default, the official img2img rule): of n steps only the last int(n x strength) run;
+    each token is masked independently with the probability the model's schedule gives at the step
+    before them (cosine: cos(pi/2 (n - run)/n), e.g. 0.38/0.71/0.92 for strength 0.3/0.5/0.8 at 12
+    steps), drawn from the seeded generator before decoding. Strength under 1/n runs no step (the
+    image is kept). Better than the official code at strength 1: every token is masked (the
+    official pipeline reads the t = 0 end of the schedule there, masks nothing and then re-masks
+    one token per step).
+  - `exact-count`: re-mask exactly round(strength x L) of the L tokens (at least one), uniformly at
+    random, and run every step from starting ratio M/L.
+  - `confidence`: the same count, the tokens the model finds least likely under the new prompt
+    (one guided forward pass over the unmasked grid, at timestep 0 — the "nothing masked" end of
+    both the sampler's and the trainer's timestep scale).
+`--exact` runs the official sampler loop with a CPU generator (see `sample --exact`).
 
 `--blend N` pastes the original pixels back outside the edited tokens with an N-pixel feathered seam
 (the VQ round trip is lossy, so otherwise the kept region is the decoded tokens). Inputs whose sides
@@ -26,10 +45,12 @@ are not multiples of the model's pixel multiple are resized to the nearest ones 
 picks a size instead); the sidecar records it.
 
 Batch: `--cases FILE.jsonl`, one case per line (`image`, `prompt`, `mode`, `mask` or `box`, `extend` or
-`target`, `strength`, `remask`, `dilate`, `blend`, `seed`, `negative_prompt`, `steps`, `cfg`, `name`,
+`target`, `strength`, `edit_rule`, `dilate`, `blend`, `seed`, `negative_prompt`, `steps`, `cfg`, `name`,
 and `source_prompt`/`category`, which are copied to the sidecar for `eval`); missing fields take the
-command's values, and case i's seed defaults to `--seed` + i. Relative paths are relative to the
-cases file. Each output is `NAME.png` + `NAME.json` (with `source`, the input image's
+command's values, and case i's seed defaults to `--seed` + i. `--cases FILE.json` also reads the
+official `cases.json` format: a JSON list of `{"input", "mask", "prompt", "negative_prompts"}`
+(inpaint cases; a `null` negative prompt means none, a missing one the command's). Relative paths
+are resolved against the cases file's folder, then the working directory. Each output is `NAME.png` + `NAME.json` (with `source`, the input image's
 absolute path, for CLIP-I/DINO); the sidecar is written last and a rerun skips finished cases.
 """
 
@@ -37,41 +58,67 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from meissonic_cli.atomic import atomic_write, write_json
 from meissonic_cli.config import Problems, field
 from meissonic_cli.errors import InputError, OutputExistsError
 from meissonic_cli.progress import key_value_table, make_progress
-from meissonic_cli.sample.sample import SampleConfig, changed_settings, parse_resolution, parse_temperature, slugify
+from meissonic_cli.sample.edit_cases import OFFICIAL_CASE_KEYS, parse_ints, parse_size, read_cases, single_case
+from meissonic_cli.sample.edit_masks import (
+    box_mask,
+    dilate_tokens,
+    feather_blend,
+    image_size,
+    img2img_mask_ratio,
+    img2img_start,
+    load_image,
+    load_mask,
+    mask_levels,
+    mask_token_grid,
+    open_resized,
+    outpaint_layout,
+    round_size,
+    token_mask,
+)
+from meissonic_cli.sample.outputs import check_case_limits, check_output_folder, make_output_folder, model_identity, other_model
+from meissonic_cli.sample.sample import (
+    OFFICIAL_RESOLUTION,
+    SampleConfig,
+    changed_settings,
+    slugify,
+    text_encoder_label,
+)
 
 if TYPE_CHECKING:
-    import numpy as np
     import torch
     from PIL import Image
 
 MODES = ("inpaint", "outpaint", "edit")
-REMASK = ("random", "confidence")
-CASE_FIELDS = ("image", "prompt", "mode", "mask", "box", "extend", "target", "strength", "remask", "dilate", "blend",
+EDIT_RULES = ("official", "exact-count", "confidence")
+CASE_FIELDS = ("image", "prompt", "mode", "mask", "box", "extend", "target", "strength", "edit_rule", "dilate", "blend",
                "seed", "negative_prompt", "steps", "cfg", "name", "source_prompt", "category")
 # Sidecar fields that must equal the current case's for a finished output to be skipped.
-_MUST_MATCH = ("prompt", "mode", "source", "mask", "box", "extend", "target", "strength", "remask", "dilate", "blend",
-               "seed", "negative_prompt", "steps", "cfg", "token_temperature")
+_MUST_MATCH = ("prompt", "mode", "source", "mask", "box", "extend", "target", "strength", "edit_rule", "dilate", "blend",
+               "seed", "negative_prompt", "steps", "cfg", "token_temperature", "exact", "text_encoder")
 
 
 @dataclass
 class EditConfig:
     model: str = field("", help="Model folder in the released layout (transformer/, vqvae/, text_encoder/, tokenizer/, "
-                                "scheduler/).")
-    image: Optional[str] = field(None, help="Image to edit (PNG/JPEG/WebP).")
-    prompt: Optional[str] = field(None, help="What the edited image should show (the whole image, not an instruction).")
+                                "scheduler/).", short="-m")
+    image: Optional[str] = field(None, help="Image to edit (PNG/JPEG/WebP).", short="-i")
+    prompt: Optional[str] = field(None, help="What the edited image should show (the whole image, not an instruction).",
+                                  short="-p")
     mode: str = field("inpaint", help="inpaint (--mask or --box), outpaint (--extend or --target) or edit (mask-free, "
                                       "--strength).")
-    mask: Optional[str] = field(None, help="Inpaint mask: a PNG of the image's size, white where to edit.")
+    mask: Optional[str] = field(None, help="Inpaint mask image, white where to repaint (any size: resized to the "
+                                           "working size, then a token is repainted when the Lanczos-resized grey "
+                                           "level is >= 128, the official rule). Unlike the official code, a mask "
+                                           "that selects no token keeps the image, and any grid size works.")
     box: Optional[str] = field(None, help="Inpaint box instead of a mask: x0,y0,x1,y1 in pixels (end-exclusive).")
     dilate: int = field(0, help="Grow the token mask by this many tokens on every side (inpaint).")
     blend: int = field(0, help="Paste the original pixels back outside the edited tokens, feathered over this many "
@@ -79,14 +126,21 @@ class EditConfig:
     extend: Optional[str] = field(None, help="Outpaint: pixels to add as left,top,right,bottom (rounded to the token "
                                              "grid).")
     target: Optional[str] = field(None, help="Outpaint: canvas size WxH, the original centred (instead of --extend).")
-    strength: float = field(0.5, help="Mask-free edit: fraction of all tokens to re-mask and redraw, in (0, 1].")
-    remask: str = field("random", help="Mask-free edit: which tokens to re-mask: random, or confidence (those least "
-                                       "likely under the new prompt).")
+    strength: float = field(0.5, help="Mask-free edit strength in (0, 1]: with --edit-rule official the last "
+                                      "int(steps x strength) steps run from a grid masked at their start ratio; "
+                                      "otherwise the fraction of tokens to re-mask.")
+    edit_rule: str = field("official", help="Mask-free edit: official (img2img: each token masked with the schedule's "
+                                            "probability, last part of the steps; strength 1 masks all, unlike the "
+                                            "official code), exact-count (round(strength x tokens) at random) or "
+                                            "confidence (that many, least likely under the prompt).")
     resolution: Optional[str] = field(None, help="Resize the input to this size first (N or WxH). Default: its own size, "
                                                  "rounded to the nearest multiple the model accepts.")
     cases: Optional[str] = field(None, help="Batch: a .jsonl file, one case per line (image, prompt, mode, mask or box, "
-                                            "extend or target, strength, seed, ...); paths relative to the file.")
-    out: str = field("edits", help="Output folder: NAME.png + NAME.json sidecar per case; reruns skip finished cases.")
+                                            "extend or target, strength, seed, ...), or the official cases.json (a "
+                                            "list of {input, mask, prompt, negative_prompts}); paths relative to the "
+                                            "file's folder, then the working directory.")
+    out: str = field("edits", help="Output folder: NAME.png + NAME.json sidecar per case; reruns skip finished cases.",
+                     short="-o")
     name: Optional[str] = field(None, help="Output name for a single case (default: NNNNN-MODE-PROMPT).")
     sample: SampleConfig = field(default_factory=lambda: SampleConfig(steps=48),
                                  help="Sampler settings (steps, cfg, seed, negative prompt, temperature, device, dtype).")
@@ -97,6 +151,12 @@ class EditConfig:
         p.check((self.cases is None) != (self.image is None),
                 "give --image (with --prompt) for one edit, or --cases FILE.jsonl for a batch, not both")
         p.check(self.cases is None or self.prompt is None, "--prompt is given per line in --cases")
+        try:
+            self.sample.apply_preset()
+        except InputError as err:
+            p.check(False, str(err))
+        if self.sample.preset == "official" and self.resolution is None:
+            self.resolution = str(OFFICIAL_RESOLUTION)
         self.sample.check_schedule(p)
         p.raise_if_any()
         return self
@@ -115,7 +175,7 @@ class EditCase:
     extend: Optional[tuple[int, int, int, int]] = None
     target: Optional[tuple[int, int]] = None
     strength: float = 0.5
-    remask: str = "random"
+    edit_rule: str = "official"
     dilate: int = 0
     blend: int = 0
     seed: int = 0
@@ -126,6 +186,8 @@ class EditCase:
     resolution: Optional[tuple[int, int]] = None
     temperature: Any = (2.0, 0.0)  # sampler temperature: (start, end) or one number
     token_temperature: float = 1.0  # divides the logits before each token draw (1 = official)
+    exact: bool = False  # the official sampler loop, with a CPU generator
+    text_encoder: Optional[str] = None  # recorded in the sidecar (the pipeline holds the encoder)
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)  # copied into the sidecar
 
     @property
@@ -145,14 +207,15 @@ class EditCase:
             raise InputError(f"{at}outpaint needs exactly one of --extend left,top,right,bottom or --target WxH")
         if self.mode == "edit" and not (0.0 < self.strength <= 1.0):
             raise InputError(f"{at}--strength must be in (0, 1] (the fraction of tokens to redraw), got {self.strength}")
-        if self.mode == "edit" and self.remask not in REMASK:
-            raise InputError(f"{at}--remask must be one of {', '.join(REMASK)}, got {self.remask!r}")
+        if self.mode == "edit" and self.edit_rule not in EDIT_RULES:
+            raise InputError(f"{at}--edit-rule must be one of {', '.join(EDIT_RULES)}, got {self.edit_rule!r}")
         if self.dilate < 0 or self.blend < 0:
             raise InputError(f"{at}--dilate and --blend must be >= 0, got {self.dilate} and {self.blend}")
         if self.steps < 1:
             raise InputError(f"{at}steps must be >= 1, got {self.steps}")
         if self.extend is not None and min(self.extend) < 0:
             raise InputError(f"{at}--extend values must be >= 0 pixels, got {','.join(map(str, self.extend))}")
+        check_case_limits(self, at)
 
     def settings(self) -> dict[str, Any]:
         """What identifies this case's output (compared with a finished sidecar before skipping it)."""
@@ -160,9 +223,10 @@ class EditCase:
                 "mask": str(self.mask) if self.mask else None, "box": list(self.box) if self.box else None,
                 "extend": list(self.extend) if self.extend else None, "target": list(self.target) if self.target else None,
                 "strength": self.strength if self.mode == "edit" else None,
-                "remask": self.remask if self.mode == "edit" else None, "dilate": self.dilate, "blend": self.blend,
+                "edit_rule": self.edit_rule if self.mode == "edit" else None, "dilate": self.dilate, "blend": self.blend,
                 "seed": self.seed, "negative_prompt": self.negative_prompt, "steps": self.steps, "cfg": self.cfg,
-                "token_temperature": self.token_temperature}
+                "token_temperature": self.token_temperature, "exact": self.exact,
+                "text_encoder": text_encoder_label(self.text_encoder)}
 
 
 @dataclass
@@ -179,233 +243,6 @@ class EditResult:
     @property
     def masked(self) -> int:
         return int(self.token_mask.sum())
-
-
-# ----------------------------------------------------------------------------------------------
-# Parsing
-
-
-def parse_ints(text: Any, n: int, flag: str) -> tuple[int, ...]:
-    """'1,2,3,4' or [1, 2, 3, 4] -> a tuple of n ints."""
-    values = text if isinstance(text, (list, tuple)) else str(text).replace(" ", "").split(",")
-    try:
-        out = tuple(int(v) for v in values)
-    except (TypeError, ValueError):
-        out = ()
-    if len(out) != n:
-        raise InputError(f"{flag} {text!r} must be {n} comma-separated integers")
-    return out
-
-
-def parse_size(text: Any, flag: str) -> tuple[int, int]:
-    """'768x512' or [768, 512] -> (width, height)."""
-    if isinstance(text, (list, tuple)):
-        return parse_ints(text, 2, flag)  # type: ignore[return-value]
-    m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", str(text))
-    if not m or int(m.group(1)) <= 0 or int(m.group(2)) <= 0:
-        raise InputError(f"{flag} {text!r} must be a size like 1024x768 (width x height)")
-    return int(m.group(1)), int(m.group(2))
-
-
-def _resolve_path(value: Any, base: Optional[Path]) -> Path:
-    path = Path(str(value)).expanduser()
-    if not path.is_absolute() and base is not None and (base / path).exists():
-        path = base / path
-    return path.resolve()
-
-
-def single_case(cfg: EditConfig) -> EditCase:
-    """The one case described by flags."""
-    s = cfg.sample
-    case = EditCase(
-        index=0, image=_resolve_path(cfg.image, None), prompt=cfg.prompt or "", mode=cfg.mode,
-        mask=_resolve_path(cfg.mask, None) if cfg.mask else None,
-        box=parse_ints(cfg.box, 4, "--box") if cfg.box else None,  # type: ignore[arg-type]
-        extend=parse_ints(cfg.extend, 4, "--extend") if cfg.extend else None,  # type: ignore[arg-type]
-        target=parse_size(cfg.target, "--target") if cfg.target else None, strength=float(cfg.strength),
-        remask=cfg.remask, dilate=int(cfg.dilate), blend=int(cfg.blend), seed=int(s.seed),
-        negative_prompt=s.negative_prompt, steps=int(s.steps), cfg=float(s.cfg), name=cfg.name,
-        resolution=parse_resolution(cfg.resolution), temperature=parse_temperature(s.temperature),
-        token_temperature=float(s.token_temperature),
-    )
-    case.check()
-    return case
-
-
-def read_cases(cfg: EditConfig) -> list[EditCase]:
-    """Cases from --cases (one JSON object per line); missing fields take the command's values."""
-    path = Path(str(cfg.cases))
-    if not path.is_file():
-        raise InputError(f"--cases {path}: no such file; expected a .jsonl file with one edit per line")
-    base = path.resolve().parent
-    s = cfg.sample
-    cases: list[EditCase] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{where}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{where}: expected a JSON object with image, prompt and mode")
-        unknown = sorted(set(row) - set(CASE_FIELDS))
-        if unknown:
-            raise InputError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(CASE_FIELDS)}")
-        if not isinstance(row.get("image"), str) or not isinstance(row.get("prompt"), str):
-            raise InputError(f"{where}: 'image' and 'prompt' are required strings")
-        try:
-            case = EditCase(
-                index=len(cases), image=_resolve_path(row["image"], base), prompt=row["prompt"],
-                mode=str(row.get("mode", cfg.mode)),
-                mask=_resolve_path(row["mask"], base) if row.get("mask") else None,
-                box=parse_ints(row["box"], 4, "box") if row.get("box") is not None else None,  # type: ignore[arg-type]
-                extend=parse_ints(row["extend"], 4, "extend") if row.get("extend") is not None else None,  # type: ignore[arg-type]
-                target=parse_size(row["target"], "target") if row.get("target") is not None else None,
-                strength=float(row.get("strength", cfg.strength)), remask=str(row.get("remask", cfg.remask)),
-                dilate=int(row.get("dilate", cfg.dilate)), blend=int(row.get("blend", cfg.blend)),
-                seed=int(row.get("seed", s.seed + len(cases))),
-                negative_prompt=str(row.get("negative_prompt", s.negative_prompt)),
-                steps=int(row.get("steps", s.steps)), cfg=float(row.get("cfg", s.cfg)),
-                name=str(row["name"]) if row.get("name") else None, resolution=parse_resolution(cfg.resolution),
-                temperature=parse_temperature(s.temperature), token_temperature=float(s.token_temperature),
-                extra={k: row[k] for k in ("source_prompt", "category") if k in row},
-            )
-        except InputError as err:
-            raise InputError(f"{where}: {err}") from None
-        except (TypeError, ValueError) as err:
-            raise InputError(f"{where}: {err}") from None
-        case.check(where)
-        cases.append(case)
-    if not cases:
-        raise InputError(f"--cases {path}: no cases (one JSON object per line)")
-    names = [c.stem for c in cases]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise InputError(f"--cases {path}: several cases would write {dupes[0]}.png; give them different 'name's")
-    return cases
-
-
-# ----------------------------------------------------------------------------------------------
-# Images, masks and token grids
-
-
-def load_image(path: Path, what: str = "image") -> "Image.Image":
-    """An RGB PIL image, or InputError naming the file."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise InputError(f"{what} not found: {path}")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as err:
-        raise InputError(f"{what} {path} cannot be read as an image ({err})") from None
-
-
-def load_mask(path: Path, size: tuple[int, int]) -> "np.ndarray":
-    """A boolean (H, W) mask from a PNG of exactly `size` = (W, H): True where the pixel is white-ish."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise InputError(f"mask not found: {path}")
-    try:
-        with Image.open(path) as im:
-            if im.size != tuple(size):
-                raise InputError(f"mask {path} is {im.size[0]}x{im.size[1]} but the image is {size[0]}x{size[1]}; "
-                                 f"the mask must have the image's size (white = edit)")
-            gray = np.asarray(im.convert("L"))
-    except (UnidentifiedImageError, OSError) as err:
-        raise InputError(f"mask {path} cannot be read as an image ({err})") from None
-    return gray >= 128
-
-
-def box_mask(box: tuple[int, int, int, int], size: tuple[int, int]) -> "np.ndarray":
-    """A boolean (H, W) mask of the pixel box x0,y0,x1,y1 (end-exclusive), which must lie inside the image."""
-    import numpy as np
-
-    x0, y0, x1, y1 = box
-    w, h = size
-    if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
-        raise InputError(f"--box {x0},{y0},{x1},{y1} is not a non-empty box inside the {w}x{h} image "
-                         f"(need 0 <= x0 < x1 <= {w} and 0 <= y0 < y1 <= {h})")
-    mask = np.zeros((h, w), dtype=bool)
-    mask[y0:y1, x0:x1] = True
-    return mask
-
-
-def token_mask(pixels: "np.ndarray", factor: int, dilate: int = 0) -> "torch.Tensor":
-    """(H/f, W/f) bool: a token is masked when any pixel of its f x f cell is, then dilated by `dilate` tokens."""
-    import torch
-    import torch.nn.functional as F
-
-    h, w = pixels.shape
-    if h % factor or w % factor:
-        raise InputError(f"mask size {w}x{h} is not a multiple of the VQ factor {factor}")
-    cells = torch.from_numpy(pixels.reshape(h // factor, factor, w // factor, factor).any(axis=(1, 3)))
-    if dilate > 0:
-        grown = F.max_pool2d(cells[None, None].float(), kernel_size=2 * dilate + 1, stride=1, padding=dilate)
-        cells = grown[0, 0] > 0
-    return cells
-
-
-def round_size(width: int, height: int, multiple: int) -> tuple[int, int]:
-    """Each side rounded to the nearest positive multiple of `multiple`."""
-    return (max(multiple, int(round(width / multiple)) * multiple), max(multiple, int(round(height / multiple)) * multiple))
-
-
-def outpaint_layout(size: tuple[int, int], factor: int, even_grid: bool,
-                    extend: Optional[Sequence[int]] = None, target: Optional[tuple[int, int]] = None
-                    ) -> tuple[int, int, int, int]:
-    """(canvas width, canvas height, left, top) in pixels, all multiples of `factor`.
-
-    Each extension is rounded to the nearest multiple of the factor; with `even_grid` (the 2x2
-    compression) a side with an odd token count gets one more token on its larger extension.
-    """
-    w, h = size
-    if target is not None:
-        tw, th = target
-        if tw < w or th < h:
-            raise InputError(f"--target {tw}x{th} is smaller than the image ({w}x{h}); outpainting only adds area")
-        extend = ((tw - w) // 2, (th - h) // 2, tw - w - (tw - w) // 2, th - h - (th - h) // 2)
-    assert extend is not None
-    left, top, right, bottom = (int(round(e / factor)) for e in extend)
-    gw, gh = w // factor, h // factor
-    if even_grid:
-        if (gw + left + right) % 2:
-            if right >= left:
-                right += 1
-            else:
-                left += 1
-        if (gh + top + bottom) % 2:
-            if bottom >= top:
-                bottom += 1
-            else:
-                top += 1
-    if left + right + top + bottom == 0:
-        raise InputError(f"--extend/--target adds nothing once rounded to the {factor}-pixel token grid; extend by at "
-                         f"least {factor // 2 + 1} pixels on some side")
-    return (gw + left + right) * factor, (gh + top + bottom) * factor, left * factor, top * factor
-
-
-def feather_blend(decoded: "Image.Image", original: "Image.Image", keep: "np.ndarray", feather: int) -> "Image.Image":
-    """Original pixels where `keep` (H, W) is True, decoded elsewhere, mixed over a `feather`-pixel seam."""
-    import numpy as np
-    from PIL import Image, ImageFilter
-
-    alpha = Image.fromarray((keep * 255).astype(np.uint8), mode="L")
-    if feather > 0:
-        # Blur, then re-apply the hard inside so the kept interior stays exactly the original.
-        blurred = np.asarray(alpha.filter(ImageFilter.GaussianBlur(feather / 2)), dtype=np.float32) / 255.0
-        weight = np.minimum(blurred, keep.astype(np.float32))
-    else:
-        weight = keep.astype(np.float32)
-    a = np.asarray(original, dtype=np.float32)
-    b = np.asarray(decoded, dtype=np.float32)
-    out = weight[..., None] * a + (1 - weight[..., None]) * b
-    return Image.fromarray(np.clip(out.round(), 0, 255).astype(np.uint8))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -440,6 +277,18 @@ def _to_tensor(image: "Image.Image", device: Any) -> "torch.Tensor":
     return images_to_tensor([image]).to(device)
 
 
+def with_schedule(pipe: Any, masking_schedule: str) -> Any:
+    """`pipe` sharing every model, with a scheduler of the given masking schedule (the official
+    inpainting pipeline forces "linear" on its scheduler; this leaves `pipe`'s own untouched)."""
+    import copy
+
+    if pipe.scheduler.config.masking_schedule == masking_schedule:
+        return pipe
+    other = copy.copy(pipe)
+    other.scheduler = type(pipe.scheduler)(pipe.scheduler.config, masking_schedule=masking_schedule)
+    return other
+
+
 def edit_image(pipe: Any, case: EditCase, callback: Optional[Callable[[int, int], None]] = None) -> EditResult:
     """Run one edit with a loaded `MeissonicPipeline`; checks the inputs before any model work."""
     import numpy as np
@@ -452,23 +301,25 @@ def edit_image(pipe: Any, case: EditCase, callback: Optional[Callable[[int, int]
     image = load_image(case.image)
     f = int(pipe.vq.downsample_factor)
     multiple = int(pipe.pixel_multiple)
-    pixel_mask = None
-    if case.mode == "inpaint":
-        pixel_mask = load_mask(case.mask, image.size) if case.mask else box_mask(case.box, image.size)  # type: ignore[arg-type]
+    box_pixels = None
+    if case.mode == "inpaint" and case.mask is None:
+        box_pixels = box_mask(case.box, image.size)  # type: ignore[arg-type]
 
     work_size = case.resolution or round_size(*image.size, multiple)
     pipe.check_resolution(work_size[1], work_size[0])
     resized_from = None
     if work_size != image.size:
         resized_from = image.size
-        image = image.resize(work_size, Image.BICUBIC)
-        if pixel_mask is not None:
-            pixel_mask = np.asarray(Image.fromarray(pixel_mask).resize(work_size, Image.NEAREST))
+        image = open_resized(case.image, work_size)  # as inpaint.py loads it
+        if box_pixels is not None:
+            box_pixels = np.asarray(Image.fromarray(box_pixels).resize(work_size, Image.NEAREST))
 
     device = pipe.device
-    generator = torch.Generator(device=device).manual_seed(int(case.seed))
+    # --exact draws from a CPU generator (the same stream on every device), as diffusers pipelines do.
+    generator = torch.Generator(device="cpu" if case.exact else device).manual_seed(int(case.seed))
     mask_id = pipe.scheduler.config.mask_token_id
     source_tokens = pipe.vq.encode(_to_tensor(image, pipe.vq.device)).to(device)  # (1, h, w)
+    decoder, first_step, ratio = with_schedule(pipe, "linear"), 0, None
 
     if case.mode == "outpaint":
         cw, ch, left, top = outpaint_layout(image.size, f, bool(pipe.transformer.config.downsample),
@@ -488,25 +339,45 @@ def edit_image(pipe: Any, case: EditCase, callback: Optional[Callable[[int, int]
         canvas = image
         tokens = source_tokens.clone()
         if case.mode == "inpaint":
-            cells = token_mask(pixel_mask, f, case.dilate).to(device)  # type: ignore[arg-type]
-            if not bool(cells.any()):
-                raise InputError(f"the mask of {case.image.name} is empty (no white pixels); nothing to inpaint")
-            tokens[0][cells] = mask_id
+            grid = tuple(source_tokens.shape[1:])
+            if case.mask is not None:
+                cells = mask_token_grid(load_mask(case.mask, work_size), grid, case.dilate)  # type: ignore[arg-type]
+            else:
+                cells = token_mask(box_pixels, f, case.dilate)  # type: ignore[arg-type]
+            tokens[0][cells.to(device)] = mask_id
+        elif case.edit_rule == "official":
+            decoder = pipe
+            first_step = img2img_start(case.steps, case.strength)
+            if first_step < case.steps:
+                # Scheduler.add_noise of the official img2img pipeline: one uniform draw per token from
+                # the seeded generator, before any step.
+                p = img2img_mask_ratio(pipe.scheduler.config.masking_schedule, case.steps, first_step)
+                draw = torch.rand(tokens.shape, generator=generator, device=generator.device).to(device)
+                tokens[draw < p.to(device)] = mask_id
+                ratio = 1.0
         else:
+            decoder = pipe
             count = max(1, int(round(case.strength * tokens.numel())))
             logits = None
-            if case.remask == "confidence":
+            if case.edit_rule == "confidence":
                 logits = pipe.logits(source_tokens, [case.prompt], case.negative_prompt, case.cfg)
-            chosen = remask_positions(source_tokens, count, case.remask, generator, logits)
+            chosen = remask_positions(source_tokens, count, "confidence" if case.edit_rule == "confidence" else "random",
+                                      generator, logits)
             tokens.view(-1)[chosen] = mask_id
         keep_pixels = None
 
     tokens_in = tokens.clone()
-    # Decoding starts from the partial grid: only mask-id positions are drawn, the rest is kept as is.
-    decoded_tokens = pipe([case.prompt], negative_prompt=case.negative_prompt, steps=case.steps,
-                          guidance_scale=case.cfg, width=size[0], height=size[1], temperature=case.temperature,
-                          token_temperature=case.token_temperature,
-                          generator=generator, callback=callback, output_type="codes", init_tokens=tokens)
+    if bool((tokens_in == mask_id).any()) and first_step < case.steps:
+        # Decoding starts from the partial grid: only mask-id positions are drawn, the rest is kept as is.
+        decoded_tokens = decoder([case.prompt], negative_prompt=case.negative_prompt, steps=case.steps,
+                                 guidance_scale=case.cfg, width=size[0], height=size[1], temperature=case.temperature,
+                                 token_temperature=case.token_temperature, exact=case.exact,
+                                 generator=generator, callback=callback, output_type="codes", init_tokens=tokens,
+                                 first_step=first_step, starting_mask_ratio=ratio)
+    else:
+        # Nothing to redraw (a mask that selects no token, or a strength that runs no step): the image
+        # is kept as its tokens decode (the official loop would re-mask one kept token per step).
+        decoded_tokens = tokens
     out = tensor_to_images(pipe.vq.decode(decoded_tokens))[0]
     edited = (tokens_in == mask_id)[0]
     if case.blend > 0:
@@ -536,14 +407,16 @@ def _is_done(out: Path, case: EditCase) -> bool:
     return (out / f"{case.stem}.png").is_file() and (out / f"{case.stem}.json").is_file()
 
 
-def _check_done_matches(out: Path, case: EditCase) -> None:
+def _check_done_matches(out: Path, case: EditCase, model: Optional[dict[str, Any]] = None) -> None:
     path = out / f"{case.stem}.json"
     try:
-        done = json.loads(path.read_text())
+        done = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, OSError, UnicodeDecodeError):
         raise OutputExistsError(f"{path} exists but is not a readable sidecar; move it away or use another --out") from None
+    if not isinstance(done, dict):
+        raise OutputExistsError(f"{path} exists but is not a readable sidecar; move it away or use another --out")
     expected = case.settings()
-    differ = changed_settings(done, expected, _MUST_MATCH)
+    differ = changed_settings(done, expected, _MUST_MATCH) + other_model(done, model)
     if differ:
         raise OutputExistsError(f"{path.name} in {out} was made with different {', '.join(differ)}; nothing was "
                                 f"written: use another --out or a different name")
@@ -554,7 +427,7 @@ def _precheck(case: EditCase) -> None:
     image = load_image(case.image)
     if case.mode == "inpaint":
         if case.mask is not None:
-            load_mask(case.mask, image.size)
+            image_size(case.mask, "mask")
         else:
             box_mask(case.box, image.size)  # type: ignore[arg-type]
     if case.mode == "outpaint" and case.target is not None and (case.target[0] < image.width or case.target[1] < image.height):
@@ -562,17 +435,48 @@ def _precheck(case: EditCase) -> None:
                          f"({image.width}x{image.height}); outpainting only adds area")
 
 
-def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None) -> EditRunResult:
-    """Run every case of `cfg` into `cfg.out`, skipping finished ones. Inputs are checked before the model loads."""
+def case_notes(pipe: Any, case: EditCase) -> list[str]:
+    """One-line notices about how a case's inputs are read: a mask whose size differs from the image
+    (both are resized to the working size, as inpaint.py does), or a mask that selects no token."""
+    if case.mode != "inpaint" or case.mask is None:
+        return []
+    size = image_size(case.image)
+    work = case.resolution or round_size(*size, int(pipe.pixel_multiple))
+    mask_size = image_size(case.mask, "mask")
+    notes = []
+    if mask_size != size:
+        notes.append(f"{case.stem}: mask {case.mask.name} is {mask_size[0]}x{mask_size[1]} and image {case.image.name} "
+                     f"{size[0]}x{size[1]}: each is resized to {work[0]}x{work[1]}, as the official inpaint.py does")
+    f = int(pipe.vq.downsample_factor)
+    if not bool(mask_token_grid(load_mask(case.mask, work), (work[1] // f, work[0] // f)).any()):
+        notes.append(f"{case.stem}: mask {case.mask.name} selects no token at {work[0]}x{work[1]} (a token is repainted "
+                     f"where the mask averages at least half white); the image is kept as it is")
+    return notes
+
+
+def _stderr(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)
+
+
+def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
+             notify: Optional[Callable[[str], None]] = _stderr) -> EditRunResult:
+    """Run every case of `cfg` into `cfg.out`, skipping finished ones. Inputs are checked before the model loads.
+    `notify` receives one line per notice about a case's inputs (`case_notes`)."""
     cfg.validate()
     cases = read_cases(cfg) if cfg.cases else [single_case(cfg)]
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {out} is a file; give a folder")
+    check_output_folder(out)
+    model_id = None
+    if any(_is_done(out, case) for case in cases):
+        model_id = model_identity(pipeline, cfg.model, cfg.sample.allow_download)
     todo = []
     for case in cases:
         if _is_done(out, case):
-            _check_done_matches(out, case)
+            _check_done_matches(out, case, model_id)
         else:
             _precheck(case)
             todo.append(case)
@@ -582,13 +486,17 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None) -> Ed
 
     from meissonic_cli.sample.pipeline import MeissonicPipeline, resolve_model_folder
 
+    model_id = model_id or model_identity(pipeline, cfg.model, cfg.sample.allow_download)
     if pipeline is None:
         root = resolve_model_folder(cfg.model, allow_download=cfg.sample.allow_download)
-        pipeline = MeissonicPipeline.from_pretrained(root, device=cfg.sample.device, dtype=cfg.sample.dtype)
-        model_label = str(root.resolve())
-    else:
-        model_label = str(getattr(pipeline, "model_path", None) or cfg.model)
-    out.mkdir(parents=True, exist_ok=True)
+        pipeline = MeissonicPipeline.from_pretrained(root, device=cfg.sample.device, dtype=cfg.sample.dtype,
+                                                     text_encoder=cfg.sample.text_encoder)
+    model_label = model_id["model"]
+    for case in todo:
+        for note in case_notes(pipeline, case):
+            if notify is not None:
+                notify(note)
+    make_output_folder(out, "--out")
 
     with make_progress(progress, remaining=False) as bar:
         cases_task = bar.add_task("edits", total=len(cases), completed=result.skipped)
@@ -607,7 +515,7 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None) -> Ed
                 "resized_from": list(edited.resized_from) if edited.resized_from else None,
                 "temperature": list(case.temperature) if isinstance(case.temperature, tuple) else [case.temperature],
                 "masked_tokens": edited.masked, "total_tokens": int(edited.token_mask.numel()),
-                "model": model_label, "seconds": round(seconds, 4),
+                "model": model_label, "model_digest": model_id["model_digest"], "seconds": round(seconds, 4),
                 **case.extra,
             }
             write_json(side, meta)
@@ -629,6 +537,8 @@ def summary_table(result: EditRunResult) -> Any:
     return key_value_table("edit", rows)
 
 
-__all__ = ["EditCase", "EditConfig", "EditResult", "EditRunResult", "MODES", "REMASK", "box_mask", "edit_image",
-           "feather_blend", "load_image", "load_mask", "outpaint_layout", "read_cases", "remask_positions", "round_size",
-           "run_edit", "single_case", "summary_table", "token_mask"]
+__all__ = ["EDIT_RULES", "OFFICIAL_CASE_KEYS", "EditCase", "EditConfig", "EditResult", "EditRunResult", "MODES",
+           "box_mask", "case_notes", "dilate_tokens", "edit_image", "feather_blend", "image_size", "img2img_mask_ratio",
+           "img2img_start", "load_image", "load_mask", "mask_levels", "mask_token_grid", "open_resized",
+           "outpaint_layout", "parse_ints", "parse_size", "read_cases", "remask_positions", "round_size", "run_edit",
+           "single_case", "summary_table", "token_mask", "with_schedule"]

@@ -23,7 +23,9 @@ multiples of `pixel_multiple`), `temperature` ((2, 0), or one number tau for lin
 `token_temperature` (1: the logits are divided by it before each token draw; 1 is the official
 sampler, below 1 sharpens the draws towards each position's most likely codes), `micro_conds` (default (width, height, 0, 0, 6)), `seed` (one int for the batch, or one per image)
 or `generator`, `callback(step, steps)`, `output_type` ("pil" -> list of PIL images, "codes" ->
-int64 (B, h, w) code grids, "tensor" -> float (B, 3, H, W) in [0, 1]), `exact` and `init_tokens`.
+int64 (B, h, w) code grids, "tensor" -> float (B, 3, H, W) in [0, 1]), `exact`, `init_tokens` and
+`sampler` (`meissonic_cli.sample.samplers.SamplerOptions`: Halton/random orders, other schedules, noise
+regularization, differential sampling, the feature cache; None is the official sampler).
 
 `init_tokens` (B, h, w) starts decoding from given token grids instead of an all-mask grid: the
 positions holding the mask id are decoded, every other token comes back bit-identical (what
@@ -139,10 +141,11 @@ def _need_one(folder: Path, names: Sequence[str], what: str) -> None:
                                + (f" (or {', '.join(names[1:])})" if len(names) > 1 else ""))
 
 
-def check_model_folder(root: Path) -> None:
+def check_model_folder(root: Path, text_encoder: bool = True) -> None:
     """Raise ModelFormatError naming the first expected file of the released layout that is missing.
 
     Checked before anything is loaded, so a broken folder fails in a second, not after reading weights.
+    `text_encoder=False` skips `text_encoder/` (another text encoder folder is used).
     """
     from meissonic_cli.model.text_encoder import HF_CONFIG, HF_WEIGHTS, HF_WEIGHTS_INDEX
     from meissonic_cli.model.vq import VQ_CONFIG
@@ -151,8 +154,9 @@ def check_model_folder(root: Path) -> None:
     _need_one(root / "transformer", [WEIGHTS_NAME, WEIGHTS_INDEX_NAME], "transformer weights")
     # The VQ's weight file name depends on its kind (diffusers VQModel or PatchVQ): its loader names it.
     _need_one(root / "vqvae", [VQ_CONFIG], "VQ config")
-    _need_one(root / "text_encoder", [HF_CONFIG], "text encoder config")
-    _need_one(root / "text_encoder", [HF_WEIGHTS, HF_WEIGHTS_INDEX], "text encoder weights")
+    if text_encoder:
+        _need_one(root / "text_encoder", [HF_CONFIG], "text encoder config")
+        _need_one(root / "text_encoder", [HF_WEIGHTS, HF_WEIGHTS_INDEX], "text encoder weights")
     _need_one(root / "scheduler", [SCHEDULER_CONFIG_NAME], "scheduler config")
 
 
@@ -257,6 +261,10 @@ def sample_tokens(
     num_codes: Optional[int] = None,
     init_tokens: Optional[torch.Tensor] = None,
     token_temperature: float = 1.0,
+    sampler: Any = None,
+    trace: Optional[dict] = None,
+    first_step: int = 0,
+    starting_mask_ratio: Optional[float] = None,
 ) -> torch.Tensor:
     """MaskGIT decoding from an all-mask grid (or from `init_tokens`); returns int64 code grids (B, H, W).
 
@@ -270,6 +278,11 @@ def sample_tokens(
     count still masked after each step is `masked_after_step(steps, L, M/L)`.
     `token_temperature` divides the (guided) logits before each draw; 1 leaves them as the official
     sampler uses them. See the module docstring for the fast and the `exact` loop.
+    `sampler` (a `samplers.SamplerOptions`; None = the official sampler) picks another reveal order,
+    schedule, inference tricks or the feature cache for the fast loop (`samplers.run_sampler_loop`,
+    which fills `trace` with the cache's logit differences when given).
+    `first_step` > 0 runs only steps first_step..steps-1 and `starting_mask_ratio` replaces M/L
+    (the official img2img rule, `edit.py`: the last part of the steps with ratio 1).
     """
     b = text.shape[0]
     grid_h, grid_w = int(grid_hw[0]), int(grid_hw[1])
@@ -292,6 +305,10 @@ def sample_tokens(
         if masked == 0:
             return latents
         ratio = masked / seq_len
+    if starting_mask_ratio is not None:
+        ratio = float(starting_mask_ratio)
+    if not 0 <= int(first_step) < steps:
+        raise InputError(f"first_step must be in 0..{steps - 1}, got {first_step}")
     scheduler.set_timesteps(steps, temperature, device=device)
 
     def limit(logits: torch.Tensor, dim: int) -> torch.Tensor:
@@ -299,10 +316,15 @@ def sample_tokens(
             logits = logits.narrow(dim, 0, num_codes)
         return logits if token_temperature == 1.0 else logits / token_temperature
 
+    custom = sampler is not None and not sampler.validate().is_official(scheduler)
+    if custom and exact:
+        raise InputError(f"the exact loop runs the official sampler only; drop --exact to sample with {sampler.label}")
+    if custom and first_step:
+        raise InputError(f"the img2img rule runs the official sampler only, not {sampler.label}")
     with torch.inference_mode():
         if exact:
             # The official loop: every step recomputes the conditioning and the logits of every position.
-            for i, t in enumerate(scheduler.timesteps):
+            for i, t in list(enumerate(scheduler.timesteps))[int(first_step):]:
                 logits = limit(exact_logits(transformer, latents, t.view(1).long(), all_text, all_pooled, all_micro,
                                             guidance_scale if guided else None), 1)
                 if per_row:
@@ -320,7 +342,12 @@ def sample_tokens(
         else:
             # nonzero lists row by row in ascending order, and every row has `masked` entries.
             positions = (latents.reshape(b, seq_len) == mask_id).nonzero()[:, 1].view(b, masked)
-        for i, t in enumerate(scheduler.timesteps):
+        if custom:
+            from meissonic_cli.sample.samplers import run_sampler_loop
+
+            return run_sampler_loop(transformer, scheduler, cond, latents, positions, steps,
+                                    guidance_scale if guided else None, generator, ratio, limit, sampler, callback, trace)
+        for i, t in list(enumerate(scheduler.timesteps))[int(first_step):]:
             logits = limit(masked_logits(transformer, latents, t.view(1).long(), cond, positions,
                                          guidance_scale if guided else None), 2)
             if per_row:
@@ -358,27 +385,33 @@ class MeissonicPipeline:
         device: Union[str, torch.device, None] = "auto",
         dtype: Union[str, torch.dtype, None] = "fp32",
         allow_download: bool = False,
+        text_encoder: Union[str, Path, None] = None,
     ) -> "MeissonicPipeline":
         """Load a released-layout folder (or a cached Hugging Face repo id) onto `device` in `dtype`.
 
         The text encoder always runs in float32, and so does the VQ when its config asks for it
         (`force_upcast`, as the released one does); `dtype` is the transformer's.
+        `text_encoder`: another text encoder folder to use (`TextEncoder.for_model`), e.g. the laion
+        CLIP-ViT-H-14 CLIPModel folder the official scripts load; prompts keep the model's tokenizer.
         """
-        from meissonic_cli.model.text_encoder import TextEncoder
+        from meissonic_cli.model.text_encoder import HF_CONFIG, TextEncoder
         from meissonic_cli.model.vq import load_vq
 
         dev = resolve_device(device)
         dt = resolve_dtype(dtype)
         root = resolve_model_folder(model, allow_download=allow_download)
-        check_model_folder(root)
+        if text_encoder is not None:
+            _need_one(Path(text_encoder).expanduser(), [HF_CONFIG], "--text-encoder config")
+        check_model_folder(root, text_encoder=text_encoder is None)
         # Smallest parts first, so a broken folder fails before the transformer's weights are read.
         scheduler = MaskGITScheduler.from_config_dir(root / "scheduler")
         vq = load_vq(root / "vqvae", dtype=dt).to(dev).eval()
         # The text encoder runs once per call, so float32 costs little; its float32 layer norms also
         # refuse half-precision weights on CPU.
-        text_encoder = TextEncoder.from_pretrained(root / "text_encoder", dtype=torch.float32).to(dev).eval()
+        encoder = TextEncoder.for_model(root, text_encoder and Path(text_encoder).expanduser(),
+                                        dtype=torch.float32).to(dev).eval()
         transformer = MeissonicTransformer.from_pretrained(root, dtype=dt, device=dev)
-        pipe = cls(transformer=transformer, scheduler=scheduler, text_encoder=text_encoder, vq=vq, model_path=root)
+        pipe = cls(transformer=transformer, scheduler=scheduler, text_encoder=encoder, vq=vq, model_path=root)
         pipe.check_parts()
         return pipe
 
@@ -458,6 +491,9 @@ class MeissonicPipeline:
         exact: bool = False,
         init_tokens: Optional[torch.Tensor] = None,
         token_temperature: float = 1.0,
+        sampler: Any = None,
+        first_step: int = 0,
+        starting_mask_ratio: Optional[float] = None,
     ) -> Any:
         """Generate one image per prompt; see the module docstring for every argument.
 
@@ -475,14 +511,16 @@ class MeissonicPipeline:
             f = int(self.vq.downsample_factor)
             height, width = int(init_tokens.shape[-2]) * f, int(init_tokens.shape[-1]) * f
         height, width, grid = self._image_size(height, width)
-        gens = _generators(seed, generator, len(prompts), self.device)
+        # exact: CPU generators (as diffusers pipelines draw), so a seed gives one random stream on every device.
+        gens = _generators(seed, generator, len(prompts), torch.device("cpu") if exact else self.device)
         text, pooled, neg_text, neg_pooled, micro = self._prompt_inputs(prompts, negative_prompt, guidance_scale,
                                                                         width, height, micro_conds)
         codes = sample_tokens(
             self.transformer, self.scheduler, text, pooled, micro, grid, steps=int(steps),
             guidance_scale=float(guidance_scale), negative_text=neg_text, negative_pooled=neg_pooled,
             temperature=temperature, generator=gens, callback=callback, exact=exact, num_codes=self._num_codes(),
-            init_tokens=init_tokens, token_temperature=token_temperature,
+            init_tokens=init_tokens, token_temperature=token_temperature, sampler=sampler,
+            first_step=first_step, starting_mask_ratio=starting_mask_ratio,
         )
         if output_type == "codes":
             return codes

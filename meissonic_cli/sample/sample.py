@@ -27,16 +27,27 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from meissonic_cli.atomic import atomic_write, write_json
-from meissonic_cli.config import Problems, field
+from meissonic_cli.config import Problems, field, parse_resolution
 from meissonic_cli.errors import InputError, OutputExistsError
 from meissonic_cli.progress import key_value_table, make_progress
+from meissonic_cli.safety import MAX_SEED, check_seed
+from meissonic_cli.sample.outputs import other_model
 
 JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "cfg")
+# The official scripts' settings (github viiika/Meissonic inference.py and inpaint.py): 64 steps,
+# guidance 9 and this negative prompt; `--exact` runs their sampler loop with a CPU generator.
+OFFICIAL_NEGATIVE_PROMPT = ("worst quality, low quality, low res, blurry, distortion, watermark, logo, signature, text, "
+                            "jpeg artifacts, signature, sketch, duplicate, ugly, identifying mark")
+OFFICIAL_RESOLUTION = 1024  # both scripts resize/sample at 1024 x 1024
+PRESETS: dict[str, dict[str, Any]] = {
+    "official": {"steps": 64, "cfg": 9.0, "negative_prompt": OFFICIAL_NEGATIVE_PROMPT, "exact": True},
+}
 # Sidecar fields that must equal the current run's for a done image to be skipped.
 _MUST_MATCH = ("prompt", "negative_prompt", "seed", "steps", "cfg", "resolution", "temperature", "token_temperature",
+               "text_encoder",
                "sampler")
 # Values of sidecar fields added after the first release, for sidecars written before them (`edit`'s too).
-_SIDECAR_DEFAULTS = {"token_temperature": 1.0}
+_SIDECAR_DEFAULTS = {"token_temperature": 1.0, "exact": False}
 GRID_NAME = "grid.png"
 # Narrower grid tiles are enlarged (see make_grid): 64 px samples would leave room for ~10 characters of caption.
 MIN_GRID_TILE = 160
@@ -45,15 +56,16 @@ MIN_GRID_TILE = 160
 @dataclass
 class SampleConfig:
     model: str = field("", help="Model folder in the released layout (transformer/, vqvae/, text_encoder/, tokenizer/, "
-                                "scheduler/), or a Hugging Face repo id already in the local cache.")
-    prompt: list[str] = field(default_factory=list, help="A prompt; repeat the flag for several.")
+                                "scheduler/), or a Hugging Face repo id already in the local cache.", short="-m")
+    prompt: list[str] = field(default_factory=list, help="A prompt; repeat the flag for several.", short="-p")
     prompts: Optional[str] = field(None, help="A prompts file: .txt (one per line, # comments) or .jsonl (prompt, "
                                               "negative_prompt, seed, steps, cfg per line).")
     out: str = field("samples", help="Output folder: one PNG and one JSON sidecar per image; a rerun skips images "
-                                     "already written.")
+                                     "already written.", short="-o")
     negative_prompt: str = field("", help="Negative prompt for classifier-free guidance (jsonl lines may override it).")
     steps: int = field(48, help="Decoding steps.")
-    cfg: float = field(9.0, help="Classifier-free guidance scale; guidance runs when it is > 1.")
+    cfg: float = field(9.0, help="Classifier-free guidance scale; guidance runs when it is > 1.", flag="--guidance-scale",
+                       also=("--cfg",))
     resolution: Optional[str] = field(None, help="Image size: 1024 (square) or WxH, a multiple of the VQ factor (x2 "
                                                  "with compression). Default: 1024 for the compressing (1024px) model, "
                                                  "512 otherwise, at the released VQ factor 16.")
@@ -67,12 +79,49 @@ class SampleConfig:
     token_temperature: float = field(1.0, help="Divides the logits before each token draw: 1 is the official sampler; "
                                                "below 1 (e.g. 0.25) draws closer to each position's most likely codes, "
                                                "which helps small or briefly trained models.")
+    order: str = field("confidence", help="Which masked positions each step reveals: confidence (the official "
+                                          "sampler), halton (a fixed, spread-out 2-D Halton order) or random.")
+    schedule: Optional[str] = field(None, help="How many tokens stay masked after each step: cosine, linear, arccos, "
+                                               "sqrt or square. Default: the model's scheduler config (cosine).")
+    noise_reg: float = field(0.0, help="Noise regularization: Gaussian noise of this scale (times |cos| of the step) "
+                                       "on the logits before each draw; 0 = off, 2 = the paper's (arXiv 2411.10781).")
+    differential: float = field(0.0, help="Differential sampling: this fraction of the masked positions, those whose "
+                                          "prediction moved least since the last step, draw from the change of their "
+                                          "distribution; 0 = off, 0.75 = the paper's (arXiv 2411.10781).")
+    cache_refresh: int = field(0, help="Feature cache: a full forward every N steps, and between them only the "
+                                       "positions masked at the last full one are recomputed (keys/values of the rest "
+                                       "reused); 0 = off. Approximate: see `meissonic_cli.sample.cache`.")
     grid: bool = field(False, help="Also write grid.png: every image of the prompt list with its prompt.")
     exact: bool = field(False, help="Run the official sampler loop (full logits and the official scheduler step "
-                                    "every step): slower, reproduces the official random draws.")
+                                    "every step) with a CPU generator, as diffusers pipelines draw: slower, reproduces "
+                                    "the official random draws, and a seed gives the same image on CPU and GPU (up to "
+                                    "float rounding of the logits).")
     allow_download: bool = field(False, help="Let --model name a Hugging Face repo id that is downloaded now.")
+    text_encoder: Optional[str] = field(None, help="Text encoder folder to use instead of the model's text_encoder/: a "
+                                                   "Hugging Face CLIPTextModelWithProjection folder, or a full CLIPModel "
+                                                   "folder (vision tower ignored), e.g. laion/CLIP-ViT-H-14-laion2B-"
+                                                   "s32B-b79K as the official scripts load it. Prompts are still "
+                                                   "tokenized with the model's tokenizer/.")
+    preset: Optional[str] = field(None, help="official: the settings of the official scripts (inference.py, "
+                                             "inpaint.py) for every setting left at its default: 64 steps, guidance "
+                                             "9, their default negative prompt, --exact (and 1024 px for edit).")
+    overwrite: bool = field(False, help="Replace an existing grid.png and same-named files in --out that this command "
+                                        "did not finish (default: refuse).")
+
+    def apply_preset(self) -> "SampleConfig":
+        """Fill the settings of `preset` into every field still at its default (idempotent)."""
+        if self.preset is None or self.preset == "":
+            return self
+        if self.preset not in PRESETS:
+            raise InputError(f"unknown --preset {self.preset!r}; use one of {', '.join(PRESETS)}")
+        defaults = SampleConfig()
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) == getattr(defaults, name):
+                setattr(self, name, value)
+        return self
 
     def validate(self) -> "SampleConfig":
+        self.apply_preset()
         p = Problems()
         p.check(bool(self.model), "--model is required (a model folder, e.g. one made by `huggingface-cli download "
                                   "MeissonFlow/Meissonic --local-dir DIR`)")
@@ -80,7 +129,8 @@ class SampleConfig:
                                                          "not neither")
         self.check_schedule(p)
         p.check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
-        p.check(math.isfinite(self.cfg), f"--cfg must be a number, got {self.cfg}")
+        p.check(math.isfinite(self.cfg), f"--guidance-scale must be a finite number (e.g. 9), got {self.cfg}")
+        p.check(0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
         try:
             parse_resolution(self.resolution)
         except InputError as err:
@@ -101,6 +151,27 @@ class SampleConfig:
             parse_temperature(self.temperature)
         except InputError as err:
             p.check(False, str(err))
+        options = self.sampler_options(check=False)
+        for problem in options.problems():
+            p.check(False, problem)
+        p.check(not (self.exact and options != type(options)()),
+                f"--exact runs the official sampler only; drop it to sample with {options.label}")
+
+    def sampler_options(self, check: bool = True) -> Any:
+        """The `samplers.SamplerOptions` of these settings (the official sampler by default)."""
+        from meissonic_cli.sample.samplers import SamplerOptions
+
+        options = SamplerOptions(order=self.order, schedule=self.schedule or None, noise_reg=float(self.noise_reg),
+                                 differential=float(self.differential), cache_refresh=self.cache_refresh)
+        return options.validate() if check else options
+
+    @property
+    def sampler_label(self) -> str:
+        """What the sidecars record as the sampler: exact, fast (the official sampler), or the options' label."""
+        if self.exact:
+            return "exact"
+        options = self.sampler_options(check=False)
+        return "fast" if options == type(options)() else options.label
 
 
 @dataclass
@@ -137,17 +208,6 @@ class SampleResult:
 
 # ----------------------------------------------------------------------------------------------
 # Parsing
-
-
-def parse_resolution(value: Optional[str]) -> Optional[tuple[int, int]]:
-    """'512' -> (512, 512), '768x512' -> (width 768, height 512); None keeps the model default."""
-    if value is None or str(value).strip() == "":
-        return None
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX*]\s*(\d+)\s*)?", str(value))
-    if not m or int(m.group(1)) <= 0 or (m.group(2) is not None and int(m.group(2)) <= 0):
-        raise InputError(f"--resolution {value!r} is not a size like 1024 or 1024x768 (width x height)")
-    w = int(m.group(1))
-    return w, int(m.group(2)) if m.group(2) is not None else w
 
 
 def parse_temperature(value: str) -> Any:
@@ -231,7 +291,7 @@ def read_prompts(cfg: SampleConfig) -> list[PromptItem]:
         if not prompt.strip():
             raise InputError(f"{where}: \"prompt\" is empty")
         negative = _check_type(row["negative_prompt"], str, "negative_prompt", where) if "negative_prompt" in row else None
-        seed = _check_type(row["seed"], int, "seed", where) if "seed" in row else None
+        seed = check_seed(_check_type(row["seed"], int, "seed", where), where) if "seed" in row else None
         steps = _check_type(row["steps"], int, "steps", where) if "steps" in row else None
         if steps is not None and steps < 1:
             raise InputError(f"{where}: \"steps\" must be >= 1, got {steps}")
@@ -258,8 +318,13 @@ def _sidecar(item: PromptItem, cfg: SampleConfig, width: int, height: int, model
         "seed": item.seed, "steps": item.steps, "cfg": item.cfg, "resolution": f"{width}x{height}",
         "width": width, "height": height, "temperature": list(_as_list(parse_temperature(cfg.temperature))),
         "token_temperature": cfg.token_temperature,
-        "sampler": "exact" if cfg.exact else "fast", "model": model, "dtype": dtype, "seconds": round(seconds, 4),
+        "sampler": cfg.sampler_label, "text_encoder": text_encoder_label(cfg.text_encoder), "model": model, "dtype": dtype, "seconds": round(seconds, 4),
     }
+
+
+def text_encoder_label(folder: Optional[str]) -> Optional[str]:
+    """What sidecars record of --text-encoder: the resolved folder, or None (the model's own)."""
+    return str(Path(folder).expanduser().resolve()) if folder else None
 
 
 def _as_list(t: Any) -> Sequence[float]:
@@ -272,13 +337,16 @@ def changed_settings(done: dict[str, Any], expected: dict[str, Any], keys: Seque
     return [k for k in keys if done.get(k, _SIDECAR_DEFAULTS.get(k)) != expected.get(k)]
 
 
-def _check_done_matches(out: Path, item: PromptItem, expected: dict[str, Any]) -> None:
+def _check_done_matches(out: Path, item: PromptItem, expected: dict[str, Any],
+                        model: Optional[dict[str, Any]] = None) -> None:
     path = out / f"{item.stem}.json"
     try:
-        done = json.loads(path.read_text())
+        done = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, OSError, UnicodeDecodeError):
         raise OutputExistsError(f"{path} exists but is not a readable sidecar; move it away or use another --out") from None
-    differ = changed_settings(done, expected, _MUST_MATCH)
+    if not isinstance(done, dict):
+        raise OutputExistsError(f"{path} exists but is not a readable sidecar; move it away or use another --out")
+    differ = changed_settings(done, expected, _MUST_MATCH) + other_model(done, model)
     if differ:
         changes = ", ".join(f"{k} {done.get(k)!r} there, {expected.get(k)!r} now" for k in differ)
         raise OutputExistsError(f"{path.name} in {out} was made with other settings ({changes}); nothing was written: "
@@ -344,6 +412,14 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
     items = read_prompts(cfg)
     temperature = parse_temperature(cfg.temperature)
     size = parse_resolution(cfg.resolution)
+    from meissonic_cli.sample.outputs import (
+        check_output_folder,
+        check_replaceable,
+        make_output_folder,
+        model_identity,
+        png_mark,
+        write_grid,
+    )
     from meissonic_cli.sample.pipeline import MeissonicPipeline, resolve_device, resolve_dtype, resolve_model_folder
 
     resolve_dtype(cfg.dtype)
@@ -351,13 +427,19 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {out} is a file; give a folder")
-
+    check_output_folder(out)
+    if cfg.grid and not cfg.overwrite and (out / GRID_NAME).exists() and not all(_is_done(out, it) for it in items):
+        raise OutputExistsError(f"{out / GRID_NAME} exists; pass --overwrite to replace it or use another --out")
+    for item in items:
+        if not _is_done(out, item):
+            check_replaceable(out / f"{item.stem}.png", cfg.overwrite)
+            check_replaceable(out / f"{item.stem}.json", cfg.overwrite)
+    model_id = model_identity(pipeline, cfg.model, cfg.allow_download)
     if pipeline is None:
         root = resolve_model_folder(cfg.model, allow_download=cfg.allow_download)
-        pipeline = MeissonicPipeline.from_pretrained(root, device=cfg.device, dtype=cfg.dtype)
-        model_label = str(root.resolve())
-    else:
-        model_label = str(getattr(pipeline, "model_path", None) or cfg.model)
+        pipeline = MeissonicPipeline.from_pretrained(root, device=cfg.device, dtype=cfg.dtype,
+                                                     text_encoder=cfg.text_encoder)
+    model_label = model_id["model"]
     width, height = size if size is not None else (pipeline.default_resolution,) * 2
     pipeline.check_resolution(height, width)
     dtype_name = str(pipeline.dtype).replace("torch.", "")
@@ -365,13 +447,13 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
     todo = []
     for item in items:
         if _is_done(out, item):
-            _check_done_matches(out, item, _sidecar(item, cfg, width, height, model_label, 0.0, dtype_name))
+            _check_done_matches(out, item, _sidecar(item, cfg, width, height, model_label, 0.0, dtype_name), model_id)
         else:
             todo.append(item)
 
     result = SampleResult(out_dir=out, model=model_label, device=str(pipeline.device), dtype=dtype_name,
                           resolution=(width, height), skipped=len(items) - len(todo))
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(out)
     with make_progress(progress) as bar:
         images_task = bar.add_task("images", total=len(items), completed=result.skipped)
         steps_task = bar.add_task("steps", total=todo[0].steps, visible=False) if todo else None
@@ -384,13 +466,16 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
                 [it.prompt for it in batch], negative_prompt=[it.negative_prompt for it in batch],
                 steps=batch[0].steps, guidance_scale=batch[0].cfg, height=height, width=width, temperature=temperature,
                 token_temperature=cfg.token_temperature, seed=[it.seed for it in batch], exact=cfg.exact,
+                sampler=cfg.sampler_options(),
                 callback=lambda step, total: bar.update(steps_task, completed=step),
             )
             seconds = time.perf_counter() - start
             for item, image in zip(batch, images):
                 png, side = out / f"{item.stem}.png", out / f"{item.stem}.json"
-                atomic_write(png, lambda p, im=image: im.save(p, format="PNG"))
-                write_json(side, _sidecar(item, cfg, width, height, model_label, seconds / len(batch), dtype_name))
+                meta = {**_sidecar(item, cfg, width, height, model_label, seconds / len(batch), dtype_name),
+                        "model_digest": model_id["model_digest"]}
+                atomic_write(png, lambda p, im=image: im.save(p, format="PNG", pnginfo=png_mark(meta)))
+                write_json(side, meta)
                 result.written.append(png)
             result.seconds += seconds
             result.steps_run += batch[0].steps
@@ -405,7 +490,7 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
                 tiles.append(im.convert("RGB"))
         grid = make_grid(tiles, [it.prompt for it in items])
         result.grid = out / GRID_NAME
-        atomic_write(result.grid, lambda p: grid.save(p, format="PNG"))
+        write_grid(result.grid, grid, cfg.overwrite)
     return result
 
 

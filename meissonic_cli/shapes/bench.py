@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 from meissonic_cli.atomic import write_text
 from meissonic_cli.errors import InputError
 from meissonic_cli.progress import make_progress
+from meissonic_cli.safety import check_pixels, image_errors
 from meissonic_cli.shapes import world as shapes
 from meissonic_cli.shapes.detect import (  # noqa: F401  (re-exported: the benchmark's public names)
     IRREGULAR,
@@ -264,8 +265,8 @@ def score_folder(folder: str | os.PathLike, prompts: Iterable[shapes.BenchmarkPr
         task = progress.add_task("scoring", total=len(jobs))
         for path, spec in jobs:
             try:
-                with Image.open(path) as im:
-                    row = score_image(im, spec, min_area)
+                with image_errors(str(path)), Image.open(path) as im:
+                    row = score_image(check_pixels(im, str(path)), spec, min_area)
             except (UnidentifiedImageError, OSError) as err:
                 raise InputError(f"{path}: cannot read the image ({err})") from None
             results.append({"file": path.name, **row})

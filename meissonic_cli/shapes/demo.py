@@ -32,7 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from meissonic_cli.atomic import atomic_write, write_text
 from meissonic_cli.config import Problems, field
+from meissonic_cli.device import DEVICE_CHOICES, valid_device_name
 from meissonic_cli.errors import MeissonicError, OutputExistsError
 
 if TYPE_CHECKING:
@@ -122,12 +124,13 @@ BUDGETS: dict[str, DemoBudget] = {
 class DemoConfig:
     """Everything `meissonic demo` does; field help is the CLI help."""
 
-    out: str = field("demo-out", help="Folder for everything the demo writes (model, data, run, samples, report.json).", flag="--out")
+    out: str = field("demo-out", help="Folder for everything the demo writes (model, data, run, samples, report.json).", flag="--out",
+                     short="-o")
     budget: str = field("full", help="full: about 10 minutes on 2 CPU cores (colour, position and shape learned, count "
                                      "in part); small: about 5 minutes (colour and position well above chance).")
     overwrite: bool = field(False, help="Replace the outputs of an earlier demo in --out (other files there are left alone).")
     seed: int = field(0, help="Seed of the synthetic data, the model's initial weights and the sampler.")
-    device: str = field("cpu", help="Device for tokenize, train, sample and eval: cpu (the demo's target) or auto.")
+    device: str = field("cpu", help="Device for tokenize, train, sample and eval: cpu (the demo's target; its budgets are tuned for 2 CPU cores), auto, cuda, cuda:N or mps.")
     model_only: bool = field(False, help="Only build the demo's model folder (OUT/model: random transformer and text "
                                          "encoder, fitted patch VQ) and stop; pipelines/demo.sh starts with this.")
 
@@ -135,7 +138,7 @@ class DemoConfig:
         p = Problems()
         p.check(bool(self.out), "--out is required (the demo's output folder)")
         p.check(self.budget in BUDGETS, f"--budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
-        p.check(self.device in ("cpu", "auto"), f"--device must be cpu or auto, got {self.device!r}")
+        p.check(valid_device_name(self.device), f"--device must be one of {DEVICE_CHOICES}, got {self.device!r}")
         p.raise_if_any()
         return self
 
@@ -249,6 +252,9 @@ def demo_eval_config(budget: DemoBudget, model: str | Path, out: str | Path, see
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
     """Refuse a folder holding an earlier demo (or anything else) unless --overwrite; then clear the demo's outputs."""
+    from meissonic_cli.data.inputs import check_output_parent
+
+    check_output_parent(out, "--out")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {out} is a file; give a folder")
     present = [name for name in OUTPUTS if (out / name).exists()]
@@ -428,9 +434,7 @@ def _sample(budget: DemoBudget, checkpoint: Path, out: Path, grid_path: Path, se
     if result.grid is None:
         raise MeissonicError(f"sample wrote no grid.png in {out}")
     # The sampler's grid (64 px tiles enlarged pixel for pixel, prompts beneath), also at OUT/samples.png.
-    tmp = grid_path.with_name(f".{grid_path.name}.tmp-{os.getpid()}")
-    shutil.copyfile(result.grid, tmp)
-    os.replace(tmp, grid_path)
+    atomic_write(grid_path, lambda tmp: shutil.copyfile(result.grid, tmp))
     return grid_path, f"{len(result.written)} images in {result.seconds:.1f} s -> {grid_path}"
 
 
@@ -455,9 +459,7 @@ def _final_loss(losses: dict[int, float], n: int = 20) -> float:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def summary_table(result: DemoResult) -> "Table":

@@ -21,15 +21,14 @@ import functools
 import http.server
 import os
 import random
-import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from meissonic_cli.shapes import world as shapes
-from meissonic_cli.atomic import atomic_write
+from meissonic_cli.atomic import atomic_directory, atomic_write
 from meissonic_cli.errors import InputError, OutputExistsError
+from meissonic_cli.shapes import world as shapes
 
 if TYPE_CHECKING:
     import numpy as np
@@ -59,6 +58,7 @@ SCHEMAS: dict[str, dict[str, str | None]] = {
 DEFAULT_SIDES: tuple[int, ...] = (96, 128, 192, 256, 320, 512)
 # Below this the shapes collapse to nothing (and PIL refuses to draw them under 4 px).
 MIN_SIDE = 8
+MAX_SIDE = 4096  # the longer side of a non-square image is up to ~2x this
 # Width / height of the non-square images (a quarter of the rows); 3.0 and 1/3.5 fail aspect filters.
 _ASPECTS = (4 / 3, 3 / 4, 16 / 9, 9 / 16, 3.0, 1 / 3.5)
 
@@ -136,10 +136,10 @@ def parse_sides(sides: str | Sequence[int]) -> tuple[int, ...]:
         out = tuple(int(str(part).strip()) for part in parts)
     except ValueError:
         out = ()
-    if not out or min(out) < MIN_SIDE:
+    if not out or min(out) < MIN_SIDE or max(out) > MAX_SIDE:
         shown = sides if isinstance(sides, str) else ",".join(str(v) for v in sides)
-        raise InputError(f"--sides {shown!r} must be image sides in pixels (integers >= {MIN_SIDE}) separated by "
-                         "commas, e.g. 64 or 64,96,128")
+        raise InputError(f"--sides {shown!r} must be image sides in pixels (integers from {MIN_SIDE} to {MAX_SIDE}) "
+                         "separated by commas, e.g. 64 or 64,96,128")
     return out
 
 
@@ -295,21 +295,40 @@ def generate_source(out_dir: str | os.PathLike, *, rows: int = 200, schema: str 
     the `ImageServer.url` of a server started on `out_dir`). Refuses a non-empty `out_dir` unless
     `overwrite`. Deterministic given the arguments.
     """
-    import numpy as np
-
     root = Path(out_dir)
-    if root.exists() and any(root.iterdir()):
-        if not overwrite:
-            raise OutputExistsError(f"{root} already exists and is not empty; pass overwrite=True "
-                                    "(--overwrite) or choose another folder")
-        for sub in ("images", "metadata"):
-            shutil.rmtree(root / sub, ignore_errors=True)
+    _check_folder(root)
+    if root.exists() and any(root.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{root} already exists and is not empty; pass overwrite=True "
+                                "(--overwrite) or choose another folder")
+    if rows < 1:
+        raise InputError(f"rows must be >= 1, got {rows}")
     if files < 1 or files > rows:
         raise InputError(f"files must be between 1 and rows ({rows}), got {files}")
+    parse_sides(sides)
+    # Everything is checked (and the table built) before anything is written; an old source's
+    # images/ and metadata/ are each replaced only once the new one is complete.
     table, plan = _build(rows, schema=schema, seed=seed, base_url=base_url, sides=sides, scene_pool=None)
-
+    with atomic_directory(root / "images") as tmp_images:
+        written = _write_images(tmp_images, plan, seed)
     images_dir = root / "images"
-    images_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(root / "metadata") as meta_dir:
+        paths = _write_metadata(meta_dir, table, rows, files)
+    paths = [root / "metadata" / p.name for p in paths]
+    return SyntheticSource(root=root, images_dir=images_dir, parquet_files=paths, schema=schema, rows=rows,
+                           images=written, base_url=base_url.rstrip("/"), columns=dict(SCHEMAS[schema]))
+
+
+def _check_folder(root: Path) -> None:
+    for parent in [root, *root.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputExistsError(f"--out {root}: {parent} is a file, not a folder; choose another --out")
+            return
+
+
+def _write_images(images_dir: Path, plan: dict[str, "np.ndarray"], seed: int) -> int:
+    import numpy as np
+
     written = 0
     rendered: dict[tuple[int, int, int], bytes] = {}
     for url_id in np.unique(plan["url_id"]).tolist():
@@ -325,41 +344,72 @@ def generate_source(out_dir: str | os.PathLike, *, rows: int = 200, schema: str 
             _render_image(_scene(seed, content), w, h).save(path, format="PNG", compress_level=1)
             rendered[key] = path.read_bytes()
         written += 1
+    return written
 
-    meta_dir = root / "metadata"
-    meta_dir.mkdir(parents=True, exist_ok=True)
+
+def _write_metadata(meta_dir: Path, table: Any, rows: int, files: int) -> list[Path]:
+    import numpy as np
+
     bounds = np.linspace(0, rows, files + 1).astype(int)
     paths = []
     for k in range(files):
         path = meta_dir / f"part-{k:05d}.parquet"
         _write_parquet_atomic(table.slice(bounds[k], bounds[k + 1] - bounds[k]), path)
         paths.append(path)
-    return SyntheticSource(root=root, images_dir=images_dir, parquet_files=paths, schema=schema, rows=rows,
-                           images=written, base_url=base_url.rstrip("/"), columns=dict(SCHEMAS[schema]))
-
-
-def write_image_folder(out_dir: str | os.PathLike, n: int, *, size: int = 64, seed: int = 0,
-                       kinds: Sequence[str] = shapes.KINDS) -> list[Path]:
-    """Write `n` scenes as `NNNNNN.png` with the caption in `NNNNNN.txt`; returns the image paths."""
-    root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    paths = []
-    for i in range(n):
-        scene = shapes.sample_scene(rng, kinds)
-        path = root / f"{i:06d}.png"
-        scene.render(size).save(path, format="PNG")
-        (root / f"{i:06d}.txt").write_text(scene.caption() + "\n", encoding="utf-8")
-        paths.append(path)
     return paths
 
 
+def write_image_folder(out_dir: str | os.PathLike, n: int, *, size: int = 64, seed: int = 0,
+                       kinds: Sequence[str] = shapes.KINDS, overwrite: bool = False) -> list[Path]:
+    """Write `n` scenes as `NNNNNN.png` with the caption in `NNNNNN.txt`; returns the image paths.
+
+    Refuses a non-empty `out_dir` unless `overwrite`, which replaces the whole folder once the new one
+    is complete."""
+    root = Path(out_dir)
+    if n < 1:
+        raise InputError(f"--folder-images must be >= 1, got {n}")
+    if not MIN_SIDE <= size <= MAX_SIDE:
+        raise InputError(f"--size must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {size}")
+    _check_folder(root)
+    if root.exists() and not root.is_dir():
+        raise OutputExistsError(f"--out {root} is a file; choose another --out")
+    if root.exists() and any(root.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{root} is not empty; pass --overwrite to replace the whole folder or choose another --out")
+    rng = random.Random(seed)
+    names = []
+    with atomic_directory(root) as tmp:
+        for i in range(n):
+            scene = shapes.sample_scene(rng, kinds)
+            scene.render(size).save(tmp / f"{i:06d}.png", format="PNG")
+            (tmp / f"{i:06d}.txt").write_text(scene.caption() + "\n", encoding="utf-8")
+            names.append(f"{i:06d}.png")
+    return [root / name for name in names]
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves regular files under the root only: no directory listings, nothing a symlink points to
+    outside the root (both answer 404)."""
+
     def do_GET(self) -> None:
         server = self.server
         with server.log_lock:  # type: ignore[attr-defined]
             server.paths.append(self.path)  # type: ignore[attr-defined]
         super().do_GET()
+
+    def send_head(self) -> Any:
+        root = Path(self.directory).resolve()
+        try:
+            real = Path(self.translate_path(self.path)).resolve(strict=True)
+        except (OSError, RuntimeError):
+            real = None
+        if real is None or not real.is_file() or not real.is_relative_to(root):
+            self.send_error(404, "File not found")
+            return None
+        return super().send_head()
+
+    def list_directory(self, path: Any) -> Any:
+        self.send_error(404, "File not found")
+        return None
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - signature fixed by http.server
         pass
@@ -388,9 +438,16 @@ class ImageServer:
         return f"http://{self.host}:{self._httpd.server_address[1]}"
 
     def start(self) -> "ImageServer":
+        _check_folder(self.directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         handler = functools.partial(_QuietHandler, directory=str(self.directory))
-        self._httpd = http.server.ThreadingHTTPServer((self.host, self.port), handler)
+        if not 0 <= self.port <= 65535:
+            raise InputError(f"--port must be between 0 (any free port) and 65535, got {self.port}")
+        try:
+            self._httpd = http.server.ThreadingHTTPServer((self.host, self.port), handler)
+        except OSError as err:
+            raise InputError(f"--port {self.port}: cannot listen on {self.host}:{self.port} ({err.strerror or err}); "
+                             "pick another port or 0 for any free one") from None
         self._httpd.daemon_threads = True
         self._httpd.paths = self.requested_paths  # type: ignore[attr-defined]
         self._httpd.log_lock = threading.Lock()  # type: ignore[attr-defined]

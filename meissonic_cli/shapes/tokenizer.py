@@ -9,14 +9,13 @@ from __future__ import annotations
 import math
 import os
 import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from meissonic_cli.atomic import replace_directory
+from meissonic_cli.atomic import atomic_directory
 from meissonic_cli.errors import ConfigError, OutputExistsError
 from meissonic_cli.model.vq import patch
 from meissonic_cli.model.vq.patch import PatchVQ
@@ -105,10 +104,8 @@ def fit_demo_vq(out_folder: str | os.PathLike, image_size: int = 64, seed: int =
     }
     vq.fit_info = {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in result.items()}
 
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    vq.save_pretrained(tmp)
-    replace_directory(tmp, out)
+    with atomic_directory(out) as tmp:
+        vq.save_pretrained(tmp)
     result["seconds"] = time.monotonic() - start
     result["folder"] = str(out)
     return result

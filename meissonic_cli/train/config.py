@@ -14,19 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from meissonic_cli.config import Problems, field, flag_of, update_from_dict
+from meissonic_cli.device import DEVICE_CHOICES, valid_device_name
 from meissonic_cli.errors import ConfigError, InputError
 
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPRESSION = ("auto", "on", "off")
-DEVICES = ("auto", "cuda", "cpu")
 
 
 @dataclass
 class TrainConfig:
     # --- data -------------------------------------------------------------------------------
     data: str = field("", help="Token shard directory written by `meissonic tokenize` (tokens-NNNNN.tar + dataset.json).")
-    output: str = field("", help="Run directory: checkpoints step-NNNNNNNN/, metrics.jsonl, samples/, train_config.yaml.")
+    output: str = field("", help="Run directory: checkpoints step-NNNNNNNN/, metrics.jsonl, samples/, train_config.yaml.",
+                        flag="--out", short="-o", aliases=("--output",))
     resolution: int = field(256, help="Training resolution in pixels; the shards' code grids must be resolution/vq_factor on each side.")
     vq_factor: int = field(16, help="Pixels per VQ code along each side (the image tokenizer's downsampling factor).")
     shuffle: bool = field(True, help="Shuffle shard order and samples within each shard, afresh every epoch (deterministic from --seed).")
@@ -36,10 +37,12 @@ class TrainConfig:
         "",
         help="Architecture of the transformer: a named config (1b = the released 1024px model, tiny = a test size), a "
         "transformer config.json or a model folder. Empty: take the architecture from --init.",
+        flag="--arch",
+        aliases=("--model",),
     )
     init: str = field(
         "",
-        help="Released-layout folder (or its transformer/ subfolder) whose weights start the run. When --model adds "
+        help="Released-layout folder (or its transformer/ subfolder) whose weights start the run. When --arch adds "
         "the feature compression layers (downsample/upsample) that the --init weights lack, those layers start fresh.",
     )
     base_model: str = field(
@@ -92,7 +95,7 @@ class TrainConfig:
     gradient_checkpointing: bool = field(False, help="Recompute transformer block activations in the backward pass to save memory.")
     compile: bool = field(False, help="Compile the transformer with torch.compile.")
     seed: int = field(0, help="Seed of weight init, data order, masking and condition dropout.")
-    device: str = field("auto", help="auto (the process's CUDA device under torchrun, else cuda:0 when present, else CPU), cuda or cpu.")
+    device: str = field("auto", help="auto (the process's CUDA device under torchrun, else cuda:0 when present, else CPU), cpu, cuda, cuda:N or mps.")
 
     # --- fine-tuning --------------------------------------------------------------------------
     lora_rank: int = field(0, help="Train rank-r LoRA adapters on the attention projections instead of all weights (needs --init); 0 disables LoRA.")
@@ -101,7 +104,7 @@ class TrainConfig:
     # --- checkpoints and stability ------------------------------------------------------------
     checkpoint_every: int = field(1000, help="Write a checkpoint step-NNNNNNNN/ every this many steps (and always at the end).")
     keep_last: int = field(3, help="Keep only the newest N checkpoints; 0 keeps all.")
-    resume: str = field("", help="auto (newest checkpoint in --output, if any) or a checkpoint directory to continue from.")
+    resume: str = field("", help="auto (newest checkpoint in --out, if any) or a checkpoint directory to continue from.")
     nan_patience: int = field(
         3, help="After this many consecutive steps with a non-finite loss or gradient (each skipped), reload the last checkpoint."
     )
@@ -150,7 +153,7 @@ class TrainConfig:
         p.check(self.lr_schedule in LR_SCHEDULES, f"{flag('lr_schedule')} must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         p.check(self.precision in PRECISIONS, f"{flag('precision')} must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         p.check(self.feature_compression in COMPRESSION, f"{flag('feature_compression')} must be one of {', '.join(COMPRESSION)}, got {self.feature_compression!r}")
-        p.check(self.device in DEVICES, f"{flag('device')} must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        p.check(valid_device_name(self.device), f"{flag('device')} must be one of {DEVICE_CHOICES}, got {self.device!r}")
         p.check(0.0 <= self.min_lr_ratio <= 1.0, f"{flag('min_lr_ratio')} must be in [0, 1], got {self.min_lr_ratio}")
         p.check(0.0 <= self.min_masking_rate < 1.0, f"{flag('min_masking_rate')} must be in [0, 1), got {self.min_masking_rate}")
         p.check(0.0 <= self.cond_dropout <= 1.0, f"{flag('cond_dropout')} must be in [0, 1], got {self.cond_dropout}")
@@ -250,9 +253,11 @@ def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"config file {path} does not exist; see pipelines/ for the recipes")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise InputError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"config file {path} cannot be read as UTF-8 text ({err})") from None
     if not isinstance(values, dict):
         raise InputError(f"config file {path} must hold a mapping of field: value, got {type(values).__name__}")
     return values

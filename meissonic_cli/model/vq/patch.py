@@ -24,10 +24,6 @@ either kind. `meissonic_cli.shapes.tokenizer` fits one on shapes-world scenes fo
 
 from __future__ import annotations
 
-import math
-import os
-import random
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,11 +31,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from meissonic_cli.atomic import atomic_write, replace_directory, write_json
+from meissonic_cli.atomic import atomic_write, write_json
 from meissonic_cli.config import read_json_object
-from meissonic_cli.errors import ConfigError, InputError, ModelFormatError, OutputExistsError
-from meissonic_cli.progress import make_progress
+from meissonic_cli.errors import ConfigError, InputError, ModelFormatError
 from meissonic_cli.model.vq.base import CodeGrid
+from meissonic_cli.progress import make_progress
 
 PATCH_VQ_CLASS = "PatchVQ"
 PATCH_VQ_CONFIG = "config.json"
@@ -100,8 +96,7 @@ class PatchVQ(CodeGrid, nn.Module):
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | None = None) -> "PatchVQ":
         """Load a PatchVQ folder, or a model root holding `vqvae/`. `dtype` is accepted and ignored (always float32)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from meissonic_cli.model.state_io import read_safetensors
 
         folder = Path(folder)
         if (folder / "vqvae").is_dir():
@@ -113,10 +108,7 @@ class PatchVQ(CodeGrid, nn.Module):
             raise ModelFormatError(f"{config_path}: _class_name is {config.get('_class_name')!r}, expected {PATCH_VQ_CLASS!r}")
         if not weights_path.is_file():
             raise ModelFormatError(f"{folder}: expected {PATCH_VQ_WEIGHTS} next to {PATCH_VQ_CONFIG}")
-        try:
-            tensors = load_file(str(weights_path))
-        except (SafetensorError, OSError) as err:
-            raise ModelFormatError(f"{weights_path}: cannot read ({str(err).splitlines()[0]})") from None
+        tensors = read_safetensors(weights_path)
         codebook = tensors.get("codebook")
         f, k = config.get("patch_size"), config.get("codebook_size")
         if codebook is None or tuple(codebook.shape) != (k, 3, f, f):

@@ -1,0 +1,195 @@
+"""Reading weights: one routine and one policy for every model the toolkit loads.
+
+- `read_safetensors(path)`: one safetensors file (tensors and metadata).
+- `read_weights(folder, weights, index)`: a folder's weights, a single file or a sharded
+  `*.safetensors.index.json`; index entries must name files inside the folder.
+- `read_torch_file(path)`: a `.bin/.pt/.pth` state dict, through torch's weights-only unpickler;
+  anything else in the file (code to run) is refused with a plain message.
+- `check_keys` / `load_weights_into`: the key policy. Strict by default: every key the module
+  expects must be present and no other key may appear, shapes must match, and the error names the
+  keys. Keys that may be absent or extra are listed explicitly (`allow_missing`, `allow_unexpected`,
+  fnmatch patterns such as `"down_block.*"`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from meissonic_cli.errors import ModelFormatError
+
+
+def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu",
+                     with_metadata: bool = False) -> Any:
+    """The tensors of one safetensors file (and its metadata with `with_metadata`)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFormatError(f"weights file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as fh:
+            metadata = fh.metadata() or {}
+            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+    except Exception as err:  # safetensors raises its own error types (and OSError) for bad headers
+        raise ModelFormatError(f"cannot read weights in {path}: not a readable safetensors file ({_first_line(err)})") from None
+    return (tensors, metadata) if with_metadata else tensors
+
+
+def index_files(folder: str | os.PathLike, index: str) -> list[Path]:
+    """The shard files a sharded-checkpoint index names, each checked to lie inside `folder` and exist."""
+    folder = Path(folder)
+    path = folder / index
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise ModelFormatError(f"{path} is not a safetensors index (needs a 'weight_map' of key -> file name): {err}") from None
+    root = folder.resolve()
+    files = []
+    for name in names:
+        if not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name:
+            raise ModelFormatError(f"{path}: shard name {name!r} must be a file name inside {folder}")
+        file = folder / name
+        # Refuse `../x.safetensors`, absolute paths and symlinks that lead out of the model folder.
+        if not file.resolve().is_relative_to(root):
+            raise ModelFormatError(f"{path}: shard {name!r} lies outside the model folder {folder}; refusing to read it")
+        if not file.is_file():
+            raise ModelFormatError(f"shard {file} listed in {index} is missing")
+        files.append(file)
+    return files
+
+
+def weight_files(folder: str | os.PathLike, weights: str, index: str | None = None) -> list[Path]:
+    """`folder/weights` if present, else the shards named by `folder/index`."""
+    folder = Path(folder)
+    if (folder / weights).is_file():
+        return [folder / weights]
+    if index and (folder / index).is_file():
+        return index_files(folder, index)
+    expected = f"{folder / weights}" + (f" or {folder / index}" if index else "")
+    raise ModelFormatError(f"weights not found: expected {expected}")
+
+
+def read_weights(folder: str | os.PathLike, weights: str, index: str | None = None,
+                 device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's safetensors weights (single file or sharded index)."""
+    state: dict[str, torch.Tensor] = {}
+    for file in weight_files(folder, weights, index):
+        state.update(read_safetensors(file, device=device))
+    return state
+
+
+_ADVICE = re.compile(r"weights_only", re.IGNORECASE)
+
+
+def read_torch_file(path: str | os.PathLike) -> Any:
+    """A `torch.save` file read with the weights-only unpickler (tensors and plain containers only).
+
+    A file that asks the unpickler to build anything else (which is how a pickle runs code) is
+    refused without running it; the message never suggests turning the safe loader off.
+    """
+    import pickle
+
+    path = Path(path)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ModelFormatError(f"{path} does not exist") from None
+    except pickle.UnpicklingError as err:
+        culprit = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        what = f" (it asks for {culprit.group(1)})" if culprit else ""
+        raise ModelFormatError(
+            f"{path}: holds objects other than tensors and plain values{what}; refused without loading it. "
+            "Use a checkpoint saved as safetensors or as a plain state dict"
+        ) from None
+    except Exception as err:  # zip/pickle damage comes in many types; all mean "not a usable checkpoint"
+        raise ModelFormatError(f"{path}: cannot read checkpoint ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line for line in str(err).splitlines() if line.strip() and not _ADVICE.search(line)]
+    return lines[0].strip() if lines else type(err).__name__
+
+
+def _matches(key: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(key, p) for p in patterns)
+
+
+def check_keys(expected: Mapping[str, Any], state: Mapping[str, Any], source: str, *,
+               allow_missing: Iterable[str] = (), allow_unexpected: Iterable[str] = (),
+               what: str = "the model") -> None:
+    """Raise one ModelFormatError naming every problem between `state` and `expected` (key -> tensor or shape).
+
+    Missing and unexpected keys are errors unless they match a pattern of `allow_missing` /
+    `allow_unexpected`; shapes of the keys both hold must agree.
+    """
+    allow_missing, allow_unexpected = tuple(allow_missing), tuple(allow_unexpected)
+
+    def shape(v: Any) -> tuple[int, ...]:
+        return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
+    missing = sorted(k for k in expected if k not in state and not _matches(k, allow_missing))
+    unexpected = sorted(k for k in state if k not in expected and not _matches(k, allow_unexpected))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s) (e.g. {', '.join(missing[:4])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s) (e.g. {', '.join(unexpected[:4])})")
+    wrong = [f"{k} {shape(state[k])} != {shape(expected[k])}" for k in sorted(expected)
+             if k in state and shape(state[k]) != shape(expected[k])]
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatch(es) (e.g. {'; '.join(wrong[:3])})")
+    if problems:
+        raise ModelFormatError(f"{source} does not match {what}: {'; '.join(problems)}")
+
+
+def load_state_into(module: nn.Module, state: Mapping[str, torch.Tensor], source: str, *,
+                    allow_missing: Iterable[str] = (), allow_unexpected: Iterable[str] = (),
+                    what: str = "the model", dtype: torch.dtype | str = "module", assign: bool = True) -> nn.Module:
+    """Check `state` against `module` (see `check_keys`), then load it.
+
+    `dtype`: "module" casts each tensor to the module's dtype, "stored" keeps the file's, or a
+    torch dtype. With `assign` the module adopts the loaded tensors (so a module built on the meta
+    device becomes real). Allowed-extra keys are dropped; allowed-missing keys keep the module's values.
+    """
+    own = module.state_dict()
+    check_keys(own, state, source, allow_missing=allow_missing, allow_unexpected=allow_unexpected, what=what)
+
+    def cast(k: str, v: torch.Tensor) -> torch.Tensor:
+        target = own[k].dtype if dtype == "module" else v.dtype if dtype == "stored" else dtype
+        return v.to(target).contiguous()
+
+    loaded = {k: cast(k, v) for k, v in state.items() if k in own}
+    strict = len(loaded) == len(own)
+    module.load_state_dict(loaded, strict=strict, assign=assign)
+    return module
+
+
+def load_weights_into(module: nn.Module, folder: str | os.PathLike, weights: str, index: str | None = None, *,
+                      allow_missing: Iterable[str] = (), allow_unexpected: Iterable[str] = (),
+                      what: str = "the model", dtype: torch.dtype | str = "module",
+                      device: str | torch.device = "cpu") -> nn.Module:
+    """Read a folder's safetensors weights (single file or sharded index) and load them into `module`."""
+    state = read_weights(folder, weights, index, device=device)
+    return load_state_into(module, state, f"weights in {folder}", allow_missing=allow_missing,
+                           allow_unexpected=allow_unexpected, what=what, dtype=dtype)
+
+
+__all__ = [
+    "check_keys",
+    "index_files",
+    "load_state_into",
+    "load_weights_into",
+    "read_safetensors",
+    "read_torch_file",
+    "read_weights",
+    "weight_files",
+]

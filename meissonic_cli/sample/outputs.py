@@ -1,0 +1,137 @@
+"""What `sample` and `edit` share about their output folder: which model made a finished image, and
+creating the folder with a clear error.
+
+Each sidecar records `model` (the resolved folder) and `model_digest` (`model.fingerprint`); a rerun
+skips a finished image only when both match this run's model, so a folder never counts another
+model's images as its own. Sidecars older than the digest are compared by folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+from meissonic_cli.errors import InputError, OutputExistsError
+from meissonic_cli.safety import MAX_RESOLUTION, check_resolution, check_seed, finite, safe_output_name
+
+
+def model_identity(pipeline: Any, model: str, allow_download: bool = False) -> dict[str, Any]:
+    """{'model': resolved folder (or the label of a given pipeline), 'model_digest': digest or None}."""
+    from meissonic_cli.model.fingerprint import model_fingerprint
+
+    if pipeline is not None:
+        path = getattr(pipeline, "model_path", None)
+        label = str(path or model)
+        root = Path(path) if path else None
+    else:
+        from meissonic_cli.sample.pipeline import resolve_model_folder
+
+        root = resolve_model_folder(model, allow_download=allow_download)
+        label = str(Path(root).resolve())
+    digest = model_fingerprint(root) if root is not None and Path(root).is_dir() else None
+    return {"model": label, "model_digest": digest}
+
+
+def other_model(done: dict[str, Any], model: Optional[dict[str, Any]]) -> list[str]:
+    """['model'] when the finished sidecar `done` was written by another model than `model`, else []."""
+    if model is None:
+        return []
+    if done.get("model_digest") and model.get("model_digest"):
+        return ["model"] if done["model_digest"] != model["model_digest"] else []
+    if done.get("model") and model.get("model"):
+        return ["model"] if str(done["model"]) != str(model["model"]) else []
+    return []
+
+
+def check_output_folder(out: Path, flag: str = "--out") -> None:
+    """`out` can be a folder: neither it nor a parent is an existing file."""
+    for parent in [out, *out.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputExistsError(f"{flag} {out}: {parent} is a file, not a folder; give another {flag}")
+            return
+
+
+def make_output_folder(out: Path, flag: str = "--out") -> None:
+    """Create `out` (and its parents), or one clear error (read-only file system, a parent that is a file)."""
+    check_output_folder(out, flag)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot create {flag} {out}: {err.strerror or err}") from None
+
+
+MARK_KEY = "meissonic"
+
+
+def png_mark(meta: dict[str, Any]) -> Any:
+    """PNG text chunk that marks an image as written by `sample`/`edit` (with its sidecar's content)."""
+    import json
+
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(MARK_KEY, json.dumps(meta, ensure_ascii=True, default=str))
+    return info
+
+
+def is_ours(path: Path) -> bool:
+    """Whether `path` is an output this command wrote: a PNG with our mark, or a sidecar JSON object
+    with the fields `sample`/`edit` write."""
+    import json
+
+    try:
+        if path.suffix.lower() == ".png":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return MARK_KEY in getattr(im, "text", {})
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return isinstance(data, dict) and "file" in data and "seed" in data
+    except Exception:  # unreadable: not ours, whatever went wrong
+        return False
+
+
+def check_replaceable(path: Path, overwrite: bool) -> None:
+    """Refuse to replace an existing `path` this command did not write (unless `overwrite`): an
+    unfinished output of ours (image without sidecar after a kill) is redone, anything else is kept."""
+    if path.exists() and not overwrite and not is_ours(path):
+        raise OutputExistsError(f"{path} exists and was not written by this command; pass --overwrite to replace it "
+                                "or use another --out")
+
+
+def write_grid(path: Path, grid: Any, overwrite: bool) -> None:
+    """Write the PIL image `grid` as `path`, refusing to change an existing file unless `overwrite`."""
+    import io
+
+    from meissonic_cli.atomic import write_bytes
+
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    data = buf.getvalue()
+    if path.exists() and not overwrite:
+        if path.read_bytes() == data:
+            return
+        raise OutputExistsError(f"{path} exists and differs from this run's grid; pass --overwrite to replace it or "
+                                "use another --out")
+    write_bytes(path, data)
+
+
+def check_case_limits(case: Any, at: str = "") -> None:
+    """What keeps a case's output inside --out and its numbers usable: a plain output name, finite
+    strength/cfg, a seed the generators take, sizes under the limits (see `meissonic_cli.safety`)."""
+    if case.name is not None:
+        safe_output_name(case.name, f"{at}'name'" if at else "--name")
+    finite(case.strength, f"{at}strength" if at else "--strength")
+    finite(case.cfg, f"{at}cfg" if at else "--guidance-scale")
+    check_seed(case.seed, f"{at}seed" if at else "--seed")
+    for flag, size in (("--resolution", case.resolution), ("--target", case.target)):
+        if size is not None:
+            check_resolution(size[0], size[1], f"{at}{flag}")
+    if case.extend is not None and max(case.extend) > MAX_RESOLUTION:
+        raise InputError(f"{at}--extend values must be at most {MAX_RESOLUTION} pixels")
+    if case.box is not None and max(abs(v) for v in case.box) > 10 * MAX_RESOLUTION:
+        raise InputError(f"{at}--box {','.join(map(str, case.box))} lies far outside any image")
+
+
+__all__ = ["check_case_limits", "check_output_folder", "check_replaceable", "is_ours", "png_mark", "write_grid", "make_output_folder", "model_identity", "other_model"]

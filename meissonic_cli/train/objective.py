@@ -1,0 +1,112 @@
+"""The masked image modeling objective (paper sections 2.2 and 2.5): masking, condition dropout, loss.
+
+- A masking rate per sample r = cos(pi/2 u), u ~ U(0,1) (density 2/pi (1-r^2)^-1/2), clipped below;
+  round(L r) tokens (at least one), chosen by a random permutation, become the mask id.
+- Condition dropout swaps a sample's text sequence and pooled embedding for the empty prompt's, so
+  the model also learns the unconditional prediction classifier-free guidance needs.
+- The loss is the cross-entropy over the masked positions only.
+
+`collate` turns token samples into the batch these functions consume, checking each sample against
+the training resolution and the model's codebook.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from meissonic_cli.data.shards import TokenSample
+from meissonic_cli.errors import InputError
+
+IGNORE_INDEX = -100
+
+
+def sample_masking_rates(n: int, generator: torch.Generator, min_rate: float = 0.0) -> torch.Tensor:
+    """`n` masking rates r = cos(pi/2 u), u ~ U(0,1), clipped below at `min_rate` (float32)."""
+    u = torch.rand(n, generator=generator)
+    return torch.cos(u * (math.pi * 0.5)).clamp(min=min_rate)
+
+
+def mask_tokens(
+    codes: torch.Tensor, rates: torch.Tensor, mask_id: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask round(L r) positions per sample (at least one), chosen by a random permutation.
+
+    Returns `(inputs, labels)` shaped like `codes` (B, H, W): inputs hold `mask_id` where masked,
+    labels hold the true code where masked and -100 elsewhere.
+    """
+    b = codes.shape[0]
+    flat = codes.reshape(b, -1)
+    length = flat.shape[1]
+    n_masked = (length * rates).round().clamp(min=1)
+    # A position is masked when its rank in a random permutation is below the count.
+    rank = torch.rand(b, length, generator=generator).argsort(dim=-1)
+    masked = rank < n_masked[:, None]
+    inputs = torch.where(masked, torch.full_like(flat, mask_id), flat)
+    labels = torch.where(masked, flat, torch.full_like(flat, IGNORE_INDEX))
+    return inputs.reshape(codes.shape), labels.reshape(codes.shape)
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the masked positions; logits (B, K, H, W), labels (B, H, W) with -100 elsewhere."""
+    b, k = logits.shape[:2]
+    return F.cross_entropy(logits.reshape(b, k, -1).float(), labels.reshape(b, -1), ignore_index=IGNORE_INDEX)
+
+
+def draw_condition_dropout(n: int, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Which of `n` samples train unconditionally (bool, True = use the empty prompt)."""
+    return torch.rand(n, generator=generator) < probability
+
+
+def drop_captions(captions: list[str], drop: torch.Tensor) -> list[str]:
+    """Captions with the dropped ones replaced by the empty prompt (for online text encoding)."""
+    return ["" if d else c for c, d in zip(captions, drop.tolist())]
+
+
+def drop_features(text: torch.Tensor, pooled: torch.Tensor, drop: torch.Tensor, empty_text: torch.Tensor,
+                  empty_pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored text features with the dropped samples' replaced by the empty prompt's."""
+    if not bool(drop.any()):
+        return text, pooled
+    return torch.where(drop[:, None, None], empty_text, text), torch.where(drop[:, None], empty_pooled, pooled)
+
+
+@dataclass
+class Batch:
+    codes: torch.Tensor  # (B, H, W) int64
+    micro: torch.Tensor  # (B, 5) float32
+    text: torch.Tensor | None  # (B, T, D) float32, stored features
+    pooled: torch.Tensor | None  # (B, P) float32
+    captions: list[str]
+
+
+def collate(samples: list[TokenSample], *, grid: int, codebook_size: int, use_stored_text: bool,
+            score: float | None, source: str = "") -> Batch:
+    """Stack samples into a batch, checking each code grid against the training resolution."""
+    for s in samples:
+        if tuple(s.codes.shape) != (grid, grid):
+            raise InputError(
+                f"{source}: sample {s.key!r} has a {s.codes.shape[0]}x{s.codes.shape[1]} code grid but --resolution "
+                f"and --vq-factor expect {grid}x{grid}; train at the resolution the shards were tokenized at"
+            )
+    codes = torch.from_numpy(np.stack([s.codes for s in samples]).astype(np.int64))
+    if int(codes.max()) >= codebook_size:
+        raise InputError(
+            f"{source}: codes reach {int(codes.max())} but the model's codebook has {codebook_size} entries; the shards "
+            "were tokenized with a different VQ model"
+        )
+    micro = torch.from_numpy(np.stack([s.micro for s in samples]).astype(np.float32))
+    if score is not None:
+        micro[:, 4] = score
+    text = pooled = None
+    if use_stored_text:
+        missing = [s.key for s in samples if s.text is None or s.pooled is None]
+        if missing:
+            raise InputError(f"{source}: sample {missing[0]!r} has no stored text features although dataset.json says full")
+        text = torch.from_numpy(np.stack([s.text for s in samples]).astype(np.float32))
+        pooled = torch.from_numpy(np.stack([s.pooled for s in samples]).astype(np.float32))
+    return Batch(codes=codes, micro=micro, text=text, pooled=pooled, captions=[s.caption for s in samples])

@@ -1,0 +1,140 @@
+"""What a run reports: the progress line, train.log, metrics.jsonl and an optional scalar tracker.
+
+Only rank 0 reports. Other ranks get a silent `RunLog` and the no-op tracker, so calling code never
+checks the rank (nanochat's `print0` and `DummyWandb`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from meissonic_cli.atomic import write_text
+from meissonic_cli.errors import ConfigError
+from meissonic_cli.progress import make_progress
+
+
+class NullTracker:
+    """The tracker when scalar logging is off: accepts everything, writes nothing."""
+
+    def add_scalars(self, step: int, values: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TensorBoardTracker:
+    """Scalars under `train/<name>` in `<run>/tensorboard`; a resumed run purges the steps it redoes."""
+
+    def __init__(self, folder: Path, purge_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(str(folder), purge_step=purge_step)
+
+    def add_scalars(self, step: int, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            if v is not None and math.isfinite(v):
+                self._writer.add_scalar(f"train/{k}", v, step)
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def print0(console: Any, text: str, *, enabled: bool) -> None:
+    """Print `text` verbatim (no rich markup) when this is the reporting rank."""
+    if enabled:
+        console.print(text, markup=False, highlight=False)
+
+
+class RunLog:
+    """Rank 0's outputs: the progress line, train.log, metrics.jsonl and (optionally) TensorBoard.
+
+    Other ranks get a silent instance, so calling code never checks the rank.
+    """
+
+    def __init__(self, out_dir: Path | None, *, enabled: bool, tensorboard: bool = False):
+        self.enabled = enabled
+        self.out_dir = out_dir
+        self.tensorboard = tensorboard and enabled
+        self._metrics = None
+        self.tracker: NullTracker | TensorBoardTracker = NullTracker()
+        self._progress = None
+        self._task = None
+        from rich.console import Console
+
+        self.console = Console(stderr=True, quiet=not enabled)
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("--tensorboard needs the tensorboard package: pip install 'meissonic[tensorboard]'")
+
+    def open(self, keep_through_step: int) -> None:
+        """Start writing into the run directory; metrics after `keep_through_step` are dropped (a resumed run redoes them)."""
+        if not self.enabled or self.out_dir is None:
+            return
+        path = self.out_dir / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
+            write_text(path, "".join(line + "\n" for line in kept))
+        self._metrics = open(path, "a", encoding="utf-8")
+        if self.tensorboard:
+            self.tracker = TensorBoardTracker(self.out_dir / "tensorboard", purge_step=keep_through_step + 1)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        print0(self._progress.console if self._progress else self.console, text, enabled=True)
+        if self.out_dir is not None:
+            with open(self.out_dir / "train.log", "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+
+    def record(self, values: dict[str, Any]) -> None:
+        if self._metrics is None:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+        self._metrics.write(json.dumps(clean) + "\n")
+        self._metrics.flush()
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        self.tracker.add_scalars(step, values)
+
+    def start_progress(self, start: int, total: int) -> None:
+        if not self.enabled:
+            return
+        from rich.progress import TextColumn
+
+        self._progress = make_progress(extra=[TextColumn("{task.fields[stats]}")], console=self.console)
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=total, completed=start, stats="")
+
+    def progress(self, step: int, stats: str) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, stats=stats)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        self.tracker.close()
+        self.tracker = NullTracker()
+
+
+def print_summary(console: Any, result: Any) -> None:
+    """The one-screen table a finished run ends with (`result` is a TrainResult)."""
+    from rich.table import Table
+
+    table = Table(title="meissonic train", show_header=False)
+    last = [v for k, v in sorted(result.losses.items())][-10:]
+    table.add_row("steps", f"{result.start_step} -> {result.steps}")
+    table.add_row("final loss (mean of last 10)", f"{sum(last) / len(last):.4f}" if last else "-")
+    table.add_row("tokens/s", f"{result.tokens_per_second:,.0f}")
+    table.add_row("skipped steps / reloads", f"{result.skipped_steps} / {result.reloads}")
+    table.add_row("time", f"{result.seconds:.1f} s")
+    table.add_row("last checkpoint", str(result.last_checkpoint or "-"))
+    console.print(table)

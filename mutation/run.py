@@ -1,0 +1,180 @@
+"""Mutation testing of one core module with mutmut, against only the tests that cover it.
+
+    python mutation/run.py MODULE [--max-children N] [--work DIR] [--keep] [--mutants NAME ...] [--report]
+    python mutation/run.py --list
+
+MODULE is a key of MODULES below (e.g. `atomic`, `scheduler`, `train`). The run happens in a snapshot of
+the working tree under --work (default: $TMPDIR/meissonic-mutation/MODULE), so edits made meanwhile do not
+disturb it and nothing is written into the repository: the snapshot holds meissonic_cli/, tests/,
+pipelines/, benchmarks/ and a pyproject.toml whose [tool.mutmut] is the repository's plus this module's
+`only_mutate` and test selection. mutmut records which tests call each function and runs each mutant
+against those tests only (`-x -q -p no:cacheprovider -m "not slow"`, from [tool.mutmut]).
+
+At the end it prints killed / survived / no tests / timeout / equivalent counts and every survivor that
+mutation/equivalent.txt does not mark equivalent (one `mutant-name  reason` per line), and writes the
+counts to WORK/summary.json. `mutmut show NAME` in WORK/ prints a mutant's diff. Exit status 0 when
+the caught fraction ((killed + timeout) / (all - equivalent)) is at least --target (default 0.9), else 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# module -> (files to mutate, test files that cover them, optional -k expression)
+MODULES: dict[str, tuple[list[str], list[str], str | None]] = {
+    "atomic": (["meissonic_cli/atomic.py"], ["tests/test_atomic.py", "tests/test_behaviour_guards.py"],
+               "test_atomic or writer or write_json or replace_directory or temporary"),
+    "scheduler": (["meissonic_cli/model/scheduler.py"], ["tests/test_scheduler.py"], None),
+    "transformer": (["meissonic_cli/model/transformer.py"],
+                    ["tests/test_model.py", "tests/test_model_conformance.py"], None),
+    "text_encoder": (["meissonic_cli/model/text_encoder.py"], ["tests/test_text_encoder.py"], None),
+    "shards": (["meissonic_cli/data/shards.py"], ["tests/test_shards.py"], None),
+    "tokenize": (["meissonic_cli/data/tokenize.py"], ["tests/test_tokenize.py"], None),
+    "curate": (["meissonic_cli/data/curate.py"], ["tests/test_curate.py"], None),
+    "pipeline": (["meissonic_cli/sample/pipeline.py"], ["tests/test_pipeline.py", "tests/test_behaviour_guards.py"],
+                 None),
+    "edit": (["meissonic_cli/sample/edit.py"], ["tests/test_edit.py"], None),
+    "train": (["meissonic_cli/train/objective.py", "meissonic_cli/train/ema.py", "meissonic_cli/train/optim.py",
+               "meissonic_cli/train/checkpoint.py"],
+              ["tests/test_train.py", "tests/test_behaviour_guards.py"], None),
+}
+COPY = ["meissonic_cli", "tests", "pipelines", "benchmarks"]
+EQUIVALENT = Path(__file__).resolve().parent / "equivalent.txt"
+
+
+def read_equivalent(path: Path = EQUIVALENT) -> dict[str, str]:
+    """mutant name -> reason, from `name  reason` lines (blank lines and # comments ignored)."""
+    out: dict[str, str] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, _, reason = line.partition(" ")
+        if not reason.strip():
+            raise SystemExit(f"{path}: {name} has no reason; write `name  why it cannot change behaviour`")
+        out[name] = reason.strip()
+    return out
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float, str)):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def prepare(work: Path, files: list[str], tests: list[str], k: str | None, keep: bool = False) -> None:
+    """A fresh snapshot; with `keep` an existing one keeps its source (and mutmut's results) and only
+    takes the current tests, so named survivors can be rerun against new tests."""
+    if work.exists() and not keep:
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    for name in (["tests"] if keep else COPY):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, work / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=keep)
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    mm = dict(pyproject.get("tool", {}).get("mutmut", {}))
+    mm["only_mutate"] = files
+    mm["pytest_add_cli_args_test_selection"] = tests + (["-k", k] if k else [])
+    mm["also_copy"] = [n for n in COPY if n not in ("meissonic_cli", "tests")]
+    pytest_ini = pyproject.get("tool", {}).get("pytest", {}).get("ini_options", {})
+    lines = ["[tool.mutmut]"] + [f"{key} = {_toml_value(v)}" for key, v in mm.items()]
+    lines += ["", "[tool.pytest.ini_options]"] + [f"{key} = {_toml_value(v)}" for key, v in pytest_ini.items()]
+    (work / "pyproject.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def collect(work: Path, files: list[str]) -> dict[str, int | None]:
+    """mutant name -> exit code, from mutmut's .meta files of the mutated files."""
+    out: dict[str, int | None] = {}
+    for f in files:
+        meta = work / "mutants" / (f + ".meta")
+        if meta.is_file():
+            out.update(json.loads(meta.read_text())["exit_code_by_key"])
+    return out
+
+
+def summarise(codes: dict[str, int | None], equivalent: dict[str, str]) -> tuple[dict, list[str]]:
+    """Counts per status; a mutant counts as caught when a test fails on it or it runs past the time
+    limit (an endless loop the tests would hang on)."""
+    from mutmut.stats import status_by_exit_code
+
+    status = {name: status_by_exit_code[code] for name, code in codes.items()}
+    counts = Counter(status.values())
+    caught = {n for n, s in status.items() if s in ("killed", "timeout")}
+    eq = sorted(n for n in status if n not in caught and n in equivalent)
+    open_ = sorted(n for n in status if n not in caught and n not in equivalent)
+    total = len(status)
+    summary = {
+        "total": total, "killed": counts.get("killed", 0), "timeout": counts.get("timeout", 0),
+        "survived": counts.get("survived", 0), "no_tests": counts.get("no tests", 0),
+        "other": total - sum(counts.get(k, 0) for k in ("killed", "timeout", "survived", "no tests")),
+        "equivalent": len(eq), "caught_fraction": round(len(caught) / max(1, total - len(eq)), 4),
+        "caught_but_listed_equivalent": sorted(n for n in caught if n in equivalent),
+        "equivalent_not_found": sorted(n for n in equivalent if n not in status and n.startswith(_prefixes(codes))),
+    }
+    return summary, [f"{status[n]:11s} {n}" for n in open_]
+
+
+def _prefixes(codes: dict[str, int | None]) -> tuple[str, ...]:
+    return tuple({n.split(".x_")[0] + "." for n in codes}) or ("\0",)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("module", nargs="?", choices=sorted(MODULES))
+    ap.add_argument("--list", action="store_true", help="print the modules, their files and tests")
+    ap.add_argument("--max-children", type=int, default=1, help="parallel mutant workers (default 1)")
+    ap.add_argument("--work", type=Path, help="snapshot folder (default $TMPDIR/meissonic-mutation/MODULE)")
+    ap.add_argument("--keep", action="store_true", help="reuse the snapshot and mutmut's cached results")
+    ap.add_argument("--report", action="store_true", help="only summarise the snapshot's last results")
+    ap.add_argument("--mutants", nargs="*", default=[], help="only these mutant names or globs")
+    ap.add_argument("--tests", nargs="+", help="test files to use instead of the module's (e.g. for a before/after)")
+    ap.add_argument("--target", type=float, default=0.9, help="caught fraction to reach (default 0.9)")
+    args = ap.parse_args(argv)
+    if args.list or not args.module:
+        for name, (files, tests, k) in MODULES.items():
+            print(f"{name:13s} {' '.join(files)}  <-  {' '.join(tests)}{f' -k {k!r}' if k else ''}")
+        return 0
+    files, tests, k = MODULES[args.module]
+    tests, k = (args.tests, None) if args.tests else (tests, k)
+    work = args.work or Path(tempfile.gettempdir()) / "meissonic-mutation" / args.module
+    keep = args.keep and (work / "mutants").is_dir()
+    if not args.report:
+        prepare(work, files, tests, k, keep=keep)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", NO_ALBUMENTATIONS_UPDATE="1", OMP_WAIT_POLICY="PASSIVE",
+               TOKENIZERS_PARALLELISM="false")
+    env.setdefault("MEISSONIC_CONFORMANCE_DIR", str(ROOT.parent / "shared" / "conformance"))
+    cmd = [sys.executable, "-m", "mutmut", "run", "--max-children", str(args.max_children), *args.mutants]
+    rc = 0
+    if not args.report:
+        print("in", work, ":", " ".join(cmd), flush=True)
+        rc = subprocess.run(cmd, cwd=work, env=env).returncode
+    summary, open_ = summarise(collect(work, files), read_equivalent())
+    summary.update(module=args.module, files=files, tests=tests, k=k, mutmut_exit=rc)
+    (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("files", "tests")}))
+    if open_:
+        print(f"{len(open_)} not killed and not marked equivalent (`mutmut show NAME` in {work}):")
+        print("\n".join(open_))
+    return 0 if rc == 0 and summary["caught_fraction"] >= args.target else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
