@@ -174,9 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
+    from meissonic_cli.model.scheduler import MaskGITScheduler
     from meissonic_cli.sample.pipeline import resolve_device, resolve_dtype, sample_tokens
     from meissonic_cli.sample.sample import parse_resolution
-    from meissonic_cli.model.scheduler import MaskGITScheduler
     from meissonic_cli.sample.samplers import SamplerOptions
 
     pairs = [p.partition("=") for p in args.sampler.split(",") if p.strip()]

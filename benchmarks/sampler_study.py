@@ -353,8 +353,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     key = (len(study.prompts), str(study.checkpoint))
     cells = [c for c in cells if (c.get("images"), c.get("checkpoint")) == key]
     done = {(c["setting"], c["steps"], c["seed"]) for c in cells}
-    for name in names:
-        for steps in steps_list:
+    # Step counts outermost, in the order given: a run cut short still compares every setting.
+    for steps in steps_list:
+        for name in names:
             for seed in seeds:
                 if (name, steps, seed) in done:
                     continue

@@ -7,6 +7,8 @@ here. Only typer/click are imported at start-up so that `meissonic --help` answe
 from __future__ import annotations
 
 import importlib
+import sys
+from pathlib import Path
 
 import typer
 
@@ -53,7 +55,22 @@ def _root(
     """Curate data for, train, sample, edit and evaluate Meissonic masked image transformers."""
 
 
-for _name in _COMMAND_MODULES:
+def _modules_to_register() -> list[str]:
+    """Every command module, or only the one being run when this process is `meissonic CMD ...`.
+
+    Importing every command (and so every library module's config) costs ~0.2 s of CPU at each
+    start, which `meissonic curate` over a few million rows should not pay
+    (`benchmarks/curate_speed.py` times the whole process). Imported any other way (tests, an
+    application, `meissonic --help`, an unknown command), the app has all commands.
+    """
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    started = argv0.name == "meissonic" or argv0.parts[-2:] == ("meissonic_cli", "__main__.py")
+    if started and len(sys.argv) > 1 and sys.argv[1] in _COMMAND_MODULES:
+        return [sys.argv[1]]
+    return _COMMAND_MODULES
+
+
+for _name in _modules_to_register():
     importlib.import_module(f"meissonic_cli.commands.{_name}").register(app)
 
 

@@ -422,7 +422,7 @@ CASES: list[Case] = [
     C("sample-jsonl-steps-1e999", lambda ws, m: ["sample", "-m", str(m), "--prompts", str(write(
         ws / "p.jsonl", '{"prompt": "a", "steps": 1e999}\n')), "-o", str(ws / "o")]),
     C("sample-seed-huge", lambda ws, m: sample_args(m, ws / "o", "--seed", BIG_SEED)),
-    C("sample-cfg-nan", lambda ws, m: sample_args(m, ws / "o", "--cfg", "nan")),
+    C("sample-cfg-nan", lambda ws, m: sample_args(m, ws / "o", "--guidance-scale", "nan")),
     C("sample-resolution-zero", lambda ws, m: sample_args(m, ws / "o", "--resolution", "0")),
     C("sample-resolution-huge", lambda ws, m: sample_args(m, ws / "o", "--resolution", "1048576")),
     C("sample-resolution-text", lambda ws, m: sample_args(m, ws / "o", "--resolution", "abc")),
@@ -457,6 +457,8 @@ CASES: list[Case] = [
                                          edit_args(m, ws, "--name", "../x"))[-1]),
     C("edit-name-absolute", lambda ws, m: (png(ws / "abs.png"), edit_args(m, ws, "--name", str(ws / "abs")))[-1]),
     C("edit-name-dot", lambda ws, m: edit_args(m, ws, "--name", "..")),
+    C("edit-name-user-file", lambda ws, m: (write(ws / "edits" / "mine.png", b"user image"),
+                                            edit_args(m, ws, "--name", "mine"))[-1]),
     C("edit-cases-name-parent", lambda ws, m: (png(ws / "x.png"),
                                                ["edit", "-m", str(m), "--cases", str(cases_file(ws, [{"name": "../x"}])),
                                                 "-o", str(ws / "edits")])[-1]),
@@ -496,7 +498,7 @@ CASES: list[Case] = [
     C("edit-mode-unknown", lambda ws, m: edit_args(m, ws, "--mode", "nope")),
     C("edit-strength-two", lambda ws, m: ["edit", "-m", str(m), "-i", str(png(ws / "in.png")), "-p", "a",
                                           "--mode", "edit", "--strength", "2", "-o", str(ws / "edits")]),
-    C("edit-cfg-nan", lambda ws, m: edit_args(m, ws, "--cfg", "nan")),
+    C("edit-cfg-nan", lambda ws, m: edit_args(m, ws, "--guidance-scale", "nan")),
     C("edit-seed-huge", lambda ws, m: edit_args(m, ws, "--seed", BIG_SEED)),
     C("edit-strength-nan", lambda ws, m: ["edit", "-m", str(m), "-i", str(png(ws / "in.png")), "-p", "a",
                                           "--mode", "edit", "--strength", "nan", "-o", str(ws / "edits")]),
@@ -649,7 +651,6 @@ def test_bad_input(case: Case, tmp_path: Path, model: Path, monkeypatch: pytest.
     assert ok, why
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("case", [c for c in CASES if c.model], ids=lambda c: c.id)
 def test_bad_input_with_model(case: Case, tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch,

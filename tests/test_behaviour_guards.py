@@ -2,14 +2,13 @@
 
 Each test pins one behaviour a realistic one-line bug breaks without any other test noticing:
 the negative prompt reaching the guided logits, the product's own guidance code against the
-official `output.cfg_logits`, condition dropout feeding the empty prompt's features, the EMA
-formula, and atomic writes that leave the old file when the writer fails.
+official `output.cfg_logits`, condition dropout feeding the empty prompt's features, and the EMA
+formula. Atomic writes: test_atomic_behaviour.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from meissonic_cli import atomic
 from meissonic_cli.model.text_encoder import TextEncoder
 from meissonic_cli.model.transformer import TransformerConfig, from_pretrained
 from meissonic_cli.sample.pipeline import MeissonicPipeline, exact_logits, masked_logits, sample_tokens
@@ -234,74 +232,3 @@ def test_ema_update_is_decay_times_average_plus_one_minus_decay_times_param() ->
     ema.update({"w": w})
     torch.testing.assert_close(ema.full_state()["w"], 0.9 * first + 0.1 * torch.tensor([3.0, 0.0, -4.0]))
     assert torch.equal(w.detach(), torch.tensor([3.0, 0.0, -4.0]))  # the update leaves the weights alone
-
-
-# ---------------------------------------------------------------------------------------------
-# Atomic writes
-
-
-def test_failing_writer_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:
-    target = tmp_path / "out" / "result.json"
-    atomic.write_json(target, {"old": True})
-    old = target.read_bytes()
-
-    def half_then_fail(tmp: str) -> None:
-        assert Path(tmp).parent == target.parent and Path(tmp) != target
-        Path(tmp).write_text('{"new": tr', encoding="utf-8")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError, match="disk full"):
-        atomic.atomic_write(target, half_then_fail)
-    assert target.read_bytes() == old
-    assert sorted(p.name for p in target.parent.iterdir()) == ["result.json"]
-
-    # A writer that succeeds replaces the file and leaves nothing else behind.
-    atomic.write_bytes(target, b"new")
-    assert target.read_bytes() == b"new"
-    atomic.write_text(tmp_path / "fresh" / "a.txt", "x")
-    assert sorted(p.name for p in target.parent.iterdir()) == ["result.json"]
-    assert (tmp_path / "fresh" / "a.txt").read_text() == "x"
-
-
-def test_write_json_formats_with_a_trailing_newline(tmp_path: Path) -> None:
-    path = atomic.write_json(tmp_path / "a.json", {"b": 1, "a": "é"}, sort_keys=True)
-    assert path == tmp_path / "a.json"
-    assert path.read_text(encoding="utf-8") == '{\n  "a": "é",\n  "b": 1\n}\n'
-    atomic.write_json(path, {"b": 1, "a": 2})
-    assert path.read_text(encoding="utf-8") == '{\n  "b": 1,\n  "a": 2\n}\n'
-
-
-def test_replace_directory_swaps_folders_and_restores_the_old_one_on_failure(tmp_path: Path) -> None:
-    final = tmp_path / "out"
-    final.mkdir()
-    (final / "old.txt").write_text("old")
-    new = tmp_path / "new"
-    new.mkdir()
-    (new / "new.txt").write_text("new")
-    assert atomic.replace_directory(new, final) == final
-    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # the old folder is gone, nothing aside
-
-    # The move fails (the new folder is missing): the old folder is put back, nothing left aside.
-    with pytest.raises(FileNotFoundError):
-        atomic.replace_directory(tmp_path / "missing", final)
-    assert sorted(p.name for p in final.iterdir()) == ["new.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-
-    # A file in the way is replaced too.
-    (tmp_path / "file").write_text("f")
-    other = tmp_path / "other"
-    other.mkdir()
-    atomic.replace_directory(other, tmp_path / "file")
-    assert (tmp_path / "file").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["file", "out"]
-    # A destination whose parent does not exist yet is created.
-    nested = tmp_path / "n"
-    nested.mkdir()
-    atomic.replace_directory(nested, tmp_path / "deep" / "er")
-    assert (tmp_path / "deep" / "er").is_dir()
-
-
-def test_temporary_name_is_per_process_and_thread(tmp_path: Path) -> None:
-    names = []
-    atomic.atomic_write(tmp_path / "f.bin", lambda tmp: (names.append(Path(tmp).name), Path(tmp).write_bytes(b"1")))
-    assert names[0].startswith(f".f.bin.{os.getpid()}-") and names[0].endswith(".tmp")

@@ -107,10 +107,15 @@ FILTERS = {
 }
 
 
+@pytest.mark.parametrize("dedup", [True, False], ids=["dedup", "no-dedup"])
 @pytest.mark.parametrize("schema", list(SCHEMAS))
-def test_counts_match_independent_computation(tmp_path, schema):
+def test_counts_match_independent_computation(tmp_path, schema, dedup):
     src = _write_source(tmp_path, schema)
-    cfg = CurateConfig(inputs=[str(src)], output=str(tmp_path / "out"), **FILTERS[schema])
+    filters = dict(FILTERS[schema])
+    if not dedup:  # the one-pass path: no dedup, and no word filters (those materialise the rows)
+        filters = {k: v for k, v in filters.items() if "caption_words" not in k}
+        filters.update(dedup_url=False, dedup_hash=False)
+    cfg = CurateConfig(inputs=[str(src)], output=str(tmp_path / "out"), **filters)
     result = curate(cfg)
 
     expected_counts, expected_rows = reference(_rows(src), SCHEMAS[schema], cfg)
@@ -135,10 +140,18 @@ def test_counts_match_independent_computation(tmp_path, schema):
     aest = stats["histograms"].get("aesthetic")
     if names["aesthetic"]:
         valid = [r[names["aesthetic"]] for r in _rows(src) if not _null(r[names["aesthetic"]])]
-        assert sum(aest["in"]) == len(valid)
+        assert sum(aest["in"]) == len(valid)  # every schema here filters on the aesthetic score
         assert sum(aest["out"]) == len(out)
+        expected = [0] * 10
+        for r in out:
+            expected[min(max(int(r["aesthetic"]), 0), 9)] += 1
+        assert aest["out"] == expected
     else:
         assert aest is None
+    # A score no filter reads is not read for an input histogram (that needs --all-histograms).
+    sim = stats["histograms"]["similarity"]
+    assert (sim["in"] is None) == (cfg.min_similarity is None)
+    assert sum(sim["out"]) == sum(not _null(r["similarity"]) for r in out)
 
 
 def test_dedup_keeps_first_url_then_first_hash(tmp_path):
@@ -195,16 +208,36 @@ def test_sample_and_limit_are_reproducible(tmp_path):
     assert both.stats["steps"][-2]["remaining"] == len(a) and both.stats["rows_out"] == 10
 
 
-def test_shards_split_rows_in_order(tmp_path):
-    src = _write_source(tmp_path, "laion2b-en-aesthetic")
-    one = curate(CurateConfig(inputs=[str(src)], output=str(tmp_path / "one"), min_aesthetic=4.0))
-    many = curate(CurateConfig(inputs=[str(src)], output=str(tmp_path / "many"), min_aesthetic=4.0, shard_rows=40))
+@pytest.mark.parametrize("dedup", [True, False], ids=["dedup", "no-dedup"])
+def test_shards_follow_input_files_in_order(tmp_path, dedup):
+    src = _write_source(tmp_path, "laion2b-en-aesthetic", files=6)
+    kw = dict(min_aesthetic=4.0, dedup_url=dedup, dedup_hash=dedup)
+    one = curate(CurateConfig(inputs=[str(src)], output=str(tmp_path / "one"), **kw))
     n = one.stats["rows_out"]
-    assert len(many.shards) == math.ceil(n / 40) > 1
+    urls = pq.read_table(tmp_path / "one").column("url").to_pylist()
+    per_file, k = [], 0  # rows each input file contributes: the output is an in-order subsequence
+    for path in sorted(src.glob("*.parquet")):
+        start = k
+        for u in pq.read_table(path).column("URL").to_pylist():
+            if k < len(urls) and u == urls[k]:
+                k += 1
+        per_file.append(k - start)
+    assert k == n
+    limit = max(per_file) + 1  # two files never fit one shard, one always does
+    many = curate(CurateConfig(inputs=[str(src)], output=str(tmp_path / "many"), shard_rows=limit, **kw))
     sizes = [pq.ParquetFile(p).metadata.num_rows for p in many.shards]
-    assert sizes[:-1] == [40] * (len(sizes) - 1) and sum(sizes) == n
-    assert pq.read_table(tmp_path / "many").column("url").to_pylist() == \
-        pq.read_table(tmp_path / "one").column("url").to_pylist()
+    assert sizes == [n for n in per_file if n] and sum(sizes) == n and len(sizes) > 1
+    assert many.stats["shards"] == [f"part-{k:05d}.parquet" for k in range(len(sizes))]
+    two = per_file[0] + per_file[1]
+    pairs = curate(CurateConfig(inputs=[str(src)], output=str(tmp_path / "pairs"), shard_rows=two, **kw))
+    sizes = [pq.ParquetFile(p).metadata.num_rows for p in pairs.shards]
+    ends = {sum(per_file[:i]) for i in range(len(per_file) + 1)}
+    assert all(s <= two for s in sizes) and {sum(sizes[:i]) for i in range(len(sizes) + 1)} <= ends
+    # With dedup the rows per file are exact; one-pass plans on the rows passing the numeric filters
+    # (before the caption check), so it may close a shard earlier.
+    assert sizes[0] == two if dedup else sizes[0] in (per_file[0], two)
+    for out in ("many", "pairs"):
+        assert pq.read_table(tmp_path / out).column("url").to_pylist() == urls
 
 
 def test_keep_col_and_column_override(tmp_path):

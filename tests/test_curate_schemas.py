@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import unicodedata
 
 import duckdb
 import pyarrow as pa
@@ -21,8 +22,16 @@ from typer.testing import CliRunner
 
 from meissonic_cli.cli import app
 from meissonic_cli.data.curate import (
-    ROLE_CANDIDATES, SCHEMA_MARKERS, SCHEMAS, SPACE_CODEPOINTS, STATS_NAME, CurateConfig, _word_count, curate,
-    detect_columns, detect_schema,
+    ROLE_CANDIDATES,
+    SCHEMA_MARKERS,
+    SCHEMAS,
+    SPACE_CODEPOINTS,
+    STATS_NAME,
+    CurateConfig,
+    curate,
+    detect_columns,
+    detect_schema,
+    word_count,
 )
 from meissonic_cli.errors import ConfigError, InputError
 
@@ -114,12 +123,18 @@ def test_numbers_stored_as_strings_parse_or_count_as_unparseable(tmp_path, dedup
 
 
 def test_caption_of_only_a_tab_is_present_spaces_are_not(tmp_path):
-    captions = ["\t", "   ", "", None, " a ", "\u3000"]
+    blanks = [chr(c) for c in SPACE_CODEPOINTS]  # every whitespace character alone, then 3 of each
+    captions = ["", None, " a ", *blanks, *(c * 3 for c in blanks)]
     n = len(captions)
     src = _write(tmp_path / "c.parquet", {"url": [f"u{k}" for k in range(n)], "caption": captions})
     result, out = _run(tmp_path, [src], dedup_url=False, dedup_hash=False)
-    assert _urls(out) == ["u0", "u4", "u5"]
-    assert _steps(result)["url and caption present"] == (3, 0)
+    present = [f"u{k}" for k, c in enumerate(captions)
+               if c and any(unicodedata.category(ch) != "Zs" for ch in c)]
+    assert _urls(out) == present
+    assert {"u3", f"u{3 + len(blanks)}"} <= set(present)  # "\t" and "\t\t\t" are captions
+    nbsp = captions.index("\xa0")
+    assert f"u{nbsp}" not in present  # NBSP alone is not
+    assert _steps(result)["url and caption present"] == (n - len(present), 0)
 
 
 # ---------------------------------------------------------------- words
@@ -143,7 +158,7 @@ def test_word_counts_split_on_unicode_whitespace(tmp_path, dedup):
 @given(st.text(alphabet=st.sampled_from(["a", "é", "中", "\u200b", *map(chr, SPACE_CODEPOINTS[::3])]), max_size=20))
 def test_word_count_matches_str_split(text):
     con = duckdb.connect()
-    assert con.execute(f"SELECT {_word_count('$1')}", [text]).fetchone()[0] == len(text.split())
+    assert con.execute(f"SELECT {word_count('$1')}", [text]).fetchone()[0] == len(text.split())
 
 
 # ---------------------------------------------------------------- column detection
@@ -151,13 +166,15 @@ def test_word_count_matches_str_split(text):
 
 @DEDUP
 def test_laion_subsets_with_different_score_names_in_one_call(tmp_path, dedup):
-    art = _write(tmp_path / "a-laion-art.parquet", {
+    src = tmp_path / "src"
+    src.mkdir()
+    _write(src / "a-laion-art.parquet", {
         "URL": ["art0", "art1", "art2"], "TEXT": ["x", "y", "z"], "aesthetic": [8.5, 7.0, 9.1],
         "WIDTH": [512, 512, 512], "HEIGHT": [512, 512, 512], "pwatermark": [0.1, 0.1, 0.1]})
-    improved = _write(tmp_path / "b-improved.parquet", {
+    _write(src / "b-improved.parquet", {
         "URL": ["imp0", "imp1"], "TEXT": ["p", "q"], "AESTHETIC_SCORE": [8.0, 5.0],
         "WIDTH": [600, 600], "HEIGHT": [600, 600], "pwatermark": [0.2, 0.2], "punsafe": [0.01, 0.02]})
-    result, out = _run(tmp_path, [tmp_path], min_aesthetic=8, dedup_url=dedup, dedup_hash=dedup)
+    result, out = _run(tmp_path, [src], min_aesthetic=8, dedup_url=dedup, dedup_hash=dedup)
     assert _urls(out) == ["art0", "art2", "imp0"]
     assert result.stats["rows_in"] == 5
     assert result.stats["columns"]["aesthetic"] == "aesthetic | AESTHETIC_SCORE"
@@ -167,15 +184,14 @@ def test_laion_subsets_with_different_score_names_in_one_call(tmp_path, dedup):
     assert table.column("aesthetic").to_pylist() == [8.5, 9.1, 8.0]
     assert table.column("punsafe").to_pylist() == [None, None, 0.01]  # only the improved file has it
     # A file with no aesthetic column at all is refused by name, not silently emptied.
-    _write(tmp_path / "c-no-score.parquet", {"URL": ["n0"], "TEXT": ["t"]})
+    _write(src / "c-no-score.parquet", {"URL": ["n0"], "TEXT": ["t"]})
     with pytest.raises(InputError, match=r"--min-aesthetic needs a aesthetic column but .*c-no-score.parquet has none"):
-        _run(tmp_path, [tmp_path], name="o2", min_aesthetic=8)
-    # Without that filter its rows go through, with the scores it lacks as NULL.
-    result, out = _run(tmp_path, [tmp_path], name="o3", max_watermark=0.5, dedup_url=dedup, dedup_hash=dedup)
-    assert _urls(out) == ["art0", "art1", "art2", "imp0", "imp1"]
-    with pytest.raises(InputError, match=r"needs a watermark column but .*c-no-score"):
-        _run(tmp_path, [tmp_path], name="o4", max_watermark=0.5, overwrite=True, min_side=1)
-    result, out = _run(tmp_path, [tmp_path], name="o5", dedup_url=dedup, dedup_hash=dedup)
+        _run(tmp_path, [src], name="o2", min_aesthetic=8)
+    with pytest.raises(InputError, match=r"--max-watermark needs a watermark column but .*c-no-score"):
+        _run(tmp_path, [src], name="o3", max_watermark=0.5)
+    # Without those filters its rows go through, with the scores it lacks as NULL.
+    result, out = _run(tmp_path, [src], name="o5", dedup_url=dedup, dedup_hash=dedup)
+    assert pq.read_table(out).column("aesthetic").to_pylist() == [8.5, 7.0, 9.1, 8.0, 5.0, None]
     assert _urls(out) == ["art0", "art1", "art2", "imp0", "imp1", "n0"]
 
 
@@ -255,10 +271,12 @@ def test_datacomp_columns_detected_and_preset(tmp_path, dedup):
 
 
 def test_mixed_schemas_coyo_and_datacomp_in_one_call(tmp_path):
-    _write(tmp_path / "1-coyo.parquet", _coyo(4))
+    src = tmp_path / "src"
+    src.mkdir()
+    _write(src / "1-coyo.parquet", _coyo(4))
     cols, types = _datacomp(4)
-    _write(tmp_path / "2-datacomp.parquet", cols, types)
-    result, out = _run(tmp_path, [tmp_path], min_side=256, min_similarity=0.25, dedup_url=False, dedup_hash=False)
+    _write(src / "2-datacomp.parquet", cols, types)
+    result, out = _run(tmp_path, [src], min_side=256, min_similarity=0.25, dedup_url=False, dedup_hash=False)
     assert _urls(out) == ["c0", "c3", "d0", "d3"]
     assert [f["schema"] for f in result.stats["files"]] == ["coyo", "datacomp"]
     table = pq.read_table(out)
@@ -348,3 +366,33 @@ def test_any_strings_in_a_score_column_never_fail_the_run(tmp_path_factory, valu
         if x is not None and plain:
             assert (f"u{k}" in written) == (math.isfinite(x) and x >= 0.5), v
     assert result.stats["unparseable"]["aesthetic"] <= sum(v is not None for v in values)
+
+
+@pytest.mark.parametrize("shard_rows", [1_000_000, 60])
+def test_many_files_and_histograms_plan_shards_without_a_file_key(tmp_path, shard_rows):
+    # 12 files x 4 histogrammed filter columns: too many (code, file, bins) groups for one GROUP BY,
+    # so the stats scan drops the file from its key and counts rows per file only when shards need it.
+    from meissonic_cli.shapes.source import synthetic_table
+
+    table = synthetic_table(600, seed=3)
+    src = tmp_path / "src"
+    src.mkdir()
+    for k in range(12):
+        pq.write_table(table.slice(50 * k, 50), src / f"part-{k:02d}.parquet")
+    kw = dict(min_aesthetic=5, max_watermark=0.5, max_unsafe=0.5, min_similarity=0.2, all_histograms=True,
+              dedup_url=False, dedup_hash=False, shard_rows=shard_rows)
+    result, out = _run(tmp_path, [src], **kw)
+
+    def ok(r):
+        vals = [r["aesthetic"], r["pwatermark"], r["punsafe"], r["similarity"]]
+        if any(v is None or not math.isfinite(v) for v in vals) or not r["URL"] or not (r["TEXT"] or "").strip(" "):
+            return False
+        return vals[0] >= 5 and vals[1] < 0.5 and vals[2] < 0.5 and vals[3] >= 0.2
+
+    expected = [r["URL"] for r in table.to_pylist() if ok(r)]
+    assert _urls(out) == expected
+    sizes = [pq.ParquetFile(p).metadata.num_rows for p in result.shards]
+    assert sum(sizes) == len(expected) and (len(sizes) == 1) == (shard_rows > len(expected))
+    assert all(s <= shard_rows for s in sizes)
+    assert sum(result.stats["histograms"]["punsafe"]["in"]) == sum(
+        r["punsafe"] is not None and math.isfinite(r["punsafe"]) for r in table.to_pylist())

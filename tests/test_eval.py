@@ -245,9 +245,11 @@ def test_prompts_mode_samples_then_scores_with_categories(tmp_path, weights):
     assert report["count"] == 3 and set(report["metrics"]["clip_t"]["by_category"]) == {"anime", "photo"}
     sidecars = sorted((tmp_path / "ev" / "images").glob("*.json"))
     assert [json.loads(p.read_text())["category"] for p in sidecars] == ["anime", "anime", "photo"]
-    # A rerun samples nothing new and re-scores the same images.
+    # A rerun refuses to replace the report; with --overwrite it samples nothing new and re-scores the same images.
     mtimes = [p.stat().st_mtime_ns for p in sorted((tmp_path / "ev" / "images").glob("*.png"))]
-    again = runner.invoke(app, args)
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 1 and "--overwrite" in refused.output
+    again = runner.invoke(app, [*args, "--overwrite"])
     assert again.exit_code == 0, again.output
     assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "ev" / "images").glob("*.png"))] == mtimes
     assert json.loads((tmp_path / "ev" / "report.json").read_text())["metrics"]["clip_t"]["mean"] == \

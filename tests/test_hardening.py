@@ -335,6 +335,21 @@ def test_usage_errors_and_exits_pass_through() -> None:
     assert result.exit_code == 3 and "Error" not in result.output
 
 
+def test_ctrl_c_during_a_duckdb_query_is_an_interrupt_not_an_error() -> None:
+    """DuckDB turns SIGINT into its own exception ("Query interrupted"): curate makes it Ctrl-C again,
+    which the command reports as interrupted (exit 130) instead of a failed query."""
+    import duckdb
+
+    from meissonic_cli.data.curate import _run
+
+    class Interrupted:
+        def execute(self, sql: str) -> None:
+            raise duckdb.InterruptException("INTERRUPT Error: Query interrupted")
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(Interrupted(), "SELECT 1", "count the rows")  # type: ignore[arg-type]
+
+
 # ----------------------------------------------------------------------------------------------
 # kill -9: no orphan workers, no stale temporaries
 
@@ -389,6 +404,21 @@ def test_end_with_parent_kills_marked_processes_when_the_parent_is_killed(tmp_pa
     while marked_processes(token) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert marked_processes(token) == []
+
+
+def test_end_with_parent_leaves_processes_alone_on_a_normal_end() -> None:
+    """Only a killed parent takes its processes along (multiprocessing's resource tracker, started
+    inside the block, must outlive a normal end)."""
+    from meissonic_cli.data.workers import end_with_parent, marked_processes
+
+    with end_with_parent() as token:
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(1.0)
+        assert sleeper.poll() is None and marked_processes(token) == [sleeper.pid]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 @pytest.mark.slow

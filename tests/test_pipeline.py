@@ -10,6 +10,7 @@ import torch
 from fixtures_models import copy_model_dir
 
 from meissonic_cli.errors import InputError, ModelFormatError
+from meissonic_cli.model.scheduler import MaskGITScheduler, draw_categorical
 from meissonic_cli.model.transformer import MeissonicTransformer, meissonic_tiny
 from meissonic_cli.sample.pipeline import (
     MeissonicPipeline,
@@ -20,7 +21,6 @@ from meissonic_cli.sample.pipeline import (
     resolve_model_folder,
     sample_tokens,
 )
-from meissonic_cli.model.scheduler import MaskGITScheduler, draw_categorical
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

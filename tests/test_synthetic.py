@@ -209,11 +209,11 @@ def test_cli_sides_set_the_served_image_sizes(tmp_path):
         assert claimed == expected
 
 
-@pytest.mark.parametrize("flag", ["64,x", "0", "4", "64,,96", ""])
+@pytest.mark.parametrize("flag", ["64,x", "0", "4", "64,,96", "", "64,100000"])
 def test_cli_bad_sides_is_one_line_and_writes_nothing(tmp_path, flag):
     res = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "src"), "--rows", "20", "--sides", flag])
     assert res.exit_code == 1
     assert res.output.strip().splitlines() == [(
-        f"Error: --sides {flag!r} must be image sides in pixels (integers >= 8) separated by commas, "
+        f"Error: --sides {flag!r} must be image sides in pixels (integers from 8 to 4096) separated by commas, "
         "e.g. 64 or 64,96,128")]
     assert not (tmp_path / "src").exists()

@@ -13,8 +13,9 @@ from meissonic_cli.sample.sample import SampleConfig
 from ._options import Group, Options, command
 from .sample import sampler_group
 
-# Sampler options that edit does not take: --resolution is EditConfig's own (resize the input).
-NOT_IN_EDIT = ("resolution",)
+# Sampler options that edit does not take: --resolution is EditConfig's own (resize the input); the
+# other orders, schedules, tricks and the cache (`sample.samplers`) are not wired into edit.
+NOT_IN_EDIT = ("resolution", "order", "schedule", "noise_reg", "differential", "cache_refresh")
 
 
 def register(app: typer.Typer) -> None:

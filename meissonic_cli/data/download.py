@@ -13,7 +13,12 @@ module prepares its input and reports on its output:
   ones is refused instead of mixing two datasets in one folder;
 - sums the per-shard stats into one summary (successes, failures by reason) saved as
   `<output>/_meissonic/download_summary.json` (outside the folder root: img2dataset reads every
-  `*.json` there as a shard's stats).
+  `*.json` there as a shard's stats);
+- runs img2dataset's `pyspark` and `ray` distributors out of the box: Java is checked first, a
+  `local[--processes]` Spark session (workers on this interpreter, not PATH's `python3`) or a local
+  Ray instance is started and stopped around the download unless one is already active, and
+  `--spark-master` / `--ray-address` point at a cluster. The shards hold the same samples, byte for
+  byte, whichever distributor wrote them (only the order inside a shard follows completion).
 
 Output (webdataset, as img2dataset writes it): `<output>/NNNNN.tar` with `KEY.jpg` (or png/webp),
 `KEY.txt` (caption) and `KEY.json` (metadata and download status) per sample, plus
@@ -323,6 +328,11 @@ def _check_java() -> None:
                           f"{seen} ({java}): {install}, and point JAVA_HOME at it")
 
 
+def _first_line(err: BaseException) -> str:
+    line = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
+    return line[:300]
+
+
 @contextlib.contextmanager
 def _distributed(cfg: DownloadConfig) -> Iterator[None]:
     """Start the Spark session or Ray instance img2dataset's distributor runs on, unless one is already active,
@@ -333,33 +343,48 @@ def _distributed(cfg: DownloadConfig) -> Iterator[None]:
         # cluster, set PYSPARK_PYTHON to the interpreter path on the workers.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+        from pyspark import SparkContext
         from pyspark.sql import SparkSession
 
         spark = SparkSession.getActiveSession()
         owned = spark is None
+        launched = SparkContext._gateway is None  # this call starts the JVM
         if owned:
-            spark = (SparkSession.builder.appName("meissonic-download")
-                     .master(cfg.spark_master or f"local[{cfg.processes}]")
-                     .config("spark.ui.showConsoleProgress", "false")
-                     .getOrCreate())
+            master = cfg.spark_master or f"local[{cfg.processes}]"
+            try:
+                spark = (SparkSession.builder.appName("meissonic-download").master(master)
+                         .config("spark.ui.showConsoleProgress", "false")
+                         .getOrCreate())
+            except Exception as err:  # py4j / pyspark raise their own types
+                raise ConfigError(f"--distributor pyspark could not start Spark on {master} ({_first_line(err)}); "
+                                  "check --spark-master and JAVA_HOME") from None
             spark.sparkContext.setLogLevel("ERROR")
         try:
             yield
         finally:
             if owned:
                 spark.stop()
+            if launched and SparkContext._gateway is not None:
+                # The JVM ends with this download (end_with_parent): forget it, so a later call in
+                # this process starts a new one instead of talking to a dead gateway.
+                SparkContext._gateway.shutdown()
+                SparkContext._gateway = SparkContext._jvm = None
     elif cfg.distributor == "ray":
         import ray
 
         owned = not ray.is_initialized()
         if owned:
             kw: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
-            if cfg.ray_address:
-                ray.init(address=cfg.ray_address, **kw)
-            elif os.environ.get("RAY_ADDRESS"):
-                ray.init(**kw)
-            else:  # never join some other cluster on this machine by surprise
-                ray.init(address="local", num_cpus=cfg.processes, include_dashboard=False, **kw)
+            address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+            try:
+                if address:
+                    ray.init(address=address, **kw)
+                else:  # never join some other cluster on this machine by surprise
+                    ray.init(address="local", num_cpus=cfg.processes, include_dashboard=False, **kw)
+            except Exception as err:  # ConnectionError, RuntimeError, ray's own types
+                where = f"the cluster at {address}" if address else "a local Ray instance"
+                raise ConfigError(f"--distributor ray could not connect to {where} ({_first_line(err)}); check "
+                                  "--ray-address / RAY_ADDRESS (start a cluster with `ray start --head`)") from None
         try:
             yield
         finally:
@@ -460,8 +485,7 @@ def download(cfg: DownloadConfig) -> DownloadResult:
         # Spark (py4j) and Ray wrap a worker's failure in their own exception types.
         if type(err).__module__.split(".")[0] not in ("py4j", "pyspark", "ray"):
             raise
-        first = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise MeissonicError(f"--distributor {cfg.distributor} failed: {first.strip()[:300]}; completed shards in "
+        raise MeissonicError(f"--distributor {cfg.distributor} failed: {_first_line(err)}; completed shards in "
                              f"{out} are kept, rerun the same command to resume") from None
     finally:
         signal.signal(signal.SIGINT, previous_handler)

@@ -4,8 +4,9 @@ img2dataset runs its download pool (and a logger process) as `spawn` children of
 the caller is killed with SIGKILL nothing in it runs, and those workers would keep writing shards
 into the output for minutes. `end_with_parent()` marks every process started inside it with a
 random token in its environment and starts a small watchdog process; the watchdog waits on a pipe
-from the caller, which the kernel closes when the caller exits for any reason, and then kills every
-process that still carries the token. Linux only (it reads /proc); elsewhere it does nothing.
+from the caller, which the kernel closes when the caller exits for any reason. If the caller did
+not say "done" first (it was killed), the watchdog kills every process that carries the token.
+Linux only (it reads /proc); elsewhere it does nothing.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ _WATCHDOG = r"""
 import os, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 token, parent = sys.argv[1], int(sys.argv[2])
-sys.stdin.buffer.read()  # returns at EOF: the parent closed the pipe, or died
+if sys.stdin.buffer.read() == b"done":  # EOF: the parent closed the pipe (done) or died (nothing written)
+    sys.exit(0)
 marker = ("%s=" + token).encode()
 me = os.getpid()
 for _ in range(5):
@@ -84,7 +86,11 @@ def end_with_parent() -> Iterator[str]:
         else:
             os.environ[TOKEN_ENV] = previous
         assert watchdog.stdin is not None
-        watchdog.stdin.close()
+        try:  # a normal end: the processes started inside (multiprocessing's helpers too) are left alone
+            watchdog.stdin.write(b"done")
+            watchdog.stdin.close()
+        except OSError:
+            pass
         try:
             watchdog.wait(timeout=10)
         except subprocess.TimeoutExpired:

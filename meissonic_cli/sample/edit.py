@@ -84,7 +84,15 @@ from meissonic_cli.sample.edit_masks import (
     round_size,
     token_mask,
 )
-from meissonic_cli.sample.outputs import check_case_limits, check_output_folder, make_output_folder, model_identity, other_model
+from meissonic_cli.sample.outputs import (
+    check_case_limits,
+    check_output_folder,
+    check_replaceable,
+    make_output_folder,
+    model_identity,
+    other_model,
+    png_mark,
+)
 from meissonic_cli.sample.sample import (
     OFFICIAL_RESOLUTION,
     SampleConfig,
@@ -479,6 +487,8 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
             _check_done_matches(out, case, model_id)
         else:
             _precheck(case)
+            for path in (out / f"{case.stem}.png", out / f"{case.stem}.json"):
+                check_replaceable(path, False)  # a file of that name we did not write is kept
             todo.append(case)
     result = EditRunResult(out_dir=out, skipped=len(cases) - len(todo))
     if not todo:
@@ -507,7 +517,6 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
             edited = edit_image(pipeline, case, callback=lambda step, total: bar.update(steps_task, completed=step))
             seconds = time.perf_counter() - start
             png, side = out / f"{case.stem}.png", out / f"{case.stem}.json"
-            atomic_write(png, lambda p, im=edited.image: im.save(p, format="PNG"))
             meta = {
                 **case.settings(),
                 "file": png.name, "width": edited.size[0], "height": edited.size[1],
@@ -518,6 +527,7 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
                 "model": model_label, "model_digest": model_id["model_digest"], "seconds": round(seconds, 4),
                 **case.extra,
             }
+            atomic_write(png, lambda p, im=edited.image, m=meta: im.save(p, format="PNG", pnginfo=png_mark(m)))
             write_json(side, meta)
             result.written.append(png)
             result.masked_tokens.append(edited.masked)

@@ -23,9 +23,7 @@ multiples of `pixel_multiple`), `temperature` ((2, 0), or one number tau for lin
 `token_temperature` (1: the logits are divided by it before each token draw; 1 is the official
 sampler, below 1 sharpens the draws towards each position's most likely codes), `micro_conds` (default (width, height, 0, 0, 6)), `seed` (one int for the batch, or one per image)
 or `generator`, `callback(step, steps)`, `output_type` ("pil" -> list of PIL images, "codes" ->
-int64 (B, h, w) code grids, "tensor" -> float (B, 3, H, W) in [0, 1]), `exact`, `init_tokens` and
-`sampler` (`meissonic_cli.sample.samplers.SamplerOptions`: Halton/random orders, other schedules, noise
-regularization, differential sampling, the feature cache; None is the official sampler).
+int64 (B, h, w) code grids, "tensor" -> float (B, 3, H, W) in [0, 1]), `exact`, `init_tokens` and `sampler` (`samplers.SamplerOptions`; None = official).
 
 `init_tokens` (B, h, w) starts decoding from given token grids instead of an all-mask grid: the
 positions holding the mask id are decoded, every other token comes back bit-identical (what
@@ -72,8 +70,9 @@ import torch
 
 from meissonic_cli.device import dtype_table, resolve_device, resolve_dtype
 from meissonic_cli.errors import InputError, ModelFormatError
-from meissonic_cli.model.transformer import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, Conditioning, MeissonicTransformer
 from meissonic_cli.model.scheduler import SCHEDULER_CONFIG_NAME, MaskGITScheduler
+from meissonic_cli.model.transformer import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, Conditioning, MeissonicTransformer
+from meissonic_cli.sample.samplers import run_sampler_loop, uses_sampler_loop
 
 HUB_ID = "MeissonFlow/Meissonic"
 DTYPES = dtype_table()
@@ -261,8 +260,7 @@ def sample_tokens(
     num_codes: Optional[int] = None,
     init_tokens: Optional[torch.Tensor] = None,
     token_temperature: float = 1.0,
-    sampler: Any = None,
-    trace: Optional[dict] = None,
+    sampler: Any = None, trace: Optional[dict] = None,
     first_step: int = 0,
     starting_mask_ratio: Optional[float] = None,
 ) -> torch.Tensor:
@@ -277,10 +275,8 @@ def sample_tokens(
     same number M of masked positions; the schedule then runs with starting_mask_ratio M/L, so the
     count still masked after each step is `masked_after_step(steps, L, M/L)`.
     `token_temperature` divides the (guided) logits before each draw; 1 leaves them as the official
-    sampler uses them. See the module docstring for the fast and the `exact` loop.
-    `sampler` (a `samplers.SamplerOptions`; None = the official sampler) picks another reveal order,
-    schedule, inference tricks or the feature cache for the fast loop (`samplers.run_sampler_loop`,
-    which fills `trace` with the cache's logit differences when given).
+    sampler uses them. See the module docstring for the fast and the `exact` loop; `sampler`
+    (`samplers.SamplerOptions`, None = official) runs `samplers.run_sampler_loop` (which fills `trace`).
     `first_step` > 0 runs only steps first_step..steps-1 and `starting_mask_ratio` replaces M/L
     (the official img2img rule, `edit.py`: the last part of the steps with ratio 1).
     """
@@ -316,11 +312,7 @@ def sample_tokens(
             logits = logits.narrow(dim, 0, num_codes)
         return logits if token_temperature == 1.0 else logits / token_temperature
 
-    custom = sampler is not None and not sampler.validate().is_official(scheduler)
-    if custom and exact:
-        raise InputError(f"the exact loop runs the official sampler only; drop --exact to sample with {sampler.label}")
-    if custom and first_step:
-        raise InputError(f"the img2img rule runs the official sampler only, not {sampler.label}")
+    custom = uses_sampler_loop(sampler, scheduler, exact, int(first_step))
     with torch.inference_mode():
         if exact:
             # The official loop: every step recomputes the conditioning and the logits of every position.
@@ -343,8 +335,6 @@ def sample_tokens(
             # nonzero lists row by row in ascending order, and every row has `masked` entries.
             positions = (latents.reshape(b, seq_len) == mask_id).nonzero()[:, 1].view(b, masked)
         if custom:
-            from meissonic_cli.sample.samplers import run_sampler_loop
-
             return run_sampler_loop(transformer, scheduler, cond, latents, positions, steps,
                                     guidance_scale if guided else None, generator, ratio, limit, sampler, callback, trace)
         for i, t in list(enumerate(scheduler.timesteps))[int(first_step):]:

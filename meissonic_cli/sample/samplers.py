@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -184,6 +184,19 @@ def halton_ranks(grid_h: int, grid_w: int, device: Any = None) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------
 # The loop
+
+
+def uses_sampler_loop(options: Optional[SamplerOptions], scheduler: MaskGITScheduler, exact: bool = False,
+                      first_step: int = 0) -> bool:
+    """True when `options` ask for more than the official sampler (then `run_sampler_loop` decodes);
+    InputError when they are combined with the exact loop or the img2img rule (official only)."""
+    if options is None or options.validate().is_official(scheduler):
+        return False
+    if exact:
+        raise InputError(f"the exact loop runs the official sampler only; drop --exact to sample with {options.label}")
+    if first_step:
+        raise InputError(f"the img2img rule runs the official sampler only, not {options.label}")
+    return True
 
 
 def noise_reg_factor(step_index: int, steps: int) -> float:
@@ -355,4 +368,4 @@ def evaluations(steps: int, guided: bool) -> int:
 
 
 __all__ = ["ORDERS", "SCHEDULES", "SamplerOptions", "differential_probs", "evaluations", "halton_order", "halton_ranks",
-           "mask_counts", "noise_reg_factor", "radical_inverse", "run_sampler_loop"]
+           "mask_counts", "noise_reg_factor", "radical_inverse", "run_sampler_loop", "uses_sampler_loop"]
