@@ -112,9 +112,13 @@ class Study:
         self.pipe = MeissonicPipeline.from_pretrained(self.checkpoint, device="cpu", dtype="fp32")
         prompts = world.benchmark_prompts()
         if args.max_prompts and args.max_prompts < len(prompts):
-            # Evenly spaced, so every category keeps its share.
-            stride = len(prompts) / args.max_prompts
-            prompts = [prompts[int(i * stride)] for i in range(args.max_prompts)]
+            # A fixed random subset: evenly spaced picks would follow the list's shape cycles (every third
+            # position prompt has the same shape), a biased, easier subset.
+            import random
+
+            keep = sorted(random.Random(0).sample(range(len(prompts)), args.max_prompts))
+            prompts = [prompts[i] for i in keep]
+        self.prompt_set = "all" if len(prompts) == 78 else f"random0-{len(prompts)}"
         self.prompts = prompts
         self.batch = args.batch or len(prompts)
         self.size = IMAGE_SIZE
@@ -334,7 +338,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--settings", default=",".join(DEFAULT_SETTINGS),
                     help=f"comma-separated, from: {', '.join(SETTINGS)}")
-    ap.add_argument("--max-prompts", type=int, default=0, help="use this many benchmark prompts, evenly spaced (0 = all 78)")
+    ap.add_argument("--max-prompts", type=int, default=0, help="use this many benchmark prompts, a fixed random subset (0 = all 78)")
     ap.add_argument("--batch", type=int, default=0, help="prompts sampled together (0 = all)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's choice)")
     ap.add_argument("--speed-repeats", type=int, default=3, help="paired speed check repeats (0 = skip)")
@@ -350,8 +354,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     study = Study(args)
     cells_path = out / "cells.jsonl"
     cells = [json.loads(line) for line in cells_path.read_text().splitlines() if line.strip()] if cells_path.is_file() else []
-    key = (len(study.prompts), str(study.checkpoint))
-    cells = [c for c in cells if (c.get("images"), c.get("checkpoint")) == key]
+    key = (len(study.prompts), str(study.checkpoint), study.prompt_set)
+    cells = [c for c in cells if (c.get("images"), c.get("checkpoint"), c.get("prompt_set", "all")) == key]
     done = {(c["setting"], c["steps"], c["seed"]) for c in cells}
     # Step counts outermost, in the order given: a run cut short still compares every setting.
     for steps in steps_list:
@@ -359,7 +363,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             for seed in seeds:
                 if (name, steps, seed) in done:
                     continue
-                cell = {**study.cell(SETTINGS[name], steps, seed), "checkpoint": str(study.checkpoint)}
+                cell = {**study.cell(SETTINGS[name], steps, seed), "checkpoint": str(study.checkpoint),
+                        "prompt_set": study.prompt_set}
                 cells.append(cell)
                 with cells_path.open("a") as fh:
                     fh.write(json.dumps(cell) + "\n")

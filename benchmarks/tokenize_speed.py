@@ -26,7 +26,13 @@ sys.path.insert(0, str(REPO))
 
 
 def build_preset(root: Path, preset: str) -> Path:
-    from meissonic_cli.model.text_encoder import ClipTokenizer, TextEncoder, TextEncoderConfig, tiny_text_config, vit_h14_text_config
+    from meissonic_cli.model.text_encoder import (
+        ClipTokenizer,
+        TextEncoder,
+        TextEncoderConfig,
+        tiny_text_config,
+        vit_h14_text_config,
+    )
     from meissonic_cli.model.vq.vqgan import VQTokenizer, meissonic_vq_config, tiny_vq_config
 
     if preset == "tiny":
@@ -58,8 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", action="store_true", help="print one JSON line instead of tables")
     args = ap.parse_args(argv)
 
-    from meissonic_cli.shapes.source import write_image_folder
     from meissonic_cli.data.tokenize import TokenizeConfig, feature_bytes, tokenize
+    from meissonic_cli.shapes.source import write_image_folder
 
     with tempfile.TemporaryDirectory(prefix="tokenize-bench-") as tmp:
         tmp_path = Path(tmp)

@@ -38,8 +38,8 @@ except ModuleNotFoundError:  # Python 3.10
 ROOT = Path(__file__).resolve().parents[1]
 
 # module -> (files to mutate, test files that cover them, optional -k expression, optional mutant-name globs).
-# The globs keep a large module's run to its core functions (the SQL builder of curate, the guidance and
-# sampling functions of the pipeline); --mutants overrides them.
+# The globs keep a large module's run to its core functions (the guidance and sampling functions of the
+# pipeline); --mutants overrides them.
 MODULES: dict[str, tuple[list[str], list[str], str | None, list[str]]] = {
     "atomic": (["meissonic_cli/atomic.py"], ["tests/test_atomic.py", "tests/test_atomic_behaviour.py"], None, []),
     "scheduler": (["meissonic_cli/model/scheduler.py"], ["tests/test_scheduler.py"], None, []),
@@ -49,10 +49,10 @@ MODULES: dict[str, tuple[list[str], list[str], str | None, list[str]]] = {
                      ["tests/test_text_encoder.py", "tests/test_parity_tokenizer.py"], None, []),
     "shards": (["meissonic_cli/data/shards.py"], ["tests/test_shards.py"], None, []),
     "tokenize": (["meissonic_cli/data/tokenize.py"], ["tests/test_tokenize.py"], None, []),
-    "curate": (["meissonic_cli/data/curate.py"], ["tests/test_curate.py", "tests/test_curate_schemas.py"], None,
-               [f"meissonic_cli.data.curate.x_{f}__mutmut_*" for f in
-                ("_q", "_lit", "_num", "_is_numeric", "_word_count", "_steps", "_null_of", "_source_sql",
-                 "_output_items", "_plan_shards")]),
+    "curate": (["meissonic_cli/data/curate_steps.py"],  # curate's SQL builder
+               ["tests/test_curate.py", "tests/test_curate_schemas.py",
+                "tests/test_behaviour_guards.py::test_curate_min_width_and_min_height_keep_rows_exactly_on_the_threshold"],
+               None, []),
     "pipeline": (["meissonic_cli/sample/pipeline.py"],
                  ["tests/test_pipeline.py", "tests/test_behaviour_guards.py", "tests/test_samplers.py"], None,
                  [f"meissonic_cli.sample.pipeline.x_{f}__mutmut_*" for f in
@@ -62,7 +62,10 @@ MODULES: dict[str, tuple[list[str], list[str], str | None, list[str]]] = {
                     ("__call__", "logits", "_prompt_inputs", "_micro_conds", "_num_codes")]),
     "edit": (["meissonic_cli/sample/edit.py"], ["tests/test_edit.py", "tests/test_parity_edit.py"], None, []),
     "train": (["meissonic_cli/train/objective.py", "meissonic_cli/train/ema.py", "meissonic_cli/train/optim.py"],
-              ["tests/test_train.py", "tests/test_behaviour_guards.py"], None, []),
+              ["tests/test_behaviour_guards.py"] + [f"tests/test_train.py::test_{t}" for t in (
+                  "masking_rate_follows_the_arccos_density", "mask_tokens_masks_round_L_r_positions_at_random",
+                  "masked_cross_entropy_on_a_hand_built_batch", "masked_cross_entropy_matches_the_official_training_loss",
+                  "forward_gets_timestep_rate_times_1000_and_the_shards_micro_conds")], None, []),
     "checkpoint": (["meissonic_cli/train/checkpoint.py"], ["tests/test_train.py"], None, []),
 }
 COPY = ["meissonic_cli", "tests", "pipelines", "benchmarks"]

@@ -17,6 +17,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
 # Model fixtures, registered here so test modules take them as parameters without importing them.
 from fixtures_models import one_thread, tiny_model_dir  # noqa: E402, F401
 

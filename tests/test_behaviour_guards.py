@@ -232,3 +232,92 @@ def test_ema_update_is_decay_times_average_plus_one_minus_decay_times_param() ->
     ema.update({"w": w})
     torch.testing.assert_close(ema.full_state()["w"], 0.9 * first + 0.1 * torch.tensor([3.0, 0.0, -4.0]))
     assert torch.equal(w.detach(), torch.tensor([3.0, 0.0, -4.0]))  # the update leaves the weights alone
+
+
+def test_condition_dropout_draws_with_the_given_probability_and_replaces_only_dropped_rows() -> None:
+    from meissonic_cli.train.objective import draw_condition_dropout, drop_captions, drop_features
+
+    assert not draw_condition_dropout(64, 0.0, torch.Generator().manual_seed(0)).any()
+    assert draw_condition_dropout(64, 1.0, torch.Generator().manual_seed(0)).all()
+    drop = draw_condition_dropout(20_000, 0.3, torch.Generator().manual_seed(0))
+    assert drop.dtype == torch.bool and abs(drop.float().mean().item() - 0.3) < 0.02
+    # The same generator stream decides: a seeded draw repeats.
+    assert torch.equal(drop, draw_condition_dropout(20_000, 0.3, torch.Generator().manual_seed(0)))
+
+    rows = torch.tensor([True, False, True])
+    assert drop_captions(["a", "b", "c"], rows) == ["", "b", ""]
+    text, pooled = torch.arange(3 * 2 * 4.0).view(3, 2, 4), torch.arange(3 * 4.0).view(3, 4)
+    empty_text, empty_pooled = torch.full((1, 2, 4), -1.0), torch.full((1, 4), -2.0)
+    new_text, new_pooled = drop_features(text, pooled, rows, empty_text, empty_pooled)
+    assert torch.equal(new_text[1], text[1]) and torch.equal(new_pooled[1], pooled[1])
+    assert torch.equal(new_text[[0, 2]], empty_text.expand(2, 2, 4)) and torch.equal(new_pooled[[0, 2]], empty_pooled.expand(2, 4))
+    same_text, same_pooled = drop_features(text, pooled, torch.zeros(3, dtype=torch.bool), empty_text, empty_pooled)
+    assert torch.equal(same_text, text) and torch.equal(same_pooled, pooled)
+
+
+def test_lr_schedule_warms_up_linearly_then_holds_or_follows_the_cosine() -> None:
+    import math
+
+    from meissonic_cli.train.optim import LRSchedule
+
+    constant = LRSchedule("constant", warmup_steps=4, max_steps=20)
+    assert [constant(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = LRSchedule("cosine", warmup_steps=2, max_steps=12, min_ratio=0.1)
+    assert [cosine(s) for s in (0, 1)] == [0.5, 1.0]
+    for s in range(2, 16):
+        progress = min(1.0, (s - 2) / 10)
+        assert cosine(s) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)), abs=1e-12)
+    assert cosine(2) == pytest.approx(1.0) and cosine(7) == pytest.approx(0.55) and cosine(12) == pytest.approx(0.1)
+    assert cosine(30) == pytest.approx(0.1)  # stays at the floor past max_steps
+    no_warmup = LRSchedule("cosine", warmup_steps=0, max_steps=0)
+    assert no_warmup(0) == pytest.approx(1.0) and no_warmup(5) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_weight_decay_only_on_matrices_and_the_text_encoder_lr() -> None:
+    from torch import nn
+
+    from meissonic_cli.train.optim import parameter_groups
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(4, 4)  # weight decays, bias does not
+            self.norm = nn.LayerNorm(4)  # never decays
+            self.tokens = nn.Embedding(5, 4)  # never decays
+            self.text_encoder = nn.Linear(4, 4)  # its own LR
+            self.frozen = nn.Linear(4, 4).requires_grad_(False)
+
+    m = Model()
+    groups = parameter_groups(m, weight_decay=0.05, lr=1e-3, text_encoder_lr=1e-5)
+    by_param = {id(p): (g["weight_decay"], g["lr"]) for g in groups for p in g["params"]}
+    assert by_param == {
+        id(m.proj.weight): (0.05, 1e-3), id(m.proj.bias): (0.0, 1e-3),
+        id(m.norm.weight): (0.0, 1e-3), id(m.norm.bias): (0.0, 1e-3), id(m.tokens.weight): (0.0, 1e-3),
+        id(m.text_encoder.weight): (0.05, 1e-5), id(m.text_encoder.bias): (0.0, 1e-5),
+    }
+    same_lr = parameter_groups(m, weight_decay=0.05, lr=1e-3, text_encoder_lr=0.0)
+    assert {g["lr"] for g in same_lr} == {1e-3}  # 0 = the transformer's LR
+
+
+# ---------------------------------------------------------------------------------------------
+# Curate: the width/height minimums with rows exactly on the threshold (the other filters' boundary
+# rows are in test_curate_schemas.py)
+
+
+def test_curate_min_width_and_min_height_keep_rows_exactly_on_the_threshold(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from meissonic_cli.data.curate import CurateConfig, curate
+
+    rows = [  # url, width, height, kept
+        ("on-both", 200, 150, True), ("under-width", 199, 150, False), ("under-height", 200, 149, False),
+        ("over-both", 201, 151, True), ("on-width-float", 200.0, 300, True), ("under-width-float", 199.999, 300, False),
+    ]
+    table = pa.table({"url": [r[0] for r in rows], "caption": ["a photo"] * len(rows),
+                      "width": pa.array([float(r[1]) for r in rows]), "height": pa.array([float(r[2]) for r in rows])})
+    pq.write_table(table, tmp_path / "src.parquet")
+    curate(CurateConfig(inputs=[str(tmp_path / "src.parquet")], output=str(tmp_path / "out"), min_width=200,
+                        min_height=150))
+    kept = pq.read_table(tmp_path / "out").column("url").to_pylist()
+    assert kept == [r[0] for r in rows if r[3]]

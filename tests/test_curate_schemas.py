@@ -157,8 +157,11 @@ def test_word_counts_split_on_unicode_whitespace(tmp_path, dedup):
 @settings(max_examples=200, deadline=None)
 @given(st.text(alphabet=st.sampled_from(["a", "é", "中", "\u200b", *map(chr, SPACE_CODEPOINTS[::3])]), max_size=20))
 def test_word_count_matches_str_split(text):
-    con = duckdb.connect()
-    assert con.execute(f"SELECT {word_count('$1')}", [text]).fetchone()[0] == len(text.split())
+    assert _DB.execute(_WORDS_SQL, [text]).fetchone()[0] == len(text.split())
+
+
+_DB = duckdb.connect()
+_WORDS_SQL = f"SELECT {word_count('$1')}"
 
 
 # ---------------------------------------------------------------- column detection
@@ -339,7 +342,7 @@ def test_schema_detection_and_strict_names(schema, extra, data):
     assert detect_schema(present + [SCHEMA_MARKERS[other][0]]) is None
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(values=st.lists(st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True).map(repr),
                                  st.text(max_size=6)), min_size=1, max_size=12))
 def test_any_strings_in_a_score_column_never_fail_the_run(tmp_path_factory, values):

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from meissonic_cli.shapes import demo
 from meissonic_cli.cli import app
 from meissonic_cli.errors import OutputExistsError
+from meissonic_cli.shapes import demo
 
 REPO = Path(__file__).resolve().parents[1]
 ACCURACY_KEYS = ("color", "shape", "position", "count", "overall")
@@ -79,8 +79,8 @@ def test_budget_models_fit_together(name):
     check_compatible(transformer, text, tiny_vq_config(codebook_size=demo.VQ_CODEBOOK))
     assert transformer.downsample is False and transformer.codebook_size >= demo.VQ_CODEBOOK
     # Every benchmark caption fits the demo's text context (SOT + tokens + EOT).
-    from meissonic_cli.shapes.world import benchmark_prompts
     from meissonic_cli.model.text_encoder import ClipTokenizer
+    from meissonic_cli.shapes.world import benchmark_prompts
 
     ids = ClipTokenizer(text.context_length)([p.text for p in benchmark_prompts()])
     assert bool((ids == 49407).any(dim=1).all())

@@ -17,6 +17,7 @@ import stat
 import tarfile
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -136,3 +137,20 @@ def test_pyspark_with_too_old_java_names_the_version_needed(tmp_path, monkeypatc
         download(cfg)
     _fake_program(home / "bin", "java", "echo 'openjdk version \"21.0.2\" 2024-01-16' >&2")
     assert java_version(str(home / "bin" / "java")) == 21
+
+
+def test_unreachable_ray_address_is_refused_at_once(tmp_path):
+    import socket
+
+    pytest.importorskip("ray")
+    pq.write_table(pa.table({"url": ["http://127.0.0.1:9/a.jpg"], "caption": ["a"]}), tmp_path / "in.parquet")
+    with socket.socket() as s:  # a port nothing listens on once closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = CliRunner().invoke(app, ["download", str(tmp_path / "in.parquet"), "-o", str(tmp_path / "o"),
+                                   "--distributor", "ray", "--ray-address", f"127.0.0.1:{port}"])
+    assert res.exit_code == 1
+    assert res.output.strip().splitlines() == [
+        f"Error: --ray-address / RAY_ADDRESS 127.0.0.1:{port}: nothing answers there (Connection refused); start "
+        "the cluster (`ray start --head` on the head node) or fix the address"]
+    assert not list((tmp_path / "o").glob("*.tar"))

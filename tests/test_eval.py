@@ -13,12 +13,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import meissonic_cli.shapes.bench  # noqa: F401  (registers the shapes suite)
-from meissonic_cli.shapes import world as shapes
 from meissonic_cli.cli import app
 from meissonic_cli.errors import ConfigError, InputError, ModelFormatError
-from meissonic_cli.metrics.evaluate import EvalConfig, load_items, read_eval_prompts, run_eval
 from meissonic_cli.metrics.clip import load_clip
+from meissonic_cli.metrics.evaluate import EvalConfig, load_items, read_eval_prompts, run_eval
 from meissonic_cli.metrics.fid import FIDInception, feature_stats, fid_from_features, frechet_distance
+from meissonic_cli.shapes import world as shapes
 
 runner = CliRunner()
 

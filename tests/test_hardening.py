@@ -340,14 +340,14 @@ def test_ctrl_c_during_a_duckdb_query_is_an_interrupt_not_an_error() -> None:
     which the command reports as interrupted (exit 130) instead of a failed query."""
     import duckdb
 
-    from meissonic_cli.data.curate import _run
+    from meissonic_cli.data.columns import run_sql
 
     class Interrupted:
         def execute(self, sql: str) -> None:
             raise duckdb.InterruptException("INTERRUPT Error: Query interrupted")
 
     with pytest.raises(KeyboardInterrupt):
-        _run(Interrupted(), "SELECT 1", "count the rows")  # type: ignore[arg-type]
+        run_sql(Interrupted(), "SELECT 1", "count the rows")  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 
-from meissonic_cli.shapes import world as shapes
-from meissonic_cli.shapes import bench as sb
 from meissonic_cli.errors import ConfigError, InputError, ModelFormatError, OutputExistsError
-from meissonic_cli.model.vq.patch import PATCH_VQ_WEIGHTS, PatchVQ
-from meissonic_cli.shapes.tokenizer import demo_images, fit_demo_vq, fit_patch_vq
 from meissonic_cli.model.vq import images_to_tensor, load_vq, psnr, tensor_to_images
+from meissonic_cli.model.vq.patch import PATCH_VQ_WEIGHTS, PatchVQ
 from meissonic_cli.model.vq.vqgan import VQTokenizer
+from meissonic_cli.shapes import bench as sb
+from meissonic_cli.shapes import world as shapes
+from meissonic_cli.shapes.tokenizer import demo_images, fit_demo_vq, fit_patch_vq
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from meissonic_cli.errors import ConfigError, OutputExistsError
-from meissonic_cli.model.transformer import MeissonicTransformer
 from meissonic_cli.model.scaffold import build_model_folder, build_tiny_model_folder, tiny_configs
 from meissonic_cli.model.scheduler import MaskGITScheduler
 from meissonic_cli.model.text_encoder import ClipTokenizer, TextEncoder
+from meissonic_cli.model.transformer import MeissonicTransformer
 from meissonic_cli.model.vq.vqgan import VQTokenizer
 
 

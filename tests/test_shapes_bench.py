@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from meissonic_cli.shapes import world as shapes
-from meissonic_cli.shapes import bench as sb
 from meissonic_cli.errors import InputError
+from meissonic_cli.shapes import bench as sb
+from meissonic_cli.shapes import world as shapes
 from meissonic_cli.shapes.world import Expect, make_scene
 
 PROMPTS = shapes.benchmark_prompts()

@@ -13,12 +13,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from meissonic_cli.shapes import world as shapes
 from meissonic_cli.cli import app
 from meissonic_cli.commands import synth as synth_command
 from meissonic_cli.errors import OutputExistsError
-from meissonic_cli.shapes.source import (DEFAULT_SIDES, SCHEMAS, generate_source, parse_sides, synthetic_table,
-                                     write_image_folder)
+from meissonic_cli.shapes import world as shapes
+from meissonic_cli.shapes.source import DEFAULT_SIDES, SCHEMAS, generate_source, parse_sides, synthetic_table, write_image_folder
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:

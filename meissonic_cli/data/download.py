@@ -328,6 +328,21 @@ def _check_java() -> None:
                           f"{seen} ({java}): {install}, and point JAVA_HOME at it")
 
 
+def _check_reachable(address: str | None, what: str) -> None:
+    """Refuse a HOST:PORT (or ray://HOST:PORT) nothing listens on: `ray.init` would retry for minutes."""
+    import re
+    import socket
+
+    m = re.fullmatch(r"(?:[a-z]+://)?\[?([^\]/]+?)\]?:(\d+)/?", (address or "").strip())
+    if not m:
+        return  # "auto", "local" or a form Ray resolves itself
+    try:
+        socket.create_connection((m.group(1), int(m.group(2))), timeout=5).close()
+    except OSError as err:
+        raise ConfigError(f"{what} {address}: nothing answers there ({err.strerror or err}); start the cluster "
+                          "(`ray start --head` on the head node) or fix the address") from None
+
+
 def _first_line(err: BaseException) -> str:
     line = next((ln.strip() for ln in str(err).splitlines() if ln.strip()), type(err).__name__)
     return line[:300]
@@ -376,6 +391,7 @@ def _distributed(cfg: DownloadConfig) -> Iterator[None]:
         if owned:
             kw: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
             address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+            _check_reachable(address, "--ray-address / RAY_ADDRESS")
             try:
                 if address:
                     ray.init(address=address, **kw)

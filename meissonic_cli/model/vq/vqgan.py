@@ -15,16 +15,14 @@ feeds `ToTensor()` output without normalising, and the official pipeline decodes
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from meissonic_cli.config import read_json_object
-from meissonic_cli.errors import InputError, ModelFormatError
+from meissonic_cli.errors import ModelFormatError
 from meissonic_cli.model.vq.base import VQ_CONFIG, CodeGrid
 
 VQ_WEIGHTS = "diffusion_pytorch_model.safetensors"
