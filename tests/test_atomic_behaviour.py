@@ -161,3 +161,14 @@ def test_replace_directory_clears_an_own_leftover_set_aside_folder(tmp_path: Pat
     atomic.replace_directory(new, final)
     assert sorted(p.name for p in final.iterdir()) == ["v2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_after_putting_one_set_aside_output_back_the_other_leftovers_still_go(tmp_path: Path) -> None:
+    first, second = _dead_pid(), _dead_pid()
+    for pid in (first, second):
+        (tmp_path / f".out.old-{pid}").mkdir()
+        (tmp_path / f".out.old-{pid}" / "v").write_text(str(pid))
+    removed = atomic.remove_stale_temporaries(tmp_path / "out")
+    assert len(removed) == 1 and removed[0].name in (f".out.old-{first}", f".out.old-{second}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (tmp_path / "out" / "v").read_text() in (str(first), str(second))

@@ -321,3 +321,61 @@ def test_curate_min_width_and_min_height_keep_rows_exactly_on_the_threshold(tmp_
                         min_height=150))
     kept = pq.read_table(tmp_path / "out").column("url").to_pylist()
     assert kept == [r[0] for r in rows if r[3]]
+
+
+def test_build_optimizer_uses_the_configs_adam_settings_and_schedule() -> None:
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from meissonic_cli.train.optim import LRSchedule, build_optimizer, scheduler_state
+
+    model = nn.Module()
+    model.proj = nn.Linear(3, 3)
+    model.text_encoder = nn.Linear(3, 3)
+    cfg = SimpleNamespace(lr=1e-3, text_encoder_lr=1e-5, weight_decay=0.05, adam_beta1=0.8, adam_beta2=0.95,
+                          adam_eps=1e-7, lr_schedule="cosine", warmup_steps=2, max_steps=10, min_lr_ratio=0.2, fsdp=False)
+    optimizer, scheduler = build_optimizer(model, cfg, torch.device("cpu"))
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["betas"] == (0.8, 0.95) and optimizer.defaults["eps"] == 1e-7
+    assert not optimizer.defaults.get("fused")  # the fused kernel is for CUDA only
+    base = {id(p): g["initial_lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert base[id(model.proj.weight)] == 1e-3 and base[id(model.text_encoder.weight)] == 1e-5
+    expected = LRSchedule("cosine", 2, 10, 0.2)
+    for step in range(10):
+        for g in optimizer.param_groups:
+            assert g["lr"] == pytest.approx(g["initial_lr"] * expected(step), rel=1e-9)
+        optimizer.step()
+        scheduler.step()
+    assert sorted(g["lr"] for g in optimizer.param_groups) == pytest.approx([0.2e-5, 0.2e-5, 0.2e-3, 0.2e-3])
+
+    state = scheduler_state(scheduler)  # counters only: the schedule itself comes from the config
+    assert state["lr_lambdas"] == [None] * len(optimizer.param_groups) and state["last_epoch"] == 10
+    _, fresh = build_optimizer(model, cfg, torch.device("cpu"))
+    fresh.load_state_dict(state)
+    assert fresh.last_epoch == 10
+
+
+def test_collate_refuses_codes_outside_the_codebook_and_wrong_grids_with_their_numbers() -> None:
+    from meissonic_cli.data.shards import TokenSample
+    from meissonic_cli.errors import InputError
+    from meissonic_cli.train.objective import collate
+
+    def sample(codes, text=True) -> TokenSample:
+        return TokenSample(key="k1", codes=np.asarray(codes, np.uint16), micro=np.array([64, 32, 0, 0, 5.5], np.float32),
+                           caption="c", text=np.ones((77, 4), np.float16) if text else None,
+                           pooled=np.ones(4, np.float16) if text else None)
+
+    batch = collate([sample([[0, 15], [3, 4]])], grid=2, codebook_size=16, use_stored_text=True, score=6.0)
+    assert batch.codes.tolist() == [[[0, 15], [3, 4]]] and batch.micro.tolist() == [[64, 32, 0, 0, 6.0]]
+    with pytest.raises(InputError) as err:  # 16 is one past the last code of a 16-code book
+        collate([sample([[0, 16], [3, 4]])], grid=2, codebook_size=16, use_stored_text=True, score=None, source="d")
+    assert str(err.value) == ("d: codes reach 16 but the model's codebook has 16 entries; the shards were tokenized "
+                              "with a different VQ model")
+    with pytest.raises(InputError) as err:
+        collate([sample(np.zeros((2, 3)))], grid=2, codebook_size=16, use_stored_text=True, score=None, source="d")
+    assert str(err.value).startswith("d: sample 'k1' has a 2x3 code grid but --resolution and --vq-factor expect 2x2;")
+    with pytest.raises(InputError) as err:
+        collate([sample([[0, 1], [2, 3]], text=False)], grid=2, codebook_size=16, use_stored_text=True, score=None,
+                source="d")
+    assert str(err.value) == "d: sample 'k1' has no stored text features although dataset.json says full"

@@ -323,6 +323,10 @@ def test_inverse_cdf_draw_is_the_first_code_whose_cumulative_mass_exceeds_u() ->
     expected = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]
     assert torch.equal(drawn, expected)
     assert not ((drawn >= 128) & (drawn < 256)).any() and not (drawn == 5).any()
+    # Half the mass on each of the last two codes of a block: both are drawn (the clip inside a block).
+    pair = torch.zeros(400, 128)
+    pair[:, 126:] = 0.5
+    assert set(draw_categorical(pair, torch.Generator().manual_seed(3)).tolist()) == {126, 127}
     one_hot = torch.zeros(3, k)
     one_hot[torch.arange(3), torch.tensor([0, 130, 299])] = 1.0
     assert draw_categorical(one_hot, torch.Generator().manual_seed(1)).tolist() == [0, 130, 299]
@@ -335,8 +339,8 @@ def test_schedule_tables_follow_the_formula() -> None:
     f32 = lambda x: torch.tensor(x, dtype=torch.float32)  # noqa: E731
     for schedule, frac in (("cosine", lambda x: torch.cos(x * math.pi / 2)), ("linear", lambda x: 1 - x)):
         sched = MaskGITScheduler(mask_token_id=16, masking_schedule=schedule)
-        for ratio in (1.0, 0.5):
-            n, length = 5, 40
+        # (64, 13, 0.5): the start rounds down (6.5 -> 6) and the first raw count is 6, so the start bounds it.
+        for n, length, ratio in ((5, 40, 1.0), (5, 40, 0.5), (64, 13, 0.5)):
             remaining, table = round(length * ratio), []
             for i in range(n):
                 raw = int((length * (ratio * frac(f32(i + 1) / n))).floor())
