@@ -153,7 +153,7 @@ def test_inception_loader_and_fid_of_a_folder_with_itself(tmp_path):
     # A wrong file is named as such.
     torch.save({"fc.weight": torch.zeros(3)}, tmp_path / "bad.pth")
     with pytest.raises(ModelFormatError, match="not a FID Inception"):
-        run_eval(EvalConfig(suites=["fid"], images=str(images), out=str(tmp_path / "r"), reference=str(ref),
+        run_eval(EvalConfig(suites=["fid"], images=str(images), out=str(tmp_path / "r-bad"), reference=str(ref),
                             device="cpu", inception_checkpoint=str(tmp_path / "bad.pth")), progress=False)
 
 
