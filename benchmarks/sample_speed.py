@@ -1,10 +1,10 @@
 """Speed of the sampling loop (transformer + scheduler, with classifier-free guidance).
 
-    python benchmarks/sample_speed.py (--model DIR | --config medium|1b|tiny) [--resolution 512] [--steps 48]
+    python benchmarks/sample_speed.py (--model DIR | --arch medium|1b|tiny) [--resolution 512] [--steps 48]
         [--batch 1] [--cfg 9] [--device cpu] [--dtype fp32] [--threads N] [--repeats 1] [--warmup-steps 2]
         [--compare-official-style] [--sampler FIELD=VALUE,...] [--json]
 
---model is a released-layout folder of which only transformer/ is needed; --config builds random
+--model is a released-layout folder of which only transformer/ is needed; --arch builds random
 weights instead: `medium` is the conformance timing config (4 + 8 blocks, 8 heads x 64, text width
 1024, read from cases.json `timing_medium_cpu`), `1b` the released configuration, `tiny` the test
 one. Text features are random (the text encoder runs once per call, outside the loop), the token grid
@@ -53,7 +53,7 @@ def conformance_dir() -> Path:
 def medium_reference() -> dict:
     path = conformance_dir() / "cases.json"
     if not path.is_file():
-        raise SystemExit(f"{path} not found (set MEISSONIC_CONFORMANCE_DIR); --config medium reads its timing_medium_cpu")
+        raise SystemExit(f"{path} not found (set MEISSONIC_CONFORMANCE_DIR); --arch medium reads its timing_medium_cpu")
     return json.loads(path.read_text())["timing_medium_cpu"]
 
 
@@ -71,7 +71,7 @@ def build_transformer(args, dtype, device):
     elif args.config == "tiny":
         config = meissonic_tiny()
     else:
-        raise SystemExit(f"unknown --config {args.config!r}; use medium, 1b or tiny")
+        raise SystemExit(f"unknown --arch {args.config!r}; use medium, 1b or tiny")
     torch.manual_seed(0)
     with torch.device(device):
         model = MeissonicTransformer(config)
@@ -155,7 +155,8 @@ def sync(device) -> None:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="released-layout folder (only transformer/ is needed)")
-    ap.add_argument("--config", default=None, help="random weights instead of --model: medium, 1b or tiny")
+    ap.add_argument("--arch", "--config", dest="config", default=None,
+                    help="random weights of this architecture instead of --model: medium, 1b or tiny (--config: old spelling)")
     ap.add_argument("--resolution", default=None, help="pixels, square or WxH (default 1024 for 1b, else 512)")
     ap.add_argument("--steps", type=int, default=48)
     ap.add_argument("--batch", type=int, default=1)
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     args = ap.parse_args(argv)
     if bool(args.model) == bool(args.config):
-        ap.error("give exactly one of --model DIR or --config medium|1b|tiny")
+        ap.error("give exactly one of --model DIR or --arch medium|1b|tiny")
 
     import torch
 
