@@ -57,7 +57,6 @@ absolute path, for CLIP-I/DINO); the sidecar is written last and a rerun skips f
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +91,7 @@ from meissonic_cli.sample.outputs import (
     model_identity,
     other_model,
     png_mark,
+    read_done_sidecar,
 )
 from meissonic_cli.sample.sample import (
     OFFICIAL_RESOLUTION,
@@ -417,12 +417,7 @@ def _is_done(out: Path, case: EditCase) -> bool:
 
 def _check_done_matches(out: Path, case: EditCase, model: Optional[dict[str, Any]] = None) -> None:
     path = out / f"{case.stem}.json"
-    try:
-        done = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
-        raise OutputExistsError(f"{path} exists but is not a readable sidecar; move it away or use another --out") from None
-    if not isinstance(done, dict):
-        raise OutputExistsError(f"{path} exists but is not a readable sidecar; move it away or use another --out")
+    done = read_done_sidecar(path)
     expected = case.settings()
     differ = changed_settings(done, expected, _MUST_MATCH) + other_model(done, model)
     if differ:

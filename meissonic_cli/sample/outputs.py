@@ -8,6 +8,7 @@ model's images as its own. Sidecars older than the digest are compared by folder
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -30,6 +31,17 @@ def model_identity(pipeline: Any, model: str, allow_download: bool = False) -> d
         label = str(Path(root).resolve())
     digest = model_fingerprint(root) if root is not None and Path(root).is_dir() else None
     return {"model": label, "model_digest": digest}
+
+
+def read_done_sidecar(path: Path) -> dict[str, Any]:
+    """The JSON object of a finished output's sidecar, or an OutputExistsError saying it cannot be read."""
+    try:
+        done = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        done = None
+    if not isinstance(done, dict):
+        raise OutputExistsError(f"{path} exists but is not a readable sidecar; move it away or use another --out")
+    return done
 
 
 def other_model(done: dict[str, Any], model: Optional[dict[str, Any]]) -> list[str]:

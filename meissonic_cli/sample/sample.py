@@ -31,7 +31,7 @@ from meissonic_cli.config import Problems, field, parse_resolution
 from meissonic_cli.errors import InputError, OutputExistsError
 from meissonic_cli.progress import key_value_table, make_progress
 from meissonic_cli.safety import MAX_SEED, check_seed
-from meissonic_cli.sample.outputs import other_model
+from meissonic_cli.sample.outputs import other_model, read_done_sidecar
 
 JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "cfg")
 # The official scripts' settings (github viiika/Meissonic inference.py and inpaint.py): 64 steps,
@@ -340,12 +340,7 @@ def changed_settings(done: dict[str, Any], expected: dict[str, Any], keys: Seque
 def _check_done_matches(out: Path, item: PromptItem, expected: dict[str, Any],
                         model: Optional[dict[str, Any]] = None) -> None:
     path = out / f"{item.stem}.json"
-    try:
-        done = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
-        raise OutputExistsError(f"{path} exists but is not a readable sidecar; move it away or use another --out") from None
-    if not isinstance(done, dict):
-        raise OutputExistsError(f"{path} exists but is not a readable sidecar; move it away or use another --out")
+    done = read_done_sidecar(path)
     differ = changed_settings(done, expected, _MUST_MATCH) + other_model(done, model)
     if differ:
         changes = ", ".join(f"{k} {done.get(k)!r} there, {expected.get(k)!r} now" for k in differ)
