@@ -1,6 +1,7 @@
 """Mutation testing of one core module with mutmut, against only the tests that cover it.
 
     python mutation/run.py MODULE [--max-children N] [--work DIR] [--keep] [--mutants NAME ...] [--report]
+    python mutation/run.py MODULE --sample N [--seed S]   # a seeded random sample of the module's mutants
     python mutation/run.py --list
 
 MODULE is a key of MODULES below (e.g. `atomic`, `scheduler`, `train`). The run happens in a snapshot of
@@ -15,14 +16,21 @@ mutation/equivalent.txt does not list (one `mutant-name  reason` per line; a rea
 `accepted:` marks a survivor the tests cannot reach, which still counts as not caught), and writes the
 counts to WORK/summary.json. `mutmut show NAME` in WORK/ prints a mutant's diff. Exit status 0 when
 the caught fraction ((killed + timeout) / (all - equivalent)) is at least --target (default 0.9), else 1.
+
+--sample N runs a seeded uniform random sample of N of the module's mutants (names listed with mutmut's own
+generator, so they are exactly the names `mutmut run` would make). On two cores a large module's full run
+takes hours; the sample's caught fraction is reported with its 95% Wilson interval.
 """
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
+import io
 import json
+import math
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -50,7 +58,7 @@ MODULES: dict[str, tuple[list[str], list[str], str | None, list[str]]] = {
     "shards": (["meissonic_cli/data/shards.py"], ["tests/test_shards.py"], None, []),
     "tokenize": (["meissonic_cli/data/tokenize.py"], ["tests/test_tokenize.py"], None, []),
     "curate": (["meissonic_cli/data/curate_steps.py"],  # curate's SQL builder
-               ["tests/test_curate.py", "tests/test_curate_schemas.py",
+               ["tests/test_curate.py", "tests/test_curate_schemas.py", "tests/test_curate_steps.py",
                 "tests/test_behaviour_guards.py::test_curate_min_width_and_min_height_keep_rows_exactly_on_the_threshold"],
                None, []),
     "pipeline": (["meissonic_cli/sample/pipeline.py"],
@@ -155,6 +163,34 @@ def summarise(codes: dict[str, int | None], equivalent: dict[str, str]) -> tuple
     return summary, [f"{status[n]:11s} {n}" for n in open_]
 
 
+def all_mutant_names(files: list[str]) -> list[str]:
+    """Every mutant name mutmut generates for `files`, in file order (no tests run)."""
+    from mutmut.__main__ import write_all_mutants_to_file
+
+    names: list[str] = []
+    for f in files:
+        module = f.removesuffix(".py").replace("/", ".")
+        mutated = write_all_mutants_to_file(out=io.StringIO(), source=(ROOT / f).read_text(encoding="utf-8"),
+                                            filename=Path(f))
+        names += [f"{module}.{n}" for n in mutated.mutant_names]
+    return names
+
+
+def sample_names(names: list[str], n: int, seed: int) -> list[str]:
+    """A seeded uniform sample of n names, sorted; all of them when n >= len(names)."""
+    return sorted(random.Random(seed).sample(sorted(names), min(n, len(names))))
+
+
+def wilson(caught: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion (for a sampled caught fraction)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = caught / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
+
+
 def _prefixes(codes: dict[str, int | None]) -> tuple[str, ...]:
     return tuple({n.split(".x_")[0] + "." for n in codes}) or ("\0",)
 
@@ -169,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--report", action="store_true", help="only summarise the snapshot's last results")
     ap.add_argument("--mutants", nargs="*", default=[], help="only these mutant names or globs")
     ap.add_argument("--tests", nargs="+", help="test files to use instead of the module's (e.g. for a before/after)")
+    ap.add_argument("--sample", type=int, help="run a seeded random sample of this many mutants")
+    ap.add_argument("--seed", type=int, default=15, help="seed of --sample (default 15)")
     ap.add_argument("--target", type=float, default=0.9, help="caught fraction to reach (default 0.9)")
     args = ap.parse_args(argv)
     if args.list or not args.module:
@@ -180,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     tests, k = (args.tests, None) if args.tests else (tests, k)
     work = args.work or Path(tempfile.gettempdir()) / "meissonic-mutation" / args.module
     keep = args.keep and (work / "mutants").is_dir()
+    if args.sample and not args.mutants:
+        pool = [n for n in all_mutant_names(files) if not globs or any(fnmatch.fnmatch(n, g) for g in globs)]
+        args.mutants = sample_names(pool, args.sample, args.seed)
+        print(f"sample: {len(args.mutants)} of {len(pool)} mutants (seed {args.seed})", flush=True)
     if not args.report:
         prepare(work, files, tests, k, keep=keep)
     # One thread: the tests use tiny models, and a forked child must not inherit an OpenMP pool.
@@ -195,7 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     codes = {n: c for n, c in collect(work, files).items()
              if not selected or any(n == g or fnmatch.fnmatch(n, g) for g in selected)}
     summary, open_ = summarise(codes, read_equivalent())
-    summary.update(module=args.module, files=files, tests=tests, k=k, mutants=selected, mutmut_exit=rc)
+    summary.update(module=args.module, files=files, tests=tests, k=k, mutmut_exit=rc,
+                   mutants=selected if not args.sample else f"sample of {len(selected)} (seed {args.seed})")
+    if args.sample:
+        n = summary["total"] - summary["equivalent"]
+        caught = summary["killed"] + summary["timeout"]
+        summary["caught_fraction_95ci"] = wilson(caught, n)
     (work / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k not in ("files", "tests")}))
     if open_:

@@ -299,6 +299,30 @@ def test_weight_decay_only_on_matrices_and_the_text_encoder_lr() -> None:
     assert {g["lr"] for g in same_lr} == {1e-3}  # 0 = the transformer's LR
 
 
+def test_no_decay_for_parameters_named_embedding_and_frozen_ones_do_not_stop_the_walk() -> None:
+    from torch import nn
+
+    from meissonic_cli.train.optim import parameter_groups
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.frozen = nn.Linear(4, 4).requires_grad_(False)  # registered first: skipped, not the end
+            self.pos_embedding = nn.Parameter(torch.zeros(6, 4))  # a matrix, but an embedding by name
+            self.proj = nn.Linear(4, 4)
+
+    m = Model()
+    by_param = {id(p): g["weight_decay"] for g in parameter_groups(m, 0.05, 1e-3, 0.0) for p in g["params"]}
+    assert by_param == {id(m.pos_embedding): 0.0, id(m.proj.weight): 0.05, id(m.proj.bias): 0.0}
+
+
+def test_cosine_over_a_single_step_reaches_the_floor_at_that_step() -> None:
+    from meissonic_cli.train.optim import LRSchedule
+
+    one = LRSchedule("cosine", warmup_steps=3, max_steps=4, min_ratio=0.25)
+    assert [one(s) for s in (3, 4)] == [pytest.approx(1.0), pytest.approx(0.25)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Curate: the width/height minimums with rows exactly on the threshold (the other filters' boundary
 # rows are in test_curate_schemas.py)
@@ -354,6 +378,13 @@ def test_build_optimizer_uses_the_configs_adam_settings_and_schedule() -> None:
     _, fresh = build_optimizer(model, cfg, torch.device("cpu"))
     fresh.load_state_dict(state)
     assert fresh.last_epoch == 10
+
+    cfg.lr_schedule = "constant"  # the config's schedule kind reaches the scheduler
+    optimizer, scheduler = build_optimizer(model, cfg, torch.device("cpu"))
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    assert sorted(g["lr"] for g in optimizer.param_groups) == pytest.approx([1e-5, 1e-5, 1e-3, 1e-3])
 
 
 def test_collate_refuses_codes_outside_the_codebook_and_wrong_grids_with_their_numbers() -> None:

@@ -1,0 +1,67 @@
+"""curate's SQL builder (data/curate_steps.py) on its own: histogram bins, the shard plan and the
+message for a filter whose column is missing (issue 15: the survivors of a mutation run)."""
+
+from __future__ import annotations
+
+import math
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from meissonic_cli.data import curate_steps
+from meissonic_cli.data.curate import CurateConfig, curate
+from meissonic_cli.data.curate_steps import bin_expr, hist_list, plan_shards
+from meissonic_cli.errors import InputError
+
+
+def test_hist_list_sums_keys_into_their_bins_and_clamps_the_ends() -> None:
+    keys = {0.0: 3, -math.inf: 1, -2.0: 2, 4.0: 5, 9.0: 1, 12.0: 2, math.inf: 4, None: 7, math.nan: 9}
+    assert hist_list(keys, 10) == [6, 0, 0, 0, 5, 0, 0, 0, 0, 7]
+    assert hist_list(None, 3) == [0, 0, 0] and hist_list({}, 2) == [0, 0]
+
+
+@pytest.mark.parametrize(("per_file", "shard_rows", "expected"), [
+    ([4, 4, 6, 4], 10, [[0, 1], [2, 3]]),  # the second shard counts from zero again
+    ([3, 0, 4], 10, [[0, 2]]),  # a file with no rows left is skipped, the walk goes on
+    ([0, 0], 10, [[]]),  # nothing left: one empty shard
+    ([12, 1], 10, [[0], [1]]),  # a file bigger than a shard is a shard of its own
+    ([5, 5, 5], 10, [[0, 1], [2]]),  # exactly full is still one shard
+])
+def test_plan_shards(per_file: list[int], shard_rows: int, expected: list[list[int]]) -> None:
+    assert plan_shards(per_file, shard_rows) == expected
+
+
+def test_bin_expr_counts_bins_from_the_low_edge(monkeypatch: pytest.MonkeyPatch) -> None:
+    db = duckdb.connect()
+    values = [-1.0, -0.95, -0.5, 0.0, 0.49, 0.99]
+    monkeypatch.setitem(curate_steps.HISTOGRAMS, "offset", (-1.0, 1.0, 4))  # bins of width 0.5 from -1
+    sql = f"SELECT {bin_expr('v', 'offset')} FROM (SELECT unnest(?) AS v)"
+    assert [r[0] for r in db.execute(sql, [values]).fetchall()] == [0, 0, 1, 2, 2, 3]
+    monkeypatch.setitem(curate_steps.HISTOGRAMS, "zero", (0.0, 0.5, 10))  # the similarity bins
+    sql = f"SELECT {bin_expr('v', 'zero')} FROM (SELECT unnest(?) AS v)"
+    assert [r[0] for r in db.execute(sql, [[0.0, 0.049, 0.05, 0.49]]).fetchall()] == [0, 0, 1, 9]
+
+
+def _parquet(path, columns: dict) -> str:
+    pq.write_table(pa.table(columns), path)
+    return str(path)
+
+
+def test_missing_filter_column_names_what_was_looked_for(tmp_path) -> None:
+    laion = [_parquet(tmp_path / f"l{i}.parquet", {"URL": ["u"], "TEXT": ["a cat"]}) for i in range(2)]
+    with pytest.raises(InputError) as err:
+        curate(CurateConfig(inputs=laion, output=str(tmp_path / "o1"), schema="laion", min_aesthetic=5))
+    assert "have none (looked for aesthetic, AESTHETIC_SCORE)" in str(err.value)
+
+    datacomp = _parquet(tmp_path / "d.parquet", {"url": ["u"], "text": ["a cat"]})
+    with pytest.raises(InputError) as err:
+        curate(CurateConfig(inputs=[datacomp], output=str(tmp_path / "o2"), schema="datacomp", max_unsafe=0.5))
+    assert "has none (looked for nothing: the datacomp schema has no unsafe column)" in str(err.value)
+
+    with pytest.raises(InputError) as err:
+        curate(CurateConfig(inputs=[datacomp], output=str(tmp_path / "o3"), min_similarity=0.3))
+    assert ("has none (looked for similarity, clip_similarity, clip_score, clip_similarity_vitl14, "
+            "clip_l14_similarity_score)") in str(err.value)
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
