@@ -55,7 +55,7 @@ MODULES: dict[str, tuple[list[str], list[str], str | None, list[str]]] = {
                     ["tests/test_model.py", "tests/test_model_conformance.py"], None, []),
     "text_encoder": (["meissonic_cli/model/text_encoder.py"],
                      ["tests/test_text_encoder.py", "tests/test_parity_tokenizer.py"], None, []),
-    "shards": (["meissonic_cli/data/shards.py"], ["tests/test_shards.py"], None, []),
+    "shards": (["meissonic_cli/data/shards.py"], ["tests/test_shards.py", "tests/test_shards_guards.py"], None, []),
     "tokenize": (["meissonic_cli/data/tokenize.py"], ["tests/test_tokenize.py"], None, []),
     "curate": (["meissonic_cli/data/curate_steps.py"],  # curate's SQL builder
                ["tests/test_curate.py", "tests/test_curate_schemas.py", "tests/test_curate_steps.py",

@@ -65,3 +65,39 @@ def test_missing_filter_column_names_what_was_looked_for(tmp_path) -> None:
     assert ("has none (looked for similarity, clip_similarity, clip_score, clip_similarity_vitl14, "
             "clip_l14_similarity_score)") in str(err.value)
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+    assert "pass --similarity-col NAME or curate those files separately" in str(err.value)
+
+
+@pytest.mark.parametrize(("flag", "lacking"), [
+    ("min_side", "width"), ("min_side", "height"), ("max_aspect_ratio", "width"), ("max_aspect_ratio", "height"),
+    ("min_width", "width"), ("min_height", "height")])
+def test_size_filters_name_themselves_when_a_size_column_is_missing(tmp_path, lacking: str, flag: str) -> None:
+    cols = {"url": ["u"], "caption": ["a cat"], "width": [64.0], "height": [64.0]}
+    del cols[lacking]
+    src = _parquet(tmp_path / "s.parquet", cols)
+    with pytest.raises(InputError, match=rf"^--{flag.replace('_', '-')} needs a {lacking} column but "):
+        curate(CurateConfig(inputs=[src], output=str(tmp_path / "o"), **{flag: 2}))
+
+
+def test_stats_name_every_step_with_its_flag_and_column(tmp_path) -> None:
+    src = _parquet(tmp_path / "laion.parquet", {
+        "URL": ["u0", "u1"], "TEXT": ["a red cat", "dog"], "WIDTH": [512.0, 100.0], "HEIGHT": [512.0, 400.0],
+        "similarity": [0.35, 0.31], "punsafe": [0.01, 0.2], "pwatermark": [0.1, 0.2], "AESTHETIC_SCORE": [6.5, 5.5]})
+    result = curate(CurateConfig(
+        inputs=[src], output=str(tmp_path / "o"), min_aesthetic=5, max_watermark=0.5, max_unsafe=0.25,
+        min_similarity=0.3, min_side=64, min_width=32, min_height=32, max_aspect_ratio=2, min_caption_words=1,
+        max_caption_words=50, dedup_url=False, dedup_hash=False))
+    steps = [(s["step"], s["flag"], s["column"], s["removed"]) for s in result.stats["steps"]]
+    assert steps == [
+        ("aesthetic >= 5", "--min-aesthetic", "AESTHETIC_SCORE", 0),
+        ("pwatermark < 0.5", "--max-watermark", "pwatermark", 0),
+        ("punsafe < 0.25", "--max-unsafe", "punsafe", 0),
+        ("similarity >= 0.3", "--min-similarity", "similarity", 0),
+        ("min(width, height) >= 64", "--min-side", "WIDTH", 0),
+        ("width >= 32", "--min-width", "WIDTH", 0),
+        ("height >= 32", "--min-height", "HEIGHT", 0),
+        ("aspect ratio <= 2", "--max-aspect-ratio", "WIDTH", 1),  # 100 x 400
+        ("url and caption present", None, None, 0),
+        ("caption words >= 1", "--min-caption-words", "TEXT", 0),
+        ("caption words <= 50", "--max-caption-words", "TEXT", 0),
+    ]

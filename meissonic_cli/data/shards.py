@@ -299,17 +299,26 @@ def _load_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def _load_field(fields: dict[str, bytes], name: str, key: str, source: str) -> np.ndarray:
+    """One .npy member; pickled (object) or unreadable arrays are refused, never unpickled."""
+    try:
+        return _load_npy(fields[name])
+    except (ValueError, OSError, EOFError) as e:
+        raise InputError(f"{source}: sample {key!r} has an unreadable {name} ({str(e).splitlines()[0]}); "
+                         "not a token shard written by `meissonic tokenize`") from None
+
+
 def decode_sample(key: str, fields: dict[str, bytes], source: str = "") -> TokenSample:
     """Turn one tar group into a `TokenSample`."""
     if "codes.npy" not in fields or "micro.npy" not in fields:
         raise InputError(f"{source}: sample {key!r} lacks codes.npy or micro.npy; not a token shard")
     return TokenSample(
         key=key,
-        codes=_load_npy(fields["codes.npy"]),
-        micro=_load_npy(fields["micro.npy"]),
+        codes=_load_field(fields, "codes.npy", key, source),
+        micro=_load_field(fields, "micro.npy", key, source),
         caption=fields.get("txt", b"").decode("utf-8"),
-        text=_load_npy(fields["text.npy"]) if "text.npy" in fields else None,
-        pooled=_load_npy(fields["pooled.npy"]) if "pooled.npy" in fields else None,
+        text=_load_field(fields, "text.npy", key, source) if "text.npy" in fields else None,
+        pooled=_load_field(fields, "pooled.npy", key, source) if "pooled.npy" in fields else None,
         meta=json.loads(fields["json"]) if fields.get("json") else {},
     )
 
