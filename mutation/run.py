@@ -68,13 +68,15 @@ MODULES: dict[str, tuple[list[str], list[str], str | None, list[str]]] = {
                    "check_token_temperature")]
                  + [f"meissonic_cli.sample.pipeline.xǁMeissonicPipelineǁ{f}__mutmut_*" for f in
                     ("__call__", "logits", "_prompt_inputs", "_micro_conds", "_num_codes")]),
-    "edit": (["meissonic_cli/sample/edit.py"], ["tests/test_edit.py", "tests/test_parity_edit.py"], None, []),
+    "edit": (["meissonic_cli/sample/edit.py"], ["tests/test_edit.py", "tests/test_parity_edit.py",
+                                                "tests/test_edit_guards.py"], None, []),
     "train": (["meissonic_cli/train/objective.py", "meissonic_cli/train/ema.py", "meissonic_cli/train/optim.py"],
               ["tests/test_behaviour_guards.py"] + [f"tests/test_train.py::test_{t}" for t in (
                   "masking_rate_follows_the_arccos_density", "mask_tokens_masks_round_L_r_positions_at_random",
                   "masked_cross_entropy_on_a_hand_built_batch", "masked_cross_entropy_matches_the_official_training_loss",
                   "forward_gets_timestep_rate_times_1000_and_the_shards_micro_conds")], None, []),
-    "checkpoint": (["meissonic_cli/train/checkpoint.py"], ["tests/test_train.py"], None, []),
+    "checkpoint": (["meissonic_cli/train/checkpoint.py"], ["tests/test_train.py", "tests/test_checkpoint_guards.py"],
+                   None, []),
 }
 COPY = ["meissonic_cli", "tests", "pipelines", "benchmarks"]
 EQUIVALENT = Path(__file__).resolve().parent / "equivalent.txt"

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 
 _NAME = re.compile(r"^step-(\d{8})$")
 TRAINER_STATE = "trainer_state.pt"
+TRAINER_FORMAT = 1  # the "format" of trainer_state.pt this version writes and reads
 DATA_CURSOR = "data_cursor.json"
 CONFIG_FILE = "train_config.yaml"
 RNG_DIR = "rng"
@@ -298,7 +299,7 @@ def write_checkpoint(final: Path, *, step: int, model_state: dict[str, torch.Ten
                 save_lora(tmp / "lora" / "adapters_ema.safetensors", lora, lora.named_adapters(ema_state))
         if text_encoder is not None:
             fresh_text_encoder(text_encoder, model_state).save_pretrained(tmp / "text_encoder")
-        torch.save({"format": 1, "step": step, "optimizer": optim_state, "scheduler": scheduler_state,
+        torch.save({"format": TRAINER_FORMAT, "step": step, "optimizer": optim_state, "scheduler": scheduler_state,
                     "scaler": scaler_state, "world_size": len(rngs)}, tmp / TRAINER_STATE)
         for rank, state in enumerate(rngs):
             write_rng_state(rng_file(tmp, rank), state)
@@ -316,6 +317,9 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     state = read_torch_file(path)
     if not isinstance(state, dict) or not {"step", "optimizer", "scheduler"} <= set(state):
         raise ModelFormatError(f"{path}: not a meissonic trainer state (needs step, optimizer and scheduler)")
+    if state.get("format", TRAINER_FORMAT) != TRAINER_FORMAT:
+        raise ModelFormatError(f"{path}: trainer state format {state['format']!r}, but this meissonic reads format "
+                               f"{TRAINER_FORMAT}; resume with the meissonic version that wrote it or start a new --out")
     return state
 
 
