@@ -56,13 +56,15 @@ MODULES: dict[str, tuple[list[str], list[str], str | None, list[str]]] = {
     "text_encoder": (["meissonic_cli/model/text_encoder.py"],
                      ["tests/test_text_encoder.py", "tests/test_parity_tokenizer.py"], None, []),
     "shards": (["meissonic_cli/data/shards.py"], ["tests/test_shards.py", "tests/test_shards_guards.py"], None, []),
-    "tokenize": (["meissonic_cli/data/tokenize.py"], ["tests/test_tokenize.py"], None, []),
+    "tokenize": (["meissonic_cli/data/tokenize.py"], ["tests/test_tokenize.py", "tests/test_tokenize_own_images.py",
+                                                    "tests/test_tokenize_guards.py"], None, []),
     "curate": (["meissonic_cli/data/curate_steps.py"],  # curate's SQL builder
                ["tests/test_curate.py", "tests/test_curate_schemas.py", "tests/test_curate_steps.py",
                 "tests/test_behaviour_guards.py::test_curate_min_width_and_min_height_keep_rows_exactly_on_the_threshold"],
                None, []),
     "pipeline": (["meissonic_cli/sample/pipeline.py"],
-                 ["tests/test_pipeline.py", "tests/test_behaviour_guards.py", "tests/test_samplers.py"], None,
+                 ["tests/test_pipeline.py", "tests/test_behaviour_guards.py", "tests/test_samplers.py",
+                  "tests/test_pipeline_guards.py"], None,
                  [f"meissonic_cli.sample.pipeline.x_{f}__mutmut_*" for f in
                   ("exact_logits", "masked_logits", "guidance_batch", "sample_tokens", "_check_init_tokens",
                    "check_token_temperature")]
