@@ -214,7 +214,7 @@ def test_text_feature_modes_and_sizes(image_folder, model_dir, tmp_path):
         info = read_dataset_info(tmp_path / mode)
         assert info["text_features"] == mode
         assert info["text_dim"] == (32 if mode == "full" else None)
-        assert info["models"]["text_encoder"] is (None if mode == "none" else info["models"]["text_encoder"])
+        assert info["models"]["text_encoder"] == (None if mode == "none" else str(model_dir.resolve()))
         sizes[mode] = res.bytes_per_sample
         assert ("text" in res.feature_bytes) == (mode == "full")
     assert sizes["full"] > sizes["pooled"] > sizes["none"] > 0
