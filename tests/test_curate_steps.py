@@ -39,6 +39,9 @@ def test_bin_expr_counts_bins_from_the_low_edge(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setitem(curate_steps.HISTOGRAMS, "offset", (-1.0, 1.0, 4))  # bins of width 0.5 from -1
     sql = f"SELECT {bin_expr('v', 'offset')} FROM (SELECT unnest(?) AS v)"
     assert [r[0] for r in db.execute(sql, [values]).fetchall()] == [0, 0, 1, 2, 2, 3]
+    monkeypatch.setitem(curate_steps.HISTOGRAMS, "one", (1.0, 2.0, 4))  # a low edge of exactly 1
+    sql = f"SELECT {bin_expr('v', 'one')} FROM (SELECT unnest(?) AS v)"
+    assert [r[0] for r in db.execute(sql, [[1.0, 1.3, 1.5, 1.99]]).fetchall()] == [0, 1, 2, 3]
     monkeypatch.setitem(curate_steps.HISTOGRAMS, "zero", (0.0, 0.5, 10))  # the similarity bins
     sql = f"SELECT {bin_expr('v', 'zero')} FROM (SELECT unnest(?) AS v)"
     assert [r[0] for r in db.execute(sql, [[0.0, 0.049, 0.05, 0.49]]).fetchall()] == [0, 0, 1, 9]
