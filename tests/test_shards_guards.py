@@ -21,6 +21,7 @@ from meissonic_cli.data.shards import (
     decode_sample,
     is_complete,
     iter_tar_groups,
+    list_token_shards,
     rank_shards,
     read_dataset_info,
     read_shard_stats,
@@ -30,6 +31,7 @@ from meissonic_cli.data.shards import (
     shard_name,
     split_member_name,
     stats_path,
+    write_dataset_info,
 )
 from meissonic_cli.errors import InputError
 
@@ -277,3 +279,67 @@ def test_writer_stores_pooled_and_text_as_float16(tmp_path):
     (got,) = read_token_shard(path)
     assert got.pooled.dtype == np.float16 and np.array_equal(got.pooled, pooled.astype(np.float16))
     assert got.text.dtype == np.float16 and got.text.shape == (77, 4)
+
+
+# --------------------------------------------------------------------------------------------
+# More survivors of a second (fresh) sample: messages name the shard and sample, files are
+# written with sorted keys, the writer closes once, the stream prefetches and seeds by default
+
+
+def test_unreadable_members_name_the_shard_and_the_sample() -> None:
+    bad = b"\x93NUMPY garbage"
+    for member in ("micro.npy", "pooled.npy", "text.npy"):
+        fields = {"codes.npy": _codes(), "micro.npy": _micro(), member: bad}
+        with pytest.raises(InputError, match=rf"^/d/tokens-00001\.tar: sample 'k9' has an unreadable {member} "):
+            decode_sample("k9", fields, "/d/tokens-00001.tar")
+
+
+def test_an_oversized_member_names_its_tar(tmp_path):
+    shard = _raw_tar(tmp_path / "tokens-00004.tar", {"b.txt": b"y" * 200})
+    with pytest.raises(InputError, match=r"tokens-00004\.tar"):
+        list(iter_tar_groups(shard, max_member_bytes=10))
+
+
+def test_missing_dataset_and_shard_messages(tmp_path):
+    with pytest.raises(InputError) as err:
+        list_token_shards(tmp_path / "nowhere")
+    assert str(err.value) == (f"token dataset {tmp_path / 'nowhere'} does not exist; "
+                              f"run `meissonic tokenize --out {tmp_path / 'nowhere'}` first")
+    with pytest.raises(InputError) as err:
+        list(read_token_shard(tmp_path / "tokens-00000.tar"))
+    assert str(err.value) == f"token shard {tmp_path / 'tokens-00000.tar'} not found"
+
+
+def test_dataset_info_and_shard_stats_are_written_with_sorted_keys(tmp_path):
+    write_dataset_info(tmp_path, {"zeta": 1, "alpha": {"y": 2, "b": 3}, "mid": [1]})
+    text = (tmp_path / "dataset.json").read_text()
+    assert list(json.loads(text)) == ["alpha", "mid", "zeta"] and text.index('"b"') < text.index('"y"')
+    shard = _write(tmp_path, 0, [_sample(1)])
+    stats = json.loads(stats_path(shard).read_text())
+    assert list(stats) == sorted(stats)
+
+
+def test_writer_closes_once(tmp_path):
+    with TokenShardWriter(tmp_path, 0) as w:
+        w.write(_sample(1))
+        first = w.close()
+        stats_file = tmp_path / "tokens-00000.stats.json"
+        before = (w.path.read_bytes(), stats_file.read_bytes())
+    w.abort()  # after close: nothing to drop
+    assert first["count"] == 1 and (w.path.read_bytes(), stats_file.read_bytes()) == before
+    assert is_complete(w.path)
+
+
+def test_stream_prefetches_the_next_shard_while_reading_this_one(tmp_path):
+    shards = _dataset(tmp_path, [3, 3, 3])
+    with ShardStream(shards) as stream:
+        next(stream)
+        assert len(stream._loaded) == 2  # this shard and the next one, requested ahead
+
+
+def test_shuffled_stream_default_seed_is_zero(tmp_path):
+    shards = _dataset(tmp_path, [1] * 8)
+    with ShardStream(shards, shuffle=True) as a, ShardStream(shards, shuffle=True, seed=0) as b, \
+            ShardStream(shards, shuffle=True, seed=1) as c:
+        first, zero, one = ([next(s).key for _ in range(8)] for s in (a, b, c))
+    assert first == zero and first != one and sorted(first) == sorted(one)
