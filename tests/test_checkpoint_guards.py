@@ -275,25 +275,16 @@ def test_data_cursors_that_do_not_match_their_world_size_are_refused(tmp_path):
 
 
 def test_lora_run_with_ema_resumes_to_the_uninterrupted_runs_adapters(tmp_path):
-    from test_train import cfg_for, make_model_folder, make_token_dataset
+    from test_train import cfg_for, crash_after_first_checkpoint, make_model_folder, make_token_dataset
 
     from meissonic_cli.model.lora import read_lora_file
-    from meissonic_cli.train.trainer import Trainer, train
+    from meissonic_cli.train.trainer import train
 
     data = make_token_dataset(tmp_path / "data", shards=1, per_shard=6)
     common = dict(model="", init=str(make_model_folder(tmp_path / "base")), lora_rank=2, ema_decay=0.5, lr=1e-2,
                   max_steps=3, checkpoint_every=2, batch_size=2)
     full = train(cfg_for(tmp_path, data, output=str(tmp_path / "a"), **common))
-    crashing = Trainer(cfg_for(tmp_path, data, output=str(tmp_path / "b"), **common))
-    save = crashing.save_checkpoint
-
-    def save_then_crash():
-        save()
-        raise KeyboardInterrupt
-
-    crashing.save_checkpoint = save_then_crash
-    with pytest.raises(KeyboardInterrupt):
-        crashing.fit()
+    crash_after_first_checkpoint(cfg_for(tmp_path, data, output=str(tmp_path / "b"), **common))
     resumed = train(cfg_for(tmp_path, data, output=str(tmp_path / "b"), resume="auto", **common))
     assert resumed.start_step == 2 and resumed.losses[3] == full.losses[3]
     saved = {(run, name): read_lora_file(tmp_path / run / "step-00000003" / "lora" / f"{name}.safetensors")

@@ -43,11 +43,16 @@ def pipe(model_dir):
     return MeissonicPipeline.from_pretrained(model_dir, device="cpu")
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("src") / "scene.png"
+def render_source(folder: Path) -> Path:
+    """A 64 px shapes scene (a blue square on the left) to edit, as folder/scene.png."""
+    path = folder / "scene.png"
     shapes.render(shapes.benchmark_prompts()[20].scene, 64).save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    return render_source(tmp_path_factory.mktemp("src"))
 
 
 def _encode(pipe, path: Path) -> torch.Tensor:

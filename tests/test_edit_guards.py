@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_edit import _case as edit_case
+from test_edit import _encode, render_source
 
 from meissonic_cli.errors import ConfigError, InputError, OutputExistsError
-from meissonic_cli.model.vq import images_to_tensor, tensor_to_images
+from meissonic_cli.model.vq import tensor_to_images
 from meissonic_cli.sample.edit import (
     EditCase,
     EditConfig,
@@ -31,7 +33,6 @@ from meissonic_cli.sample.edit import (
 )
 from meissonic_cli.sample.outputs import MARK_KEY
 from meissonic_cli.sample.sample import PRESETS, SampleConfig
-from meissonic_cli.shapes import world as shapes
 
 
 @pytest.fixture(scope="module")
@@ -43,20 +44,12 @@ def pipe(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("guards_src") / "scene.png"
-    shapes.render(shapes.benchmark_prompts()[20].scene, 64).save(path)
-    return path
-
-
-def _encode(pipe, path: Path) -> torch.Tensor:
-    with Image.open(path) as im:
-        return pipe.vq.encode(images_to_tensor([im]))[0]
+    return render_source(tmp_path_factory.mktemp("guards_src"))
 
 
 def _case(source: Path, **kw) -> EditCase:
-    values = dict(index=0, image=source, prompt="a blue square on the left", steps=1, cfg=3.0, seed=1)
-    values.update(kw)
-    return EditCase(**values)
+    """test_edit's case with one step (these checks are about what is written, not the sampling)."""
+    return edit_case(source, **{"steps": 1, **kw})
 
 
 def _config(model: str, out: Path, steps: int = 1, **kw) -> EditConfig:

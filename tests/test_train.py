@@ -233,15 +233,9 @@ def test_validation_samples_are_written_as_an_image_grid(tmp_path, full_model):
         Trainer(cfg_for(tmp_path, data, output=str(tmp_path / "v"), validate_every=2, validation_prompts=["x"]))
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    data = make_token_dataset(tmp_path / "data", shards=2, per_shard=5)  # odd sizes: cursors land mid-shard
-    te = make_model_folder(tmp_path / "model") / "text_encoder"
-    common = dict(cond_dropout=0.5, text_encoder=str(te), grad_accum=2, ema_decay=0.9, lr_schedule="cosine",
-                  warmup_steps=2, max_steps=6, checkpoint_every=3)
-    full = train(cfg_for(tmp_path, data, output=str(tmp_path / "a"), **common))
-
-    # The same run, killed right after its step-3 checkpoint.
-    crashing = Trainer(cfg_for(tmp_path, data, output=str(tmp_path / "b"), **common))
+def crash_after_first_checkpoint(cfg) -> None:
+    """Run `cfg` until its first checkpoint is written, then stop it as a kill would (KeyboardInterrupt)."""
+    crashing = Trainer(cfg)
     save = crashing.save_checkpoint
 
     def save_then_crash():
@@ -251,6 +245,17 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     crashing.save_checkpoint = save_then_crash
     with pytest.raises(KeyboardInterrupt):
         crashing.fit()
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    data = make_token_dataset(tmp_path / "data", shards=2, per_shard=5)  # odd sizes: cursors land mid-shard
+    te = make_model_folder(tmp_path / "model") / "text_encoder"
+    common = dict(cond_dropout=0.5, text_encoder=str(te), grad_accum=2, ema_decay=0.9, lr_schedule="cosine",
+                  warmup_steps=2, max_steps=6, checkpoint_every=3)
+    full = train(cfg_for(tmp_path, data, output=str(tmp_path / "a"), **common))
+
+    # The same run, killed right after its step-3 checkpoint.
+    crash_after_first_checkpoint(cfg_for(tmp_path, data, output=str(tmp_path / "b"), **common))
     assert [s for s, _ in list_checkpoints(tmp_path / "b")] == [3]
     resumed = train(cfg_for(tmp_path, data, output=str(tmp_path / "b"), resume="auto", **common))
     assert resumed.start_step == 3
