@@ -4,8 +4,10 @@ skips a finished image, or is listed here as not affecting the output, with the 
 A rerun into a folder that holds finished images skips them when their sidecars match. A setting that
 changes the image but is missing from that comparison makes the rerun keep old images made with other
 settings, silently. So for every config field:
-- AFFECTS (field -> another valid value): a rerun with that value must not skip the finished image
-  (it is refused, naming the difference, or redone);
+- AFFECTS (field -> another valid value, or a list of two): a rerun with that value must not skip the
+  finished image (it is refused, naming the difference, or redone); with two values, a folder made with
+  the first must not be skipped by a rerun with the second either (two non-default settings can
+  collapse to one label where a default and a non-default do not);
 - NO_EFFECT (field -> (value or None, reason)): with a value, the rerun's image must be byte-identical
   to a fresh run's with the default, which is what makes skipping right; None marks a field that is
   not a setting of the image at all (where the output goes, permissions), with the reason.
@@ -32,19 +34,19 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ---- sample ------------------------------------------------------------------------------------
 
 SAMPLE_AFFECTS = {
-    "prompt": ["a blue square"],
-    "negative_prompt": "blurry",
-    "steps": 3,
-    "cfg": 2.0,
+    "prompt": [["a blue square"]],
+    "negative_prompt": ["blurry", "dark"],
+    "steps": [3, 4],
+    "cfg": [2.0, 4.0],
     "resolution": "32x64",
-    "seed": 4,
-    "temperature": "1,0",
-    "token_temperature": 0.5,
-    "order": "halton",
-    "schedule": "linear",
-    "noise_reg": 1.0,
-    "differential": 0.5,
-    "cache_refresh": 2,
+    "seed": [4, 5],
+    "temperature": ["1,0", "3,0"],
+    "token_temperature": [0.5, 0.25],
+    "order": ["halton", "random"],
+    "schedule": ["linear", "sqrt"],
+    "noise_reg": [1.0, 2.0],
+    "differential": [0.5, 0.75],
+    "cache_refresh": [2, 3],
     "exact": True,
     "dtype": "bf16",
     "text_encoder": "<other text encoder>",  # replaced by a real folder in the test
@@ -116,14 +118,20 @@ def _sample_value(field: str, value, tmp: Path, tiny_model_dir: Path):
 @pytest.mark.parametrize("field", sorted(SAMPLE_AFFECTS))
 def test_sample_rerun_with_another_setting_does_not_keep_the_old_image(field, sample_base, tmp_path, tiny_model_dir):
     base, tmp = sample_base
+    values = SAMPLE_AFFECTS[field] if isinstance(SAMPLE_AFFECTS[field], list) else [SAMPLE_AFFECTS[field]]
+    values = [_sample_value(field, v, tmp, tiny_model_dir) for v in values]
     out = tmp_path / "out"
     shutil.copytree(base.out, out)
-    changes = {"out": str(out), field: _sample_value(field, SAMPLE_AFFECTS[field], tmp, tiny_model_dir)}
+    changes = {"out": str(out), field: values[0]}
     if field == "prompt":
         # Another prompt is another file name: the old image is not skipped for it (nor overwritten).
         assert _sample_outcome(dataclasses.replace(base, **changes)) == "redone"
         return
     assert _sample_outcome(dataclasses.replace(base, **changes)) in ("refused", "redone"), field
+    if len(values) > 1:
+        first = dataclasses.replace(base, out=str(tmp_path / "first"), **{field: values[0]})
+        run_sample(first, progress=False)
+        assert _sample_outcome(dataclasses.replace(first, **{field: values[1]})) in ("refused", "redone"), field
 
 
 @pytest.mark.parametrize("field", sorted(f for f, (v, _) in SAMPLE_NO_EFFECT.items() if v is not None))
