@@ -3,6 +3,7 @@
     python mutation/run.py MODULE [--max-children N] [--work DIR] [--keep] [--mutants NAME ...] [--report]
     python mutation/run.py MODULE --sample N [--seed S]   # a seeded random sample of the module's mutants
     python mutation/run.py --list
+    python mutation/run.py --planted FILE [--only NAME ...]   # hand-written bugs, see mutation/planted.py
 
 MODULE is a key of MODULES below (e.g. `atomic`, `scheduler`, `train`). The run happens in a snapshot of
 the working tree under --work (default: $TMPDIR/meissonic-mutation/MODULE), so edits made meanwhile do not
@@ -214,7 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample", type=int, help="run a seeded random sample of this many mutants")
     ap.add_argument("--seed", type=int, default=15, help="seed of --sample (default 15)")
     ap.add_argument("--target", type=float, default=0.9, help="caught fraction to reach (default 0.9)")
+    ap.add_argument("--planted", type=Path, help="a YAML file of hand-planted bugs (file, old, new), run one at a time")
+    ap.add_argument("--only", nargs="+", default=[], help="with --planted: only these entries")
+    ap.add_argument("--timeout", type=float, default=900, help="with --planted: seconds before a plant counts as caught")
     args = ap.parse_args(argv)
+    if args.planted:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from planted import run_planted
+
+        work = args.work or Path(tempfile.gettempdir()) / "meissonic-mutation" / "planted"
+        return run_planted(args.planted, MODULES, work, args.only, args.timeout)
     if args.list or not args.module:
         for name, (files, tests, k, globs) in MODULES.items():
             print(f"{name:13s} {' '.join(files)}  <-  {' '.join(tests)}{f' -k {k!r}' if k else ''}"

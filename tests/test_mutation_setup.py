@@ -93,3 +93,51 @@ def test_a_small_run_kills_known_mutants(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((tmp_path / "w" / "summary.json").read_text())
     assert (summary["total"], summary["killed"] + summary["timeout"]) == (2, 2)
+
+
+def _load_planted():
+    spec = importlib.util.spec_from_file_location("mutation_planted", ROOT / "mutation" / "planted.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up while it is created
+    spec.loader.exec_module(module)
+    return module
+
+
+planted = _load_planted()
+
+
+def test_planted_bugs_still_apply_to_the_code_and_name_existing_tests() -> None:
+    """Every plant of mutation/planted.yaml matches its file exactly once (a refactor that moves the code
+    must move the plant), and names tests that exist."""
+    plants = planted.read_plants(ROOT / "mutation" / "planted.yaml")
+    assert {p.kind for p in plants} >= {"multi-rank", "values", "boundaries", "rerun-identity", "help-promise"}
+    for p in plants:
+        assert (ROOT / p.file).read_text(encoding="utf-8").count(p.old) == 1, (p.name, p.file)
+        for t in p.tests:
+            path, _, func = t.partition("::")
+            assert (ROOT / path).is_file(), (p.name, t)
+            if func:
+                assert f"def {func}(" in (ROOT / path).read_text(encoding="utf-8"), (p.name, t)
+
+
+def test_planted_runner_reports_caught_survived_and_invalid(tmp_path: Path) -> None:
+    """A tiny planted run: a bug the named test catches, one it cannot see, and a plant that matches nothing."""
+    plants = tmp_path / "plants.yaml"
+    plants.write_text(
+        "- name: caught\n  file: mutation/run.py\n  old: 'p = caught / n'\n  new: 'p = caught / (n + 1)'\n"
+        "  tests: ['tests/test_mutation_setup.py::test_wilson_interval']\n"
+        "- name: survived\n  file: mutation/run.py\n  old: 'ap.add_argument(\"--list\"'\n  new: 'ap.add_argument(\"--listing\"'\n"
+        "  tests: ['tests/test_mutation_setup.py::test_wilson_interval']\n"
+        "- name: invalid\n  file: mutation/run.py\n  old: 'no such text'\n  new: 'x'\n"
+        "  tests: ['tests/test_mutation_setup.py::test_wilson_interval']\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "mutation" / "run.py"), "--planted", str(plants), "--work",
+                           str(tmp_path / "w")], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]  # not every plant caught
+    summary = json.loads((tmp_path / "w" / "planted_summary.json").read_text())
+    status = {p["name"]: p["status"] for p in summary["plants"]}
+    assert status == {"caught": "caught", "survived": "survived", "invalid": "invalid"}
+    caught = next(p for p in summary["plants"] if p["name"] == "caught")
+    assert caught["caught_by"] == "tests/test_mutation_setup.py::test_wilson_interval"
+    # The repository itself is never written.
+    assert "p = caught / n" in (ROOT / "mutation" / "run.py").read_text(encoding="utf-8")

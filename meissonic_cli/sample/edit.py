@@ -97,6 +97,7 @@ from meissonic_cli.sample.sample import (
     OFFICIAL_RESOLUTION,
     SampleConfig,
     changed_settings,
+    generator_device,
     slugify,
     text_encoder_label,
 )
@@ -110,8 +111,10 @@ EDIT_RULES = ("official", "exact-count", "confidence")
 CASE_FIELDS = ("image", "prompt", "mode", "mask", "box", "extend", "target", "strength", "edit_rule", "dilate", "blend",
                "seed", "negative_prompt", "steps", "cfg", "name", "source_prompt", "category")
 # Sidecar fields that must equal the current case's for a finished output to be skipped.
+# Every edit setting reaches this comparison or is listed with its reason in tests/test_rerun_identity.py.
 _MUST_MATCH = ("prompt", "mode", "source", "mask", "box", "extend", "target", "strength", "edit_rule", "dilate", "blend",
-               "seed", "negative_prompt", "steps", "cfg", "token_temperature", "exact", "text_encoder")
+               "seed", "negative_prompt", "steps", "cfg", "temperature", "token_temperature", "exact", "text_encoder",
+               "dtype", "generator")
 
 
 @dataclass
@@ -233,6 +236,7 @@ class EditCase:
                 "strength": self.strength if self.mode == "edit" else None,
                 "edit_rule": self.edit_rule if self.mode == "edit" else None, "dilate": self.dilate, "blend": self.blend,
                 "seed": self.seed, "negative_prompt": self.negative_prompt, "steps": self.steps, "cfg": self.cfg,
+                "temperature": list(self.temperature) if isinstance(self.temperature, tuple) else [self.temperature],
                 "token_temperature": self.token_temperature, "exact": self.exact,
                 "text_encoder": text_encoder_label(self.text_encoder)}
 
@@ -411,14 +415,24 @@ class EditRunResult:
 
 
 
+def _run_identity(cfg: EditConfig, pipeline: Any) -> dict[str, Any]:
+    """The sidecar settings that come from the run, not the case: the transformer dtype and the generator's device."""
+    from meissonic_cli.device import resolve_device, resolve_dtype
+
+    dtype = pipeline.dtype if pipeline is not None else resolve_dtype(cfg.sample.dtype)
+    device = pipeline.device if pipeline is not None else resolve_device(cfg.sample.device)
+    return {"dtype": str(dtype).replace("torch.", ""), "generator": generator_device(cfg.sample.exact, device)}
+
+
 def _is_done(out: Path, case: EditCase) -> bool:
     return (out / f"{case.stem}.png").is_file() and (out / f"{case.stem}.json").is_file()
 
 
-def _check_done_matches(out: Path, case: EditCase, model: Optional[dict[str, Any]] = None) -> None:
+def _check_done_matches(out: Path, case: EditCase, model: Optional[dict[str, Any]] = None,
+                        run: Optional[dict[str, Any]] = None) -> None:
     path = out / f"{case.stem}.json"
     done = read_done_sidecar(path)
-    expected = case.settings()
+    expected = {**case.settings(), **(run or {})}
     differ = changed_settings(done, expected, _MUST_MATCH) + other_model(done, model)
     if differ:
         raise OutputExistsError(f"{path.name} in {out} was made with different {', '.join(differ)}; nothing was "
@@ -476,10 +490,11 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
     model_id = None
     if any(_is_done(out, case) for case in cases):
         model_id = model_identity(pipeline, cfg.model, cfg.sample.allow_download)
+    run = _run_identity(cfg, pipeline)
     todo = []
     for case in cases:
         if _is_done(out, case):
-            _check_done_matches(out, case, model_id)
+            _check_done_matches(out, case, model_id, run)
         else:
             _precheck(case)
             for path in (out / f"{case.stem}.png", out / f"{case.stem}.json"):
@@ -517,8 +532,7 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
                 "file": png.name, "width": edited.size[0], "height": edited.size[1],
                 "resolution": f"{edited.size[0]}x{edited.size[1]}",
                 "resized_from": list(edited.resized_from) if edited.resized_from else None,
-                "temperature": list(case.temperature) if isinstance(case.temperature, tuple) else [case.temperature],
-                "masked_tokens": edited.masked, "total_tokens": int(edited.token_mask.numel()),
+                **run, "masked_tokens": edited.masked, "total_tokens": int(edited.token_mask.numel()),
                 "model": model_label, "model_digest": model_id["model_digest"], "seconds": round(seconds, 4),
                 **case.extra,
             }

@@ -43,11 +43,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "official": {"steps": 64, "cfg": 9.0, "negative_prompt": OFFICIAL_NEGATIVE_PROMPT, "exact": True},
 }
 # Sidecar fields that must equal the current run's for a done image to be skipped.
+# Every SampleConfig field reaches this comparison or is listed with its reason in tests/test_rerun_identity.py.
 _MUST_MATCH = ("prompt", "negative_prompt", "seed", "steps", "cfg", "resolution", "temperature", "token_temperature",
-               "text_encoder",
-               "sampler")
+               "text_encoder", "sampler", "dtype", "generator")
 # Values of sidecar fields added after the first release, for sidecars written before them (`edit`'s too).
 _SIDECAR_DEFAULTS = {"token_temperature": 1.0, "exact": False}
+# Sidecar fields compared only when a finished sidecar has them (older ones did not record them).
+_COMPARED_WHEN_RECORDED = ("generator", "dtype")
 GRID_NAME = "grid.png"
 # Narrower grid tiles are enlarged (see make_grid): 64 px samples would leave room for ~10 characters of caption.
 MIN_GRID_TILE = 160
@@ -312,13 +314,14 @@ def _is_done(out: Path, item: PromptItem) -> bool:
 
 
 def _sidecar(item: PromptItem, cfg: SampleConfig, width: int, height: int, model: str, seconds: float,
-             dtype: str) -> dict[str, Any]:
+             dtype: str, generator: str) -> dict[str, Any]:
     return {
         "index": item.index, "file": f"{item.stem}.png", "prompt": item.prompt, "negative_prompt": item.negative_prompt,
         "seed": item.seed, "steps": item.steps, "cfg": item.cfg, "resolution": f"{width}x{height}",
         "width": width, "height": height, "temperature": list(_as_list(parse_temperature(cfg.temperature))),
         "token_temperature": cfg.token_temperature,
-        "sampler": cfg.sampler_label, "text_encoder": text_encoder_label(cfg.text_encoder), "model": model, "dtype": dtype, "seconds": round(seconds, 4),
+        "sampler": cfg.sampler_label, "text_encoder": text_encoder_label(cfg.text_encoder), "model": model, "dtype": dtype,
+        "generator": generator, "seconds": round(seconds, 4),
     }
 
 
@@ -334,7 +337,16 @@ def _as_list(t: Any) -> Sequence[float]:
 def changed_settings(done: dict[str, Any], expected: dict[str, Any], keys: Sequence[str]) -> list[str]:
     """The `keys` whose value in a finished output's sidecar `done` differs from this run's `expected`
     (a key older sidecars lack counts as its `_SIDECAR_DEFAULTS` value)."""
-    return [k for k in keys if done.get(k, _SIDECAR_DEFAULTS.get(k)) != expected.get(k)]
+    return [k for k in keys if done.get(k, _SIDECAR_DEFAULTS.get(k)) != expected.get(k)
+            and (k in done or k not in _COMPARED_WHEN_RECORDED)]
+
+
+def generator_device(exact: bool, device: Any) -> str:
+    """The device type whose random generator draws the tokens (what a sidecar records as `generator`):
+    the CPU under --exact, else the sampling device, so a rerun on another kind of device is not "done"."""
+    import torch
+
+    return "cpu" if exact else torch.device(device).type
 
 
 def _check_done_matches(out: Path, item: PromptItem, expected: dict[str, Any],
@@ -438,11 +450,13 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
     width, height = size if size is not None else (pipeline.default_resolution,) * 2
     pipeline.check_resolution(height, width)
     dtype_name = str(pipeline.dtype).replace("torch.", "")
+    generator = generator_device(cfg.exact, pipeline.device)
 
     todo = []
     for item in items:
         if _is_done(out, item):
-            _check_done_matches(out, item, _sidecar(item, cfg, width, height, model_label, 0.0, dtype_name), model_id)
+            expected = _sidecar(item, cfg, width, height, model_label, 0.0, dtype_name, generator)
+            _check_done_matches(out, item, expected, model_id)
         else:
             todo.append(item)
 
@@ -467,7 +481,8 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
             seconds = time.perf_counter() - start
             for item, image in zip(batch, images):
                 png, side = out / f"{item.stem}.png", out / f"{item.stem}.json"
-                meta = {**_sidecar(item, cfg, width, height, model_label, seconds / len(batch), dtype_name),
+                meta = {**_sidecar(item, cfg, width, height, model_label, seconds / len(batch), dtype_name,
+                                 generator),
                         "model_digest": model_id["model_digest"]}
                 atomic_write(png, lambda p, im=image: im.save(p, format="PNG", pnginfo=png_mark(meta)))
                 write_json(side, meta)

@@ -259,7 +259,8 @@ def run_sampler_loop(
     latents (B, H, W) hold the mask id at `positions` (B, M, ascending); `scheduler` has its timesteps
     and temperatures set; `limit(logits, dim)` applies the codebook limit and the token temperature.
     With a cache and `trace` (a dict), every cached step also runs the uncached forward at the same
-    state and appends max/mean |logit difference| to trace["max_abs"] / trace["mean_abs"].
+    state and appends max/mean |logit difference| to trace["max_abs"] / trace["mean_abs"]; the step
+    indices that ran the full forward go to trace["full_steps"].
     """
     from meissonic_cli.sample.cache import FeatureCache
     from meissonic_cli.sample.pipeline import masked_logits
@@ -287,6 +288,8 @@ def run_sampler_loop(
         if cache is None:
             return masked_logits(transformer, state, t, cond, where, guidance_scale)
         hidden = cache.hidden(state, t, where, i)
+        if trace is not None and cache.last_was_full:
+            trace.setdefault("full_steps", []).append(i)
         if trace is not None and not cache.last_was_full:
             reference = masked_logits(transformer, state, t, cond, where, guidance_scale)
         else:
