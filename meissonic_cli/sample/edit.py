@@ -495,7 +495,7 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
     if pipeline is None:
         root = resolve_model_folder(cfg.model, allow_download=cfg.sample.allow_download)
         pipeline = MeissonicPipeline.from_pretrained(root, device=cfg.sample.device, dtype=cfg.sample.dtype,
-                                                     text_encoder=cfg.sample.text_encoder)
+                                                     text_encoder=cfg.sample.text_encoder, variant=cfg.sample.variant)
     model_label = model_id["model"]
     for case in todo:
         for note in case_notes(pipeline, case):
