@@ -50,6 +50,18 @@ def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
     return (tensors, metadata) if with_metadata else tensors
 
 
+def _allowed_roots(folder: Path) -> list[Path]:
+    """Where a shard may lie: inside the folder, and for a snapshot of the Hugging Face cache
+    (`models--o--n/snapshots/<rev>/...`, whose files link to `models--o--n/blobs/`) that repo's blobs."""
+    roots = [folder.resolve()]
+    for parent in folder.absolute().parents:
+        if parent.name == "snapshots" and parent.parent.name.startswith("models--"):
+            if (parent.parent / "blobs").is_dir():
+                roots.append((parent.parent / "blobs").resolve())
+            break
+    return roots
+
+
 def index_files(folder: str | os.PathLike, index: str) -> list[Path]:
     """The shard files a sharded-checkpoint index names, each checked to lie inside `folder` and exist."""
     folder = Path(folder)
@@ -59,14 +71,14 @@ def index_files(folder: str | os.PathLike, index: str) -> list[Path]:
         names = sorted(set(weight_map.values()))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
         raise ModelFormatError(f"{path} is not a safetensors index (needs a 'weight_map' of key -> file name): {err}") from None
-    root = folder.resolve()
+    roots = _allowed_roots(folder)
     files = []
     for name in names:
         if not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name:
             raise ModelFormatError(f"{path}: shard name {name!r} must be a file name inside {folder}")
         file = folder / name
         # Refuse `../x.safetensors`, absolute paths and symlinks that lead out of the model folder.
-        if not file.resolve().is_relative_to(root):
+        if not any(file.resolve().is_relative_to(root) for root in roots):
             raise ModelFormatError(f"{path}: shard {name!r} lies outside the model folder {folder}; refusing to read it")
         if not file.is_file():
             raise ModelFormatError(f"shard {file} listed in {index} is missing")
