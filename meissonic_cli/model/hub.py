@@ -22,8 +22,8 @@ HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 VARIANTS = ("fp16", "bf16")
 
 # The --help of the two flags every command with a model option has (one flag, one meaning).
-ALLOW_DOWNLOAD_HELP = ("Let the model option (--model, --init) name a Hugging Face repo id (owner/name) that is not in "
-                       "the local Hugging Face cache yet, and download it now (a cached id needs no flag).")
+ALLOW_DOWNLOAD_HELP = ("Let the model folder option name a Hugging Face repo id (owner/name) that is not in the local "
+                       "Hugging Face cache yet, and download it now (a cached id needs no flag).")
 VARIANT_HELP = ("Weight variant to load: fp16 or bf16 reads the *.fp16.safetensors / *.bf16.safetensors files the model "
                 "folder holds (plain files where a part has none). Default: the plain weights; a folder holding only "
                 "one variant loads it and says so.")
