@@ -72,8 +72,8 @@ def resolve_model_folder(model: Union[str, Path], allow_download: bool = False, 
         return snapshot
     command = download_command(name)
     if not allow_download:
-        raise ModelFormatError(f"{flag} {name}: no such folder, and no hub model {name} in the local Hugging Face cache; "
-                               f"download it with `{command}` (or pass --allow-download)")
+        raise ModelFormatError(f"{flag} {name}: model folder not found, and no hub model {name} in the local Hugging Face "
+                               f"cache; if it is a hub id, download it with `{command}` (or pass --allow-download)")
     if hf_offline():
         raise ModelFormatError(f"{flag} {name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set, so "
                                f"nothing is downloaded; unset it, or run `{command}` where the hub can be reached")

@@ -155,7 +155,7 @@ class EditConfig:
 
     def validate(self) -> "EditConfig":
         p = Problems()
-        p.check(bool(self.model), "--model is required (a released-layout model folder)")
+        p.check(bool(self.model), "--model is required (a released-layout model folder or a cached hub id)")
         p.check((self.cases is None) != (self.image is None),
                 "give --image (with --prompt) for one edit, or --cases FILE.jsonl for a batch, not both")
         p.check(self.cases is None or self.prompt is None, "--prompt is given per line in --cases")

@@ -48,7 +48,7 @@ class TrainConfig:
         "(downsample/upsample) that the --init weights lack, those layers start fresh.",
     )
     allow_download: bool = field(False, help=ALLOW_DOWNLOAD_HELP)
-    variant: str | None = field(None, help=VARIANT_HELP)
+    variant: str = field("", help=VARIANT_HELP)
     base_model: str = field(
         "",
         help="Released-layout model folder whose vqvae/, tokenizer/, scheduler/ (and text_encoder/ unless it is trained) "
@@ -168,7 +168,7 @@ class TrainConfig:
         p.check(self.max_grad_norm >= 0, f"{flag('max_grad_norm')} must be >= 0, got {self.max_grad_norm}")
         p.check(self.lora_alpha >= 0, f"{flag('lora_alpha')} must be >= 0, got {self.lora_alpha}")
         p.check(self.lora_rank == 0 or bool(self.init), f"{flag('lora_rank')} fine-tunes existing weights: give {flag('init')}")
-        p.check(self.variant in (None, *VARIANTS), f"unknown {flag('variant')} {self.variant!r}; use {' or '.join(VARIANTS)}")
+        p.check(self.variant in ("", *VARIANTS), f"unknown {flag('variant')} {self.variant!r}; use {' or '.join(VARIANTS)}")
         p.check(
             not (self.lora_rank and self.train_text_encoder),
             f"{flag('lora_rank')} and {flag('train_text_encoder')} cannot be combined (LoRA adapts the transformer only)",

@@ -149,7 +149,7 @@ class Trainer:
             self.transformer = MeissonicTransformer(self.model_config)
         self.fresh_keys: list[str] = []
         if cfg.init and (self.resume_from is None or cfg.lora_rank):
-            self.fresh_keys = load_init_weights(self.transformer, cfg.init, cfg.variant)
+            self.fresh_keys = load_init_weights(self.transformer, cfg.init, cfg.variant or None)
         self.text_encoder = self._load_text_encoder() if self.online_text or self._needs_empty_prompt_encoder() else None
         self.lora: LoRA | None = None
         if cfg.lora_rank:
