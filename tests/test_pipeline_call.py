@@ -85,3 +85,12 @@ def test_both_spellings_of_one_argument_are_refused(pipe: MeissonicPipeline) -> 
         pipe(num_inference_steps=1)
     with pytest.raises(InputError, match="2 seeds for 4 prompts"):
         pipe(prompt=["a", "b"], num_images_per_prompt=2, seed=[1, 2], num_inference_steps=1, height=32)
+
+
+def test_to_moves_the_device_and_the_transformer_dtype(tiny_model_dir: Path) -> None:
+    pipe = MeissonicPipeline.from_pretrained(tiny_model_dir, device="cpu", torch_dtype=torch.bfloat16)
+    assert pipe.dtype == torch.bfloat16
+    assert pipe.to("cpu", torch.float16) is pipe and pipe.dtype == torch.float16 and pipe.device.type == "cpu"
+    assert next(pipe.text_encoder.parameters()).dtype == torch.float32  # the text encoder stays float32
+    with pytest.raises(InputError, match="give torch_dtype or dtype, not both"):
+        MeissonicPipeline.from_pretrained(tiny_model_dir, device="cpu", dtype="fp32", torch_dtype=torch.float16)
