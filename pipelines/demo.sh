@@ -5,7 +5,7 @@
 # here every stage is a command you can rerun, change or replace:
 #   - your own LAION-style parquet instead of `meissonic synth` and its local server (then drop the
 #     server lines and point `curate` at your metadata);
-#   - a released model folder (huggingface-cli download MeissonFlow/Meissonic --local-dir DIR)
+#   - a released model folder (hf download MeissonFlow/Meissonic --local-dir DIR)
 #     instead of the demo's tiny one, and a recipe from pipelines/stage*.yaml instead of
 #     pipelines/demo_train.yaml (at 256 px or more, on a GPU).
 #

@@ -259,7 +259,7 @@ def test_model_folder_errors(tiny_model_dir: Path, tmp_path: Path, monkeypatch) 
         MeissonicPipeline.from_pretrained(tmp_path / "nowhere", device="cpu")
     # A repo id that is not in the (isolated, empty) Hugging Face cache: nothing is downloaded.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelFormatError, match="huggingface-cli download MeissonFlow/Meissonic --local-dir DIR"):
+    with pytest.raises(ModelFormatError, match="download it with `hf download MeissonFlow/Meissonic`"):
         resolve_model_folder("MeissonFlow/Meissonic")
     with pytest.raises(ModelFormatError, match="HF_HUB_OFFLINE is set"):
         resolve_model_folder("MeissonFlow/Meissonic", allow_download=True)

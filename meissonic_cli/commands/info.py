@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from meissonic_cli.config import field
+from meissonic_cli.model.hub import ALLOW_DOWNLOAD_HELP, VARIANT_HELP
 
 from ._options import Group, Options, command
 
@@ -25,10 +26,13 @@ LAYOUT = {
 class InfoConfig:
     """What `meissonic info` describes: a model folder or a named architecture; field help is the CLI help."""
 
-    model: Optional[str] = field(None, help="Model root (with transformer/, vqvae/, ...) or a transformer/ folder.",
+    model: Optional[str] = field(None, help="Model root (with transformer/, vqvae/, ...), a transformer/ folder, or a "
+                                            "Hugging Face repo id (owner/name) in the local Hugging Face cache.",
                                  short="-m")
     arch: Optional[str] = field(None, help="Instead of a folder, a named architecture built on the meta device: 1b "
                                            "(released) or tiny.", aliases=("--config",))
+    allow_download: bool = field(False, help=ALLOW_DOWNLOAD_HELP)
+    variant: Optional[str] = field(None, help=VARIANT_HELP)
 
 
 def register(app: typer.Typer) -> None:
@@ -41,6 +45,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from meissonic_cli.errors import InputError
+        from meissonic_cli.model.hub import resolve_model_folder
         from meissonic_cli.model.transformer import (
             NAMED_CONFIGS,
             TransformerConfig,
@@ -63,12 +68,13 @@ def register(app: typer.Typer) -> None:
             cfg = NAMED_CONFIGS[arch]()
             title = f"architecture {arch}"
         else:
+            model = resolve_model_folder(model, opts.get("info", "allow_download"))
             tdir = transformer_folder(model)
             cfg = TransformerConfig.from_json(tdir / "config.json")
             title = str(tdir)
         meta_model = build_on_meta(cfg)
         if arch is None:
-            stored = weight_shapes(tdir)
+            stored = weight_shapes(tdir, opts.get("info", "variant"))
             check_state_dict(meta_model, {k: shape for k, (shape, _) in stored.items()}, f"weights in {tdir}")
             dtypes = sorted({dtype for _, dtype in stored.values()})
             weights_note = f"{len(stored)} tensors, dtype {', '.join(dtypes)}, keys and shapes match the config"

@@ -28,6 +28,7 @@ group is needed.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -61,6 +62,7 @@ from meissonic_cli.data.shards import (
 from meissonic_cli.data.sources import IMAGE_EXTS, RawSample, WorkUnit, discover_units  # noqa: F401 (re-exported)
 from meissonic_cli.device import DTYPE_NAMES, resolve_device
 from meissonic_cli.errors import ConfigError
+from meissonic_cli.model.hub import ALLOW_DOWNLOAD_HELP, VARIANT_HELP, VARIANTS, model_variant, resolve_model_folder
 from meissonic_cli.progress import key_value_table, make_progress
 from meissonic_cli.safety import MAX_RESOLUTION, MAX_SEED, check_pixels, image_errors
 
@@ -79,7 +81,10 @@ class TokenizeConfig:
                                 "(.parquet, .csv, .tsv, .jsonl) of image paths or http(s) URLs plus captions.")
     out: str = field("", help="Output directory for token shards (tokens-NNNNN.tar + .stats.json) and dataset.json.",
                      short="-o")
-    model: str | None = field(None, help="Released-layout model folder providing vqvae/ and text_encoder/ (+ tokenizer/).")
+    model: str | None = field(None, help="Released-layout model folder providing vqvae/ and text_encoder/ (+ tokenizer/), "
+                                         "or a Hugging Face repo id (owner/name) in the local Hugging Face cache.")
+    allow_download: bool = field(False, help=ALLOW_DOWNLOAD_HELP)
+    variant: str | None = field(None, help=VARIANT_HELP)
     vq: str | None = field(None, help="VQ folder (diffusers VQModel: config.json + diffusion_pytorch_model.safetensors); "
                                       "overrides the model folder's vqvae/.")
     text_encoder: str | None = field(None, help="Text encoder folder (CLIPTextModelWithProjection, or a full CLIPModel "
@@ -126,6 +131,7 @@ class TokenizeConfig:
         p.check(self.url_timeout > 0, f"--url-timeout must be > 0 seconds, got {self.url_timeout}")
         p.check(self.dtype in DTYPES, f"--dtype must be fp32, bf16 or fp16, got {self.dtype!r}")
         p.check(bool(self.model or self.vq), "give --model (a released-layout folder) or --vq")
+        p.check(self.variant in (None, *VARIANTS), f"unknown --variant {self.variant!r}; use {' or '.join(VARIANTS)}")
         if self.text_features != "none":
             p.check(bool(self.model or self.text_encoder),
                     f"--text-features {self.text_features} needs --model or --text-encoder (or use --text-features none)")
@@ -270,10 +276,11 @@ def load_models(cfg: TokenizeConfig, device: Any) -> tuple[Any, Any | None]:
     from meissonic_cli.model.vq import load_vq
 
     dtype = getattr(torch, DTYPES[cfg.dtype])
-    vq = load_vq(cfg.vq or cfg.model, dtype=dtype).to(device).eval()
+    variant = model_variant(cfg.model, cfg.variant) if cfg.model else cfg.variant
+    vq = load_vq(cfg.vq or cfg.model, dtype=dtype, variant=variant).to(device).eval()
     text = None
     if cfg.text_features != "none":
-        text = TextEncoder.for_model(cfg.model, cfg.text_encoder, dtype=dtype).to(device).eval()
+        text = TextEncoder.for_model(cfg.model, cfg.text_encoder, dtype=dtype, variant=variant).to(device).eval()
     return vq, text
 
 
@@ -405,6 +412,8 @@ def tokenize(cfg: TokenizeConfig, rank: int | None = None, world_size: int | Non
              show_progress: bool = True) -> TokenizeResult:
     """Tokenize `cfg.input` into token shards under `cfg.out`; returns this rank's result."""
     cfg.validate()
+    if cfg.model:  # a hub id becomes its cached snapshot folder (dataset.json then records that folder)
+        cfg = dataclasses.replace(cfg, model=str(resolve_model_folder(cfg.model, cfg.allow_download)))
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     if not 0 <= rank < world_size:

@@ -131,7 +131,8 @@ class EvalConfig:
                                                            "(pt_inception-2015-12-05-6726825d.pth).")
     weights_config: Optional[str] = field(None, help="YAML/JSON file mapping clip, hps, dino, inception (and clip_model, "
                                                      "hps_model, dino_model) to local paths; flags win over it.")
-    allow_download: bool = field(False, help="Download missing weights from their published location (not when "
+    allow_download: bool = field(False, help="Download missing weights from their published location, and a --model "
+                                             "hub id (owner/name) not in the local Hugging Face cache (not when "
                                              "HF_HUB_OFFLINE is set). Off: nothing is fetched.")
     device: str = field("auto", help="Device for the metric networks: auto, cpu, cuda, cuda:N.")
     overwrite: bool = field(False, help="Replace report.json, report.md and grid.png of an existing report in --out "
@@ -351,7 +352,7 @@ def sample_prompts(cfg: EvalConfig, progress: bool = True, pipeline: Any = None)
     entries = [e for e in read_eval_prompts(str(cfg.prompts)) for _ in range(cfg.images_per_prompt)]
     images_dir = cfg.out_dir / "images"
     sample_cfg = dataclasses.replace(cfg.sample, model=str(cfg.model), prompt=[e.prompt for e in entries],
-                                     prompts=None, out=str(images_dir), grid=False)
+                                     prompts=None, out=str(images_dir), grid=False, allow_download=cfg.allow_download)
     run_sample(sample_cfg, progress=progress, pipeline=pipeline)
     items = []
     for entry, prompt_item in zip(entries, read_prompts(sample_cfg)):

@@ -1,8 +1,13 @@
 """Reading weights: one routine and one policy for every model the toolkit loads.
 
 - `read_safetensors(path)`: one safetensors file (tensors and metadata).
-- `read_weights(folder, weights, index)`: a folder's weights, a single file or a sharded
+- `read_weights(folder, weights, index, variant)`: a folder's weights, a single file or a sharded
   `*.safetensors.index.json`; index entries must name files inside the folder.
+- Weight variants, named as diffusers and transformers name them (`save_pretrained(variant="fp16")`):
+  `diffusion_pytorch_model.fp16.safetensors`, `model.fp16.safetensors`, sharded
+  `diffusion_pytorch_model.fp16-00001-of-00002.safetensors` + `diffusion_pytorch_model.safetensors.index.fp16.json`.
+  `pick_variant` chooses the files: the asked-for variant when the folder holds it, else the plain files;
+  a folder holding only one variant's files loads them and says so in one `Note:` line on stderr.
 - `read_torch_file(path)`: a `.bin/.pt/.pth` state dict, through torch's weights-only unpickler;
   anything else in the file (code to run) is refused with a plain message.
 - `check_keys` / `load_weights_into`: the key policy. Strict by default: every key the module
@@ -17,6 +22,7 @@ import fnmatch
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -24,6 +30,7 @@ import torch
 from torch import nn
 
 from meissonic_cli.errors import ModelFormatError
+from meissonic_cli.model.hub import VARIANTS
 
 
 def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -43,6 +50,18 @@ def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
     return (tensors, metadata) if with_metadata else tensors
 
 
+def _allowed_roots(folder: Path) -> list[Path]:
+    """Where a shard may lie: inside the folder, and for a snapshot of the Hugging Face cache
+    (`models--o--n/snapshots/<rev>/...`, whose files link to `models--o--n/blobs/`) that repo's blobs."""
+    roots = [folder.resolve()]
+    for parent in folder.absolute().parents:
+        if parent.name == "snapshots" and parent.parent.name.startswith("models--"):
+            if (parent.parent / "blobs").is_dir():
+                roots.append((parent.parent / "blobs").resolve())
+            break
+    return roots
+
+
 def index_files(folder: str | os.PathLike, index: str) -> list[Path]:
     """The shard files a sharded-checkpoint index names, each checked to lie inside `folder` and exist."""
     folder = Path(folder)
@@ -52,14 +71,14 @@ def index_files(folder: str | os.PathLike, index: str) -> list[Path]:
         names = sorted(set(weight_map.values()))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
         raise ModelFormatError(f"{path} is not a safetensors index (needs a 'weight_map' of key -> file name): {err}") from None
-    root = folder.resolve()
+    roots = _allowed_roots(folder)
     files = []
     for name in names:
         if not isinstance(name, str) or not name or os.path.isabs(name) or "\\" in name:
             raise ModelFormatError(f"{path}: shard name {name!r} must be a file name inside {folder}")
         file = folder / name
         # Refuse `../x.safetensors`, absolute paths and symlinks that lead out of the model folder.
-        if not file.resolve().is_relative_to(root):
+        if not any(file.resolve().is_relative_to(root) for root in roots):
             raise ModelFormatError(f"{path}: shard {name!r} lies outside the model folder {folder}; refusing to read it")
         if not file.is_file():
             raise ModelFormatError(f"shard {file} listed in {index} is missing")
@@ -67,9 +86,68 @@ def index_files(folder: str | os.PathLike, index: str) -> list[Path]:
     return files
 
 
-def weight_files(folder: str | os.PathLike, weights: str, index: str | None = None) -> list[Path]:
-    """`folder/weights` if present, else the shards named by `folder/index`."""
+def note(message: str) -> None:
+    """One `Note:` line on stderr: something the user should know about what was loaded, not an error."""
+    print(f"Note: {message}", file=sys.stderr)
+
+
+def variant_name(name: str, variant: str | None) -> str:
+    """`name` in weight variant `variant`, as diffusers/transformers name it: `x.safetensors` ->
+    `x.fp16.safetensors`, the index `x.safetensors.index.json` -> `x.safetensors.index.fp16.json`."""
+    if not variant:
+        return name
+    if name.endswith(".index.json"):
+        return f"{name[:-len('.json')]}.{variant}.json"
+    stem, _, ext = name.rpartition(".")
+    return f"{stem}.{variant}.{ext}"
+
+
+def _present(folder: Path, weights: str, index: str | None, variant: str | None) -> bool:
+    return (folder / variant_name(weights, variant)).is_file() or bool(index and (folder / variant_name(index, variant)).is_file())
+
+
+def folder_variants(folder: str | os.PathLike, weights: str, index: str | None = None) -> list[str]:
+    """The weight variants (of `VARIANTS`) whose single file or index the folder holds."""
+    return [v for v in VARIANTS if _present(Path(folder), weights, index, v)]
+
+
+def has_weights(folder: str | os.PathLike, weights: str, index: str | None = None) -> bool:
+    """Whether the folder holds the plain weights or any variant's."""
     folder = Path(folder)
+    return _present(folder, weights, index, None) or bool(folder_variants(folder, weights, index))
+
+
+def pick_variant(folder: str | os.PathLike, weights: str, index: str | None = None, variant: str | None = None,
+                 quiet: bool = False) -> str | None:
+    """Which files of the folder to read: `variant` when the folder holds it, else the plain files (None).
+
+    With no variant asked for and no plain files, the one variant the folder holds is picked and said
+    in one `Note:` line (unless `quiet`); several variants and no plain files is an error asking to choose.
+    """
+    folder = Path(folder)
+    if variant is not None and variant not in VARIANTS:
+        raise ModelFormatError(f"unknown weight variant {variant!r}; use one of {', '.join(VARIANTS)}")
+    if variant and _present(folder, weights, index, variant):
+        return variant
+    if _present(folder, weights, index, None):
+        return None
+    found = folder_variants(folder, weights, index)
+    if len(found) > 1:
+        raise ModelFormatError(f"{folder} holds only variant weights ({', '.join(found)}) and no {weights}; "
+                               f"choose one with --variant {found[0]} (Python: variant={found[0]!r})")
+    if found:
+        if not quiet:
+            note(f"{folder} holds only {found[0]} weights ({variant_name(weights, found[0])}); loading them")
+        return found[0]
+    return None  # nothing at all: weight_files names the expected file
+
+
+def weight_files(folder: str | os.PathLike, weights: str, index: str | None = None,
+                 variant: str | None = None) -> list[Path]:
+    """`folder/weights` if present, else the shards named by `folder/index`; in the variant `pick_variant` chooses."""
+    folder = Path(folder)
+    chosen = pick_variant(folder, weights, index, variant)
+    weights, index = variant_name(weights, chosen), index and variant_name(index, chosen)
     if (folder / weights).is_file():
         return [folder / weights]
     if index and (folder / index).is_file():
@@ -79,10 +157,10 @@ def weight_files(folder: str | os.PathLike, weights: str, index: str | None = No
 
 
 def read_weights(folder: str | os.PathLike, weights: str, index: str | None = None,
-                 device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of a folder's safetensors weights (single file or sharded index)."""
+                 device: str | torch.device = "cpu", variant: str | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's safetensors weights (single file or sharded index, see `weight_files`)."""
     state: dict[str, torch.Tensor] = {}
-    for file in weight_files(folder, weights, index):
+    for file in weight_files(folder, weights, index, variant):
         state.update(read_safetensors(file, device=device))
     return state
 
@@ -176,20 +254,26 @@ def load_state_into(module: nn.Module, state: Mapping[str, torch.Tensor], source
 def load_weights_into(module: nn.Module, folder: str | os.PathLike, weights: str, index: str | None = None, *,
                       allow_missing: Iterable[str] = (), allow_unexpected: Iterable[str] = (),
                       what: str = "the model", dtype: torch.dtype | str = "module",
-                      device: str | torch.device = "cpu") -> nn.Module:
+                      device: str | torch.device = "cpu", variant: str | None = None) -> nn.Module:
     """Read a folder's safetensors weights (single file or sharded index) and load them into `module`."""
-    state = read_weights(folder, weights, index, device=device)
+    state = read_weights(folder, weights, index, device=device, variant=variant)
     return load_state_into(module, state, f"weights in {folder}", allow_missing=allow_missing,
                            allow_unexpected=allow_unexpected, what=what, dtype=dtype)
 
 
 __all__ = [
+    "VARIANTS",
     "check_keys",
+    "folder_variants",
+    "has_weights",
     "index_files",
     "load_state_into",
     "load_weights_into",
+    "note",
+    "pick_variant",
     "read_safetensors",
     "read_torch_file",
     "read_weights",
+    "variant_name",
     "weight_files",
 ]

@@ -267,13 +267,15 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype = torch.float32,
-                        tokenizer: "ClipTokenizer | str | Path | None" = None) -> "TextEncoder":
+                        tokenizer: "ClipTokenizer | str | Path | None" = None,
+                        variant: str | None = None) -> "TextEncoder":
         """Load a Hugging Face `CLIPTextModelWithProjection` folder, a model root holding `text_encoder/`,
         or a full `CLIPModel` folder (its vision tower and logit scale are ignored).
 
         The tokenizer is `tokenizer` (a ClipTokenizer or a tokenizer folder) when given; else the
         folder's own tokenizer files (vocab.json, as in a laion CLIP folder), else the sibling
-        `tokenizer/` folder, else CLIP's bundled BPE in the laion layout.
+        `tokenizer/` folder, else CLIP's bundled BPE in the laion layout. `variant` (fp16/bf16) reads
+        `model.fp16.safetensors` when the folder holds it (`state_io.weight_files`).
         """
         folder = Path(folder)
         if (folder / "text_encoder").is_dir():
@@ -295,7 +297,7 @@ class TextEncoder(nn.Module):
                 tokenizer = ClipTokenizer(config.context_length)
         elif not isinstance(tokenizer, ClipTokenizer):
             tokenizer = ClipTokenizer.from_pretrained(tokenizer, config.context_length)
-        hf_state = _read_safetensors_folder(folder, HF_WEIGHTS, HF_WEIGHTS_INDEX)
+        hf_state = _read_safetensors_folder(folder, HF_WEIGHTS, HF_WEIGHTS_INDEX, variant)
         if _is_full_clip(raw):
             # A CLIPModel checkpoint: the text tower's keys are those of CLIPTextModelWithProjection.
             hf_state = {k: v for k, v in hf_state.items()
@@ -306,16 +308,17 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def for_model(cls, root: str | Path | None, folder: str | Path | None = None,
-                  dtype: torch.dtype = torch.float32) -> "TextEncoder":
+                  dtype: torch.dtype = torch.float32, variant: str | None = None) -> "TextEncoder":
         """The text encoder a model folder `root` runs with: its own `text_encoder/`, or `folder` (another
         CLIPTextModelWithProjection or CLIPModel folder, as the official scripts load laion's) with the
         model's `tokenizer/` when it has one (the official scripts pair them so)."""
         if folder is None:
             if root is None:
                 raise ModelFormatError("no text encoder: give a model folder or a text encoder folder")
-            return cls.from_pretrained(root, dtype)
+            return cls.from_pretrained(root, dtype, variant=variant)
         tokenizer = Path(root) / "tokenizer" if root is not None else None
-        return cls.from_pretrained(folder, dtype, tokenizer=tokenizer if tokenizer and tokenizer.is_dir() else None)
+        return cls.from_pretrained(folder, dtype, tokenizer=tokenizer if tokenizer and tokenizer.is_dir() else None,
+                                   variant=variant)
 
     @classmethod
     def _empty(cls, config: TextEncoderConfig, tokenizer: ClipTokenizer | None = None) -> "TextEncoder":
@@ -467,11 +470,11 @@ def _is_full_clip(config: dict[str, Any]) -> bool:
         or "CLIPModel" in (config.get("architectures") or []))
 
 
-def _read_safetensors_folder(folder: Path, weights: str, index: str) -> dict[str, torch.Tensor]:
-    """Read `weights`, or every shard named by the sharded-checkpoint `index` file."""
+def _read_safetensors_folder(folder: Path, weights: str, index: str, variant: str | None = None) -> dict[str, torch.Tensor]:
+    """Read `weights`, or every shard named by the sharded-checkpoint `index` file (in `variant` when present)."""
     from meissonic_cli.model.state_io import read_weights
 
-    return read_weights(folder, weights, index)
+    return read_weights(folder, weights, index, variant=variant)
 
 
 __all__ = [

@@ -791,19 +791,12 @@ def transformer_folder(folder: Union[str, Path]) -> Path:
     )
 
 
-def _weights_name(variant: Optional[str]) -> str:
-    return WEIGHTS_NAME if not variant else WEIGHTS_NAME.replace(".safetensors", f".{variant}.safetensors")
-
-
-def _index_name(variant: Optional[str]) -> str:
-    return _weights_name(variant).replace(".safetensors", ".safetensors.index.json")
-
-
 def load_state_dict_files(folder: Path, variant: Optional[str] = None, device: Union[str, torch.device] = "cpu") -> dict[str, torch.Tensor]:
-    """Read the weights of a transformer folder: the single file, else the sharded index (see `state_io`)."""
+    """Read the weights of a transformer folder: the single file, else the sharded index, in `variant`
+    (fp16/bf16) when the folder holds it (see `state_io.weight_files`)."""
     from meissonic_cli.model.state_io import read_weights
 
-    return read_weights(folder, _weights_name(variant), _index_name(variant), device=device)
+    return read_weights(folder, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, device=device, variant=variant)
 
 
 def weight_shapes(folder: Union[str, Path], variant: Optional[str] = None) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -813,7 +806,7 @@ def weight_shapes(folder: Union[str, Path], variant: Optional[str] = None) -> di
     from meissonic_cli.model.state_io import weight_files
 
     out: dict[str, tuple[tuple[int, ...], str]] = {}
-    for path in weight_files(folder, _weights_name(variant), _index_name(variant)):
+    for path in weight_files(folder, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, variant):
         try:
             with safe_open(str(path), framework="pt") as fh:
                 for key in fh.keys():

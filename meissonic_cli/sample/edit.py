@@ -158,7 +158,7 @@ class EditConfig:
 
     def validate(self) -> "EditConfig":
         p = Problems()
-        p.check(bool(self.model), "--model is required (a released-layout model folder)")
+        p.check(bool(self.model), "--model is required (a released-layout model folder or a cached hub id)")
         p.check((self.cases is None) != (self.image is None),
                 "give --image (with --prompt) for one edit, or --cases FILE.jsonl for a batch, not both")
         p.check(self.cases is None or self.prompt is None, "--prompt is given per line in --cases")
@@ -510,7 +510,7 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
     if pipeline is None:
         root = resolve_model_folder(cfg.model, allow_download=cfg.sample.allow_download)
         pipeline = MeissonicPipeline.from_pretrained(root, device=cfg.sample.device, dtype=cfg.sample.dtype,
-                                                     text_encoder=cfg.sample.text_encoder)
+                                                     text_encoder=cfg.sample.text_encoder, variant=cfg.sample.variant)
     model_label = model_id["model"]
     for case in todo:
         for note in case_notes(pipeline, case):

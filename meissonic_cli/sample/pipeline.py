@@ -9,21 +9,27 @@ Python API::
     images = pipe(["a watercolor fox in the snow", "a red bicycle"], steps=48, guidance_scale=9.0, seed=0)
     images[0].save("fox.png")
 
+The diffusers spelling works too (`call_args`): `from_pretrained(path, torch_dtype=..., variant="fp16")`,
+`.to(device)`, `pipe(prompt=..., num_inference_steps=..., num_images_per_prompt=..., generator=...,
+output_type="pil"|"np"|"pt", return_dict=...).images`.
+
 `from_pretrained(folder)` reads the released layout: transformer/, vqvae/, text_encoder/,
 tokenizer/ (optional: CLIP's BPE ships with open_clip) and scheduler/. A Hugging Face repo id such
 as `MeissonFlow/Meissonic` is accepted only when it is already in the local Hugging Face cache, or
 with `allow_download=True` (and HF_HUB_OFFLINE unset); otherwise download it first with
-`huggingface-cli download MeissonFlow/Meissonic --local-dir DIR` and pass DIR.
+`hf download MeissonFlow/Meissonic` (`model.hub`). `variant="fp16"` reads the `*.fp16.safetensors`
+weights; a folder holding only one variant's weights loads them and says so (`model.hub.model_variant`).
 
-Calling the pipeline (`__call__`): prompts (a string or a list), `negative_prompt` (default "",
-one string or one per prompt), `steps` (48), `guidance_scale` (9; CFG runs when it is > 1),
+Calling the pipeline (`__call__`): prompts (a string or a list; or `prompt`), `negative_prompt` (default "",
+one string or one per prompt), `steps` (48; or `num_inference_steps`), `num_images_per_prompt` (1), `guidance_scale` (9; CFG runs when it is > 1),
 `height`/`width` (default: `default_resolution`, i.e. a 64x64 token grid (1024 px with the
 released f=16 VQ) for a model with 2x2 compression and a 32x32 grid (512 px) without; both must be
 multiples of `pixel_multiple`), `temperature` ((2, 0), or one number tau for linspace(tau, 0.01)),
 `token_temperature` (1: the logits are divided by it before each token draw; 1 is the official
 sampler, below 1 sharpens the draws towards each position's most likely codes), `micro_conds` (default (width, height, 0, 0, 6)), `seed` (one int for the batch, or one per image)
-or `generator`, `callback(step, steps)`, `output_type` ("pil" -> list of PIL images, "codes" ->
-int64 (B, h, w) code grids, "tensor" -> float (B, 3, H, W) in [0, 1]), `exact`, `init_tokens` and `sampler` (`samplers.SamplerOptions`; None = official).
+or `generator`, `callback(step, steps)`, `output_type` ("pil" -> list of PIL images, "np"/"pt" -> the
+images batched as diffusers returns them, "codes" -> int64 (B, h, w) code grids, "tensor" -> float
+(B, 3, H, W) in [0, 1]), `return_dict` (False: the tuple `(images,)`), `exact`, `init_tokens` and `sampler` (`samplers.SamplerOptions`; None = official).
 
 `init_tokens` (B, h, w) starts decoding from given token grids instead of an all-mask grid: the
 positions holding the mask id are decoded, every other token comes back bit-identical (what
@@ -61,8 +67,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import re
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -70,13 +74,13 @@ import torch
 
 from meissonic_cli.device import dtype_table, resolve_device, resolve_dtype
 from meissonic_cli.errors import InputError, ModelFormatError
+from meissonic_cli.model.hub import HUB_ID, model_variant, resolve_model_folder
 from meissonic_cli.model.scheduler import SCHEDULER_CONFIG_NAME, MaskGITScheduler
 from meissonic_cli.model.transformer import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, Conditioning, MeissonicTransformer
+from meissonic_cli.sample.call_args import OUTPUT_TYPES, check_output_type, one_of, prompt_list, repeat_per_prompt, wrap_output
 from meissonic_cli.sample.samplers import run_sampler_loop, uses_sampler_loop
 
-HUB_ID = "MeissonFlow/Meissonic"
 DTYPES = dtype_table()
-OUTPUT_TYPES = ("pil", "codes", "tensor")
 # Token grid of the default resolution: the released 1024px model (with 2x2 compression) samples
 # a 64x64 grid, the 512px Monetico-style model (without) a 32x32 grid.
 DEFAULT_GRID_COMPRESSED = 64
@@ -86,50 +90,11 @@ DEFAULT_MICRO_SCORE = 6.0
 # one per position and code (8192), which on CPU costs as much as a tenth of a step.
 DRAW = "inverse_cdf"
 
-_HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
 ProgressCallback = Callable[[int, int], None]
 
 
 # ----------------------------------------------------------------------------------------------
 # Devices, dtypes, folders
-
-
-def _hf_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
-
-
-def resolve_model_folder(model: Union[str, Path], allow_download: bool = False) -> Path:
-    """The local folder for `model`: a path, or a Hugging Face repo id found in the local HF cache
-    (downloaded only with `allow_download` and HF_HUB_OFFLINE unset)."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelFormatError(f"{path} is a file; expected a model folder holding transformer/, vqvae/, "
-                                   f"text_encoder/, tokenizer/ and scheduler/")
-        return path
-    name = str(model)
-    if not _HUB_ID_RE.fullmatch(name):
-        raise ModelFormatError(f"model folder not found: {path}")
-    hint = (f"model folder not found: {name} (if it is a Hugging Face repo id, download it first with "
-            f"`huggingface-cli download {name} --local-dir DIR` and pass DIR")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ModelFormatError(hint + ")") from None
-    try:
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # not in the local cache: any hub error means the same here
-        pass
-    if not allow_download:
-        raise ModelFormatError(hint + ", or allow the download with --allow-download)")
-    if _hf_offline():
-        raise ModelFormatError(hint + "; HF_HUB_OFFLINE is set, so nothing is downloaded)")
-    try:
-        return Path(snapshot_download(name))
-    except Exception as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ModelFormatError(f"could not download {name}: {first}; {hint[len('model folder not found: '):]})") from None
 
 
 def _need_one(folder: Path, names: Sequence[str], what: str) -> None:
@@ -138,6 +103,13 @@ def _need_one(folder: Path, names: Sequence[str], what: str) -> None:
     if not any((folder / n).is_file() for n in names):
         raise ModelFormatError(f"{what} file missing: expected {folder / names[0]}"
                                + (f" (or {', '.join(names[1:])})" if len(names) > 1 else ""))
+
+
+def _need_weights(folder: Path, weights: str, index: str, what: str) -> None:
+    from meissonic_cli.model.state_io import has_weights
+
+    if not has_weights(folder, weights, index):
+        raise ModelFormatError(f"{what} file missing: expected {folder / weights} (or {index}, or a *.fp16/*.bf16 variant)")
 
 
 def check_model_folder(root: Path, text_encoder: bool = True) -> None:
@@ -150,12 +122,12 @@ def check_model_folder(root: Path, text_encoder: bool = True) -> None:
     from meissonic_cli.model.vq import VQ_CONFIG
 
     _need_one(root / "transformer", [CONFIG_NAME], "transformer config")
-    _need_one(root / "transformer", [WEIGHTS_NAME, WEIGHTS_INDEX_NAME], "transformer weights")
+    _need_weights(root / "transformer", WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "transformer weights")
     # The VQ's weight file name depends on its kind (diffusers VQModel or PatchVQ): its loader names it.
     _need_one(root / "vqvae", [VQ_CONFIG], "VQ config")
     if text_encoder:
         _need_one(root / "text_encoder", [HF_CONFIG], "text encoder config")
-        _need_one(root / "text_encoder", [HF_WEIGHTS, HF_WEIGHTS_INDEX], "text encoder weights")
+        _need_weights(root / "text_encoder", HF_WEIGHTS, HF_WEIGHTS_INDEX, "text encoder weights")
     _need_one(root / "scheduler", [SCHEDULER_CONFIG_NAME], "scheduler config")
 
 
@@ -373,14 +345,18 @@ class MeissonicPipeline:
         cls,
         model: Union[str, Path] = HUB_ID,
         device: Union[str, torch.device, None] = "auto",
-        dtype: Union[str, torch.dtype, None] = "fp32",
+        dtype: Union[str, torch.dtype, None] = None,
         allow_download: bool = False,
         text_encoder: Union[str, Path, None] = None,
+        variant: Optional[str] = None,
+        torch_dtype: Union[str, torch.dtype, None] = None,
     ) -> "MeissonicPipeline":
         """Load a released-layout folder (or a cached Hugging Face repo id) onto `device` in `dtype`.
 
         The text encoder always runs in float32, and so does the VQ when its config asks for it
-        (`force_upcast`, as the released one does); `dtype` is the transformer's.
+        (`force_upcast`, as the released one does); `dtype` (or diffusers' `torch_dtype`; default fp32) is
+        the transformer's. `variant` ("fp16"/"bf16") reads each part's `*.fp16.safetensors` weights where
+        it has them (`model.hub.model_variant`).
         `text_encoder`: another text encoder folder to use (`TextEncoder.for_model`), e.g. the laion
         CLIP-ViT-H-14 CLIPModel folder the official scripts load; prompts keep the model's tokenizer.
         """
@@ -388,22 +364,40 @@ class MeissonicPipeline:
         from meissonic_cli.model.vq import load_vq
 
         dev = resolve_device(device)
-        dt = resolve_dtype(dtype)
+        dt = resolve_dtype(one_of(torch_dtype, dtype, "torch_dtype", "dtype", "fp32"))
         root = resolve_model_folder(model, allow_download=allow_download)
         if text_encoder is not None:
             _need_one(Path(text_encoder).expanduser(), [HF_CONFIG], "--text-encoder config")
         check_model_folder(root, text_encoder=text_encoder is None)
+        variant = model_variant(root, variant)
         # Smallest parts first, so a broken folder fails before the transformer's weights are read.
         scheduler = MaskGITScheduler.from_config_dir(root / "scheduler")
-        vq = load_vq(root / "vqvae", dtype=dt).to(dev).eval()
+        vq = load_vq(root / "vqvae", dtype=dt, variant=variant).to(dev).eval()
         # The text encoder runs once per call, so float32 costs little; its float32 layer norms also
         # refuse half-precision weights on CPU.
         encoder = TextEncoder.for_model(root, text_encoder and Path(text_encoder).expanduser(),
-                                        dtype=torch.float32).to(dev).eval()
-        transformer = MeissonicTransformer.from_pretrained(root, dtype=dt, device=dev)
+                                        dtype=torch.float32, variant=variant).to(dev).eval()
+        transformer = MeissonicTransformer.from_pretrained(root, dtype=dt, device=dev, variant=variant)
         pipe = cls(transformer=transformer, scheduler=scheduler, text_encoder=encoder, vq=vq, model_path=root)
         pipe.check_parts()
         return pipe
+
+    def to(self, *args: Any, device: Union[str, torch.device, None] = None,
+           dtype: Union[str, torch.dtype, None] = None) -> "MeissonicPipeline":
+        """Move the pipeline to a device and/or the transformer to a dtype, as diffusers' `pipe.to("cuda")`
+        / `pipe.to(torch.float16)`; the text encoder stays float32 and the VQ keeps its own precision."""
+        for arg in args:
+            if isinstance(arg, torch.dtype) or (isinstance(arg, str) and arg.lower() in DTYPES):
+                dtype = one_of(arg, dtype, "a dtype", "dtype=", None)
+            else:
+                device = one_of(arg, device, "a device", "device=", None)
+        if device is not None:
+            dev = resolve_device(device)
+            for part in (self.transformer, self.text_encoder, self.vq):
+                part.to(dev)
+        if dtype is not None:
+            self.transformer.to(resolve_dtype(dtype))
+        return self
 
     def check_parts(self) -> None:
         """Raise ModelFormatError if the parts do not fit together."""
@@ -466,9 +460,9 @@ class MeissonicPipeline:
 
     def __call__(
         self,
-        prompts: Union[str, Sequence[str]],
+        prompts: Union[str, Sequence[str], None] = None,
         negative_prompt: Union[str, Sequence[str]] = "",
-        steps: int = 48,
+        steps: Optional[int] = None,
         guidance_scale: float = 9.0,
         height: Optional[int] = None,
         width: Optional[int] = None,
@@ -484,17 +478,22 @@ class MeissonicPipeline:
         sampler: Any = None,
         first_step: int = 0,
         starting_mask_ratio: Optional[float] = None,
+        *,
+        prompt: Union[str, Sequence[str], None] = None,
+        num_inference_steps: Optional[int] = None,
+        num_images_per_prompt: int = 1,
+        return_dict: bool = True,
     ) -> Any:
-        """Generate one image per prompt; see the module docstring for every argument.
+        """Generate `num_images_per_prompt` images per prompt; see the module docstring for every argument
+        and `call_args` for the diffusers spellings (`prompt`, `num_inference_steps`, `return_dict`).
 
         `init_tokens` (B, h, w) decodes only the mask-id positions of given token grids (see
         `sample_tokens`); height and width then default to the grid's image size.
         """
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise InputError("no prompts given")
-        if output_type not in OUTPUT_TYPES:
-            raise InputError(f"unknown output_type {output_type!r}; use one of {', '.join(OUTPUT_TYPES)}")
+        prompts, negative_prompt = repeat_per_prompt(prompt_list(prompt, prompts), negative_prompt,
+                                                     num_images_per_prompt)
+        steps = one_of(num_inference_steps, steps, "num_inference_steps", "steps", 48)
+        check_output_type(output_type)
         if int(steps) < 1:
             raise InputError(f"steps must be >= 1, got {steps}")
         if init_tokens is not None and height is None and width is None:
@@ -514,12 +513,7 @@ class MeissonicPipeline:
         )
         if output_type == "codes":
             return codes
-        images = self.vq.decode(codes)
-        if output_type == "tensor":
-            return images
-        from meissonic_cli.model.vq import tensor_to_images
-
-        return tensor_to_images(images)
+        return wrap_output(self.vq.decode(codes), output_type, return_dict)
 
     def logits(
         self,
@@ -595,6 +589,6 @@ class MeissonicPipeline:
 
 
 __all__ = [
-    "DTYPES", "HUB_ID", "MeissonicPipeline", "check_model_folder", "exact_logits", "guidance_batch", "masked_logits",
+    "DTYPES", "HUB_ID", "OUTPUT_TYPES", "MeissonicPipeline", "check_model_folder", "exact_logits", "guidance_batch", "masked_logits",
     "resolve_device", "resolve_dtype", "resolve_model_folder", "sample_tokens",
 ]

@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 from meissonic_cli.atomic import atomic_write, write_json
 from meissonic_cli.config import Problems, field, parse_resolution
 from meissonic_cli.errors import InputError, OutputExistsError
+from meissonic_cli.model.hub import ALLOW_DOWNLOAD_HELP, VARIANT_HELP, VARIANTS
 from meissonic_cli.progress import key_value_table, make_progress
 from meissonic_cli.safety import MAX_SEED, check_seed
 from meissonic_cli.sample.outputs import other_model, read_done_sidecar
@@ -98,7 +99,8 @@ class SampleConfig:
                                     "every step) with a CPU generator, as diffusers pipelines draw: slower, reproduces "
                                     "the official random draws, and a seed gives the same image on CPU and GPU (up to "
                                     "float rounding of the logits).")
-    allow_download: bool = field(False, help="Let --model name a Hugging Face repo id that is downloaded now.")
+    allow_download: bool = field(False, help=ALLOW_DOWNLOAD_HELP)
+    variant: Optional[str] = field(None, help=VARIANT_HELP)
     text_encoder: Optional[str] = field(None, help="Text encoder folder to use instead of the model's text_encoder/: a "
                                                    "Hugging Face CLIPTextModelWithProjection folder, or a full CLIPModel "
                                                    "folder (vision tower ignored), e.g. laion/CLIP-ViT-H-14-laion2B-"
@@ -125,8 +127,9 @@ class SampleConfig:
     def validate(self) -> "SampleConfig":
         self.apply_preset()
         p = Problems()
-        p.check(bool(self.model), "--model is required (a model folder, e.g. one made by `huggingface-cli download "
-                                  "MeissonFlow/Meissonic --local-dir DIR`)")
+        p.check(bool(self.model), "--model is required (a model folder, or a hub id such as MeissonFlow/Meissonic "
+                                  "after `hf download MeissonFlow/Meissonic`)")
+        p.check(self.variant in (None, *VARIANTS), f"unknown --variant {self.variant!r}; use {' or '.join(VARIANTS)}")
         p.check(bool(self.prompt) != bool(self.prompts), "give --prompt (repeatable) or --prompts FILE, not both and "
                                                          "not neither")
         self.check_schedule(p)
@@ -445,7 +448,7 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
     if pipeline is None:
         root = resolve_model_folder(cfg.model, allow_download=cfg.allow_download)
         pipeline = MeissonicPipeline.from_pretrained(root, device=cfg.device, dtype=cfg.dtype,
-                                                     text_encoder=cfg.text_encoder)
+                                                     text_encoder=cfg.text_encoder, variant=cfg.variant)
     model_label = model_id["model"]
     width, height = size if size is not None else (pipeline.default_resolution,) * 2
     pipeline.check_resolution(height, width)

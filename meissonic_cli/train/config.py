@@ -16,6 +16,7 @@ from typing import Any
 from meissonic_cli.config import Problems, field, flag_of, update_from_dict
 from meissonic_cli.device import DEVICE_CHOICES, valid_device_name
 from meissonic_cli.errors import ConfigError, InputError
+from meissonic_cli.model.hub import ALLOW_DOWNLOAD_HELP, VARIANT_HELP, VARIANTS
 
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -42,9 +43,12 @@ class TrainConfig:
     )
     init: str = field(
         "",
-        help="Released-layout folder (or its transformer/ subfolder) whose weights start the run. When --arch adds "
-        "the feature compression layers (downsample/upsample) that the --init weights lack, those layers start fresh.",
+        help="Released-layout folder (or its transformer/ subfolder), or a Hugging Face repo id (owner/name) in the "
+        "local Hugging Face cache, whose weights start the run. When --arch adds the feature compression layers "
+        "(downsample/upsample) that the --init weights lack, those layers start fresh.",
     )
+    allow_download: bool = field(False, help=ALLOW_DOWNLOAD_HELP)
+    variant: str = field("", help=VARIANT_HELP)
     base_model: str = field(
         "",
         help="Released-layout model folder whose vqvae/, tokenizer/, scheduler/ (and text_encoder/ unless it is trained) "
@@ -164,6 +168,7 @@ class TrainConfig:
         p.check(self.max_grad_norm >= 0, f"{flag('max_grad_norm')} must be >= 0, got {self.max_grad_norm}")
         p.check(self.lora_alpha >= 0, f"{flag('lora_alpha')} must be >= 0, got {self.lora_alpha}")
         p.check(self.lora_rank == 0 or bool(self.init), f"{flag('lora_rank')} fine-tunes existing weights: give {flag('init')}")
+        p.check(self.variant in ("", *VARIANTS), f"unknown {flag('variant')} {self.variant!r}; use {' or '.join(VARIANTS)}")
         p.check(
             not (self.lora_rank and self.train_text_encoder),
             f"{flag('lora_rank')} and {flag('train_text_encoder')} cannot be combined (LoRA adapts the transformer only)",

@@ -47,15 +47,26 @@ def resolve_model_config(cfg: TrainConfig) -> TransformerConfig:
     return config.validate()
 
 
-def load_init_weights(model: MeissonicTransformer, folder: str | Path) -> list[str]:
-    """Load released-layout weights into `model`; returns the compression keys that start fresh.
+def resolve_init(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with --init as a local folder: a hub id becomes its snapshot in the local Hugging Face cache
+    (downloaded only with --allow-download), so everything after reads one folder."""
+    from meissonic_cli.model.hub import resolve_model_folder
+
+    if not cfg.init:
+        return cfg
+    return dataclasses.replace(cfg, init=str(resolve_model_folder(cfg.init, cfg.allow_download, flag="--init")))
+
+
+def load_init_weights(model: MeissonicTransformer, folder: str | Path, variant: str | None = None) -> list[str]:
+    """Load released-layout weights (in `variant` when the folder holds it) into `model`; returns the
+    compression keys that start fresh.
 
     The only keys allowed to be missing are the feature compression layers, and only when `model`
     has them and the source was built without them (paper stage 3: 512 -> 1024).
     """
     tdir = transformer_folder(folder)
     source_config = TransformerConfig.from_json(tdir / CONFIG_NAME)
-    state = load_state_dict_files(tdir)
+    state = load_state_dict_files(tdir, variant)
     adds_compression = model.config.downsample and not source_config.downsample
     allow = tuple(f"{prefix}*" for prefix in COMPRESSION_PREFIXES) if adds_compression else ()
     load_state_into(model, state, f"--init weights in {tdir}", allow_missing=allow, what="the transformer config",

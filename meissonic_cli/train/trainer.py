@@ -56,6 +56,7 @@ from meissonic_cli.train.masked_model import (
     MaskedImageModel,
     base_model_root,
     load_init_weights,
+    resolve_init,
     resolve_model_config,
     text_encoder_folder,
 )
@@ -113,7 +114,7 @@ class Trainer:
     """Builds everything a run needs from a `TrainConfig`; `fit()` trains."""
 
     def __init__(self, cfg: TrainConfig, env: DistEnv | None = None):
-        self.cfg = cfg.validate()
+        self.cfg = cfg = resolve_init(cfg.validate())
         self.env = env or init_distributed(cfg.device)
         self.device = self.env.device
         self.output = Path(cfg.output)
@@ -148,7 +149,7 @@ class Trainer:
             self.transformer = MeissonicTransformer(self.model_config)
         self.fresh_keys: list[str] = []
         if cfg.init and (self.resume_from is None or cfg.lora_rank):
-            self.fresh_keys = load_init_weights(self.transformer, cfg.init)
+            self.fresh_keys = load_init_weights(self.transformer, cfg.init, cfg.variant or None)
         self.text_encoder = self._load_text_encoder() if self.online_text or self._needs_empty_prompt_encoder() else None
         self.lora: LoRA | None = None
         if cfg.lora_rank:

@@ -20,9 +20,10 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-def load_vq(folder: str | Path, dtype: "torch.dtype | None" = None) -> "nn.Module":
+def load_vq(folder: str | Path, dtype: "torch.dtype | None" = None, variant: str | None = None) -> "nn.Module":
     """Load a VQ folder (or a model root holding `vqvae/`) of either kind: a diffusers `VQModel` gives a
-    `VQTokenizer`, a `"_class_name": "PatchVQ"` config a `patch.PatchVQ`; both share the interface."""
+    `VQTokenizer`, a `"_class_name": "PatchVQ"` config a `patch.PatchVQ`; both share the interface.
+    `variant` (fp16/bf16) picks a diffusers VQ's variant weights when the folder holds them."""
     folder = Path(folder)
     if (folder / "vqvae").is_dir():
         folder = folder / "vqvae"
@@ -36,7 +37,7 @@ def load_vq(folder: str | Path, dtype: "torch.dtype | None" = None) -> "nn.Modul
         return PatchVQ.from_pretrained(folder, dtype=dtype)
     from meissonic_cli.model.vq.vqgan import VQTokenizer
 
-    return VQTokenizer.from_pretrained(folder, dtype=dtype)
+    return VQTokenizer.from_pretrained(folder, dtype=dtype, variant=variant)
 
 
 __all__ = ["CodeGrid", "images_to_tensor", "load_vq", "psnr", "tensor_to_images"]

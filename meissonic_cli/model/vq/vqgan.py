@@ -134,11 +134,16 @@ class VQTokenizer(CodeGrid, nn.Module):
         return cls.from_config(tiny_vq_config(codebook_size, levels, channels, latent_channels), seed=seed)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | None = None) -> "VQTokenizer":
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | None = None,
+                        variant: str | None = None) -> "VQTokenizer":
         """Load a diffusers `VQModel` folder, or a model root holding `vqvae/`, from local files only.
 
         `dtype` None keeps float32; a half dtype is ignored when the config asks for `force_upcast`.
+        `variant` (fp16/bf16) reads `diffusion_pytorch_model.fp16.safetensors` when the folder holds it;
+        a folder holding only one variant's weights loads them (`state_io.pick_variant`).
         """
+        from meissonic_cli.model.state_io import has_weights, pick_variant
+
         folder = Path(folder)
         if (folder / "vqvae").is_dir():
             folder = folder / "vqvae"
@@ -148,12 +153,13 @@ class VQTokenizer(CodeGrid, nn.Module):
         config = read_json_object(config_path, f"{folder}: expected {VQ_CONFIG} (a diffusers VQModel config)")
         if config.get("_class_name", "VQModel") != "VQModel":
             raise ModelFormatError(f"{config_path}: _class_name is {config.get('_class_name')!r}, expected 'VQModel'")
-        if not ((folder / VQ_WEIGHTS).is_file() or (folder / VQ_WEIGHTS_INDEX).is_file()):
+        if not has_weights(folder, VQ_WEIGHTS, VQ_WEIGHTS_INDEX):
             raise ModelFormatError(f"{folder}: expected {VQ_WEIGHTS} (or {VQ_WEIGHTS_INDEX} with its shards)")
+        chosen = pick_variant(folder, VQ_WEIGHTS, VQ_WEIGHTS_INDEX, variant)
         from diffusers import VQModel
 
         try:
-            model = VQModel.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False)
+            model = VQModel.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False, variant=chosen)
         except (OSError, ValueError, RuntimeError, TypeError) as err:
             raise ModelFormatError(f"{folder}: cannot load the VQ model ({str(err).splitlines()[0]})") from None
         vq = cls(model.eval())
