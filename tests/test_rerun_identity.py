@@ -49,6 +49,7 @@ SAMPLE_AFFECTS = {
     "cache_refresh": [2, 3],
     "exact": True,
     "dtype": "bf16",
+    "variant": "fp16",
     "text_encoder": "<other text encoder>",  # replaced by a real folder in the test
     "preset": "official",
 }
@@ -85,10 +86,26 @@ def test_every_sample_field_is_classified():
         f"stale entries: {sorted(classified - _fields(SampleConfig))}")
 
 
+def with_fp16_variant(src: Path, dst: Path) -> Path:
+    """A copy of a model folder that also holds fp16 variant files (NAME.fp16.safetensors), as the hub's does."""
+    from safetensors.torch import load_file, save_file
+
+    copy_model_dir(src, dst)
+    for path in list(dst.rglob("*.safetensors")):
+        state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()}
+        save_file(state, path.with_name(path.name.replace(".safetensors", ".fp16.safetensors")))
+    return dst
+
+
 @pytest.fixture(scope="module")
-def sample_base(tiny_model_dir, tmp_path_factory) -> tuple[SampleConfig, Path]:
+def model_with_variant(tiny_model_dir, tmp_path_factory) -> Path:
+    return with_fp16_variant(tiny_model_dir, tmp_path_factory.mktemp("variant") / "model")
+
+
+@pytest.fixture(scope="module")
+def sample_base(model_with_variant, tmp_path_factory) -> tuple[SampleConfig, Path]:
     tmp = tmp_path_factory.mktemp("rerun-sample")
-    cfg = SampleConfig(model=str(tiny_model_dir), prompt=["a red circle"], out=str(tmp / "base"), steps=2,
+    cfg = SampleConfig(model=str(model_with_variant), prompt=["a red circle"], out=str(tmp / "base"), steps=2,
                        resolution="32", device="cpu", seed=3, cfg=3.0)
     run_sample(dataclasses.replace(cfg), progress=False)
     return cfg, tmp
@@ -153,9 +170,9 @@ def test_sample_settings_listed_as_no_effect_give_the_same_image(field, sample_b
 
 
 def test_sample_rerun_with_a_copy_of_the_model_skips_and_with_other_weights_refuses(sample_base, tmp_path,
-                                                                                   tiny_model_dir):
+                                                                                   model_with_variant):
     base, _ = sample_base
-    copy = copy_model_dir(tiny_model_dir, tmp_path / "copy")
+    copy = copy_model_dir(model_with_variant, tmp_path / "copy")
     out = tmp_path / "out"
     shutil.copytree(base.out, out)
     assert _sample_outcome(dataclasses.replace(base, out=str(out), model=str(copy))) == "skipped"
@@ -200,6 +217,7 @@ EDIT_AFFECTS = {
     "sample.token_temperature": 0.5,
     "sample.exact": True,
     "sample.dtype": "bf16",
+    "sample.variant": "fp16",
     "sample.text_encoder": "<other text encoder>",
     "sample.preset": "official",
     "image": "<other image>",
@@ -281,19 +299,19 @@ def _edit_outcome(cfg: EditConfig) -> str:
 
 
 @pytest.mark.parametrize("field", sorted(EDIT_AFFECTS))
-def test_edit_rerun_with_another_setting_does_not_keep_the_old_image(field, edit_inputs, tmp_path, tiny_model_dir):
+def test_edit_rerun_with_another_setting_does_not_keep_the_old_image(field, edit_inputs, tmp_path, model_with_variant):
     out = tmp_path / "out"
-    run_edit(_edit_config(tiny_model_dir, edit_inputs, out), progress=False, notify=None)
+    run_edit(_edit_config(model_with_variant, edit_inputs, out), progress=False, notify=None)
     value = EDIT_AFFECTS[field]
     value = edit_inputs.get(value, value) if isinstance(value, str) else value
-    assert _edit_outcome(_edit_config(tiny_model_dir, edit_inputs, out, **{field: value})) in ("refused", "redone")
+    assert _edit_outcome(_edit_config(model_with_variant, edit_inputs, out, **{field: value})) in ("refused", "redone")
 
 
 @pytest.mark.parametrize("field", sorted(EDIT_AFFECTS_OTHER_MODES))
-def test_edit_rerun_with_another_mode_setting_does_not_keep_the_old_image(field, edit_inputs, tmp_path, tiny_model_dir):
+def test_edit_rerun_with_another_mode_setting_does_not_keep_the_old_image(field, edit_inputs, tmp_path, model_with_variant):
     mode, base, value = EDIT_AFFECTS_OTHER_MODES[field]
     out = tmp_path / "out"
-    run_edit(_edit_config(tiny_model_dir, edit_inputs, out, mode=mode, **base), progress=False, notify=None)
-    assert _edit_outcome(_edit_config(tiny_model_dir, edit_inputs, out, mode=mode, **base)) == "skipped"
-    assert _edit_outcome(_edit_config(tiny_model_dir, edit_inputs, out, mode=mode, **{**base, field: value})) in (
+    run_edit(_edit_config(model_with_variant, edit_inputs, out, mode=mode, **base), progress=False, notify=None)
+    assert _edit_outcome(_edit_config(model_with_variant, edit_inputs, out, mode=mode, **base)) == "skipped"
+    assert _edit_outcome(_edit_config(model_with_variant, edit_inputs, out, mode=mode, **{**base, field: value})) in (
         "refused", "redone")

@@ -114,7 +114,7 @@ CASE_FIELDS = ("image", "prompt", "mode", "mask", "box", "extend", "target", "st
 # Every edit setting reaches this comparison or is listed with its reason in tests/test_rerun_identity.py.
 _MUST_MATCH = ("prompt", "mode", "source", "mask", "box", "extend", "target", "strength", "edit_rule", "dilate", "blend",
                "seed", "negative_prompt", "steps", "cfg", "temperature", "token_temperature", "exact", "text_encoder",
-               "dtype", "generator")
+               "dtype", "generator", "variant")
 
 
 @dataclass
@@ -416,12 +416,14 @@ class EditRunResult:
 
 
 def _run_identity(cfg: EditConfig, pipeline: Any) -> dict[str, Any]:
-    """The sidecar settings that come from the run, not the case: the transformer dtype and the generator's device."""
+    """The sidecar settings that come from the run, not the case: the transformer dtype, the generator's device
+    and the weights variant."""
     from meissonic_cli.device import resolve_device, resolve_dtype
 
     dtype = pipeline.dtype if pipeline is not None else resolve_dtype(cfg.sample.dtype)
     device = pipeline.device if pipeline is not None else resolve_device(cfg.sample.device)
-    return {"dtype": str(dtype).replace("torch.", ""), "generator": generator_device(cfg.sample.exact, device)}
+    return {"dtype": str(dtype).replace("torch.", ""), "generator": generator_device(cfg.sample.exact, device),
+            "variant": cfg.sample.variant}
 
 
 def _is_done(out: Path, case: EditCase) -> bool:

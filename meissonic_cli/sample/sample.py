@@ -46,11 +46,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Sidecar fields that must equal the current run's for a done image to be skipped.
 # Every SampleConfig field reaches this comparison or is listed with its reason in tests/test_rerun_identity.py.
 _MUST_MATCH = ("prompt", "negative_prompt", "seed", "steps", "cfg", "resolution", "temperature", "token_temperature",
-               "text_encoder", "sampler", "dtype", "generator")
+               "text_encoder", "sampler", "dtype", "generator", "variant")
 # Values of sidecar fields added after the first release, for sidecars written before them (`edit`'s too).
 _SIDECAR_DEFAULTS = {"token_temperature": 1.0, "exact": False}
 # Sidecar fields compared only when a finished sidecar has them (older ones did not record them).
-_COMPARED_WHEN_RECORDED = ("generator", "dtype")
+_COMPARED_WHEN_RECORDED = ("generator", "dtype", "variant")
 GRID_NAME = "grid.png"
 # Narrower grid tiles are enlarged (see make_grid): 64 px samples would leave room for ~10 characters of caption.
 MIN_GRID_TILE = 160
@@ -324,7 +324,7 @@ def _sidecar(item: PromptItem, cfg: SampleConfig, width: int, height: int, model
         "width": width, "height": height, "temperature": list(_as_list(parse_temperature(cfg.temperature))),
         "token_temperature": cfg.token_temperature,
         "sampler": cfg.sampler_label, "text_encoder": text_encoder_label(cfg.text_encoder), "model": model, "dtype": dtype,
-        "generator": generator, "seconds": round(seconds, 4),
+        "generator": generator, "variant": cfg.variant, "seconds": round(seconds, 4),
     }
 
 
