@@ -10,7 +10,6 @@ and peft-injected models (scales set with peft's `set_scale`, several adapters m
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -132,7 +131,7 @@ def test_diffusers_files_give_peft_logits(tmp_path, prefix):
     applied = apply_lora(base, [f"{plain}:2"], notify=notes.append)
     torch.testing.assert_close(_logits(base), expected, **TOL)
     assert len(notes) == 1 and notes[0].startswith("Note: ") and "alpha = rank" in notes[0]
-    assert applied[0].record["scale"] == 2.0 and applied[0].record["layout"] == "diffusers"
+    assert applied[0].record["scale"] == 2.0 and applied[0].adapter.layout == "diffusers"
     if prefix != "none":  # diffusers writes the LoRA config into the metadata when given it
         with_meta = _diffusers_save(tmp_path / "meta", state, prefix, metadata=config.to_dict())
         torch.testing.assert_close(_ours([with_meta]), expected, **TOL)

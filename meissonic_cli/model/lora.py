@@ -181,6 +181,12 @@ def load_lora(path: str | Path, model: nn.Module) -> LoRA:
     return lora
 
 
+def print_note(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr)
+
+
 class AppliedLoRA:
     """An adapter file attached to a model for sampling (hooks, not merged); `record` is what sidecars keep."""
 
@@ -189,8 +195,7 @@ class AppliedLoRA:
 
         check_fits(adapter, model)
         self.adapter, self.scale = adapter, float(scale)
-        self.record = {"path": str(adapter.source.resolve()), "sha256": adapter.sha256(), "scale": self.scale,
-                       "layout": adapter.layout}
+        self.record = {"path": str(adapter.source.resolve()), "sha256": adapter.sha256(), "scale": self.scale}
         self.updates = nn.ModuleDict()
         self._handles = []
         modules = dict(model.named_modules())
@@ -212,10 +217,10 @@ class AppliedLoRA:
         self._handles.clear()
 
 
-def apply_lora(model: nn.Module, specs: Any, notify: Optional[Callable[[str], None]] = None) -> list[AppliedLoRA]:
+def apply_lora(model: nn.Module, specs: Any, notify: Optional[Callable[[str], None]] = print_note) -> list[AppliedLoRA]:
     """Attach each `--lora PATH[:SCALE]` of `specs` (strings, (path, scale) pairs or `LoraSpec`s) to `model`,
     stacked in order. Every adapter is read and checked before any is attached; `notify` gets one line per
-    notice (an adapter without alpha)."""
+    notice (an adapter without alpha; default: printed to stderr)."""
     from meissonic_cli.model.lora_files import parse_lora_spec, read_adapter
 
     if specs is None:

@@ -125,12 +125,7 @@ class AdapterFile:
 
     def sha256(self) -> str:
         """Digest of the files read (weights, and the PEFT config whose alpha sets the scale)."""
-        h = hashlib.sha256()
-        for file in self.files:
-            with open(file, "rb") as fh:
-                for block in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(block)
-        return h.hexdigest()
+        return file_digest(self.files)
 
     @property
     def ranks(self) -> list[int]:
@@ -160,6 +155,24 @@ def find_adapter_file(path: str | Path) -> tuple[Path, Optional[Path]]:
     what = f"{len(found)} .safetensors files ({', '.join(p.name for p in found[:4])}); name one" if found else \
         "no adapter file"
     raise InputError(f"LoRA folder {path}: {what} (expected {PEFT_WEIGHTS} + {PEFT_CONFIG} or {DIFFUSERS_WEIGHTS})")
+
+
+def file_digest(files: Sequence[Path]) -> str:
+    """sha256 of the files' bytes in order."""
+    h = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def lora_record(spec: Any) -> dict[str, Any]:
+    """What a sidecar records of one `--lora PATH[:SCALE]`: the resolved path, sha256 of the files read, scale."""
+    spec = parse_lora_spec(spec)
+    weights, config = find_adapter_file(spec.path)
+    return {"path": str(spec.path.resolve()), "sha256": file_digest([weights] + ([config] if config else [])),
+            "scale": spec.scale}
 
 
 def read_adapter(path: str | Path) -> AdapterFile:
@@ -283,10 +296,8 @@ def _split_keys(tensors: dict[str, torch.Tensor], where: str) -> dict[str, dict[
     other = []
     for key, value in tensors.items():
         name = key
-        for prefix in PREFIXES:
-            if name.startswith(prefix):
-                name = name[len(prefix):]
-                break
+        while name.startswith(PREFIXES):  # `unet.base_model.model.<layer>` from a wrapped model too
+            name = name[len(next(p for p in PREFIXES if name.startswith(p))):]
         for suffix, part in _PARTS:
             if name.endswith(suffix):
                 pieces.setdefault(name[: -len(suffix)], {})[part] = value

@@ -102,6 +102,12 @@ class SampleConfig:
                                                    "folder (vision tower ignored), e.g. laion/CLIP-ViT-H-14-laion2B-"
                                                    "s32B-b79K as the official scripts load it. Prompts are still "
                                                    "tokenized with the model's tokenizer/.")
+    lora: list[str] = field(default_factory=list, help="LoRA adapter to apply, PATH or PATH:SCALE (default scale 1; "
+                                                         "repeat the flag to stack several): a PEFT folder "
+                                                         "(adapter_model.safetensors + adapter_config.json), a diffusers "
+                                                         "or official-trainer pytorch_lora_weights.safetensors, or a "
+                                                         "meissonic-lora file. Applied without merging; the sidecars "
+                                                         "record each adapter's path, sha256 and scale.")
     preset: Optional[str] = field(None, help="official: the settings of the official scripts (inference.py, "
                                              "inpaint.py) for every setting left at its default: 64 steps, guidance "
                                              "9, their default negative prompt, --exact (and 1024 px for edit).")
@@ -138,8 +144,19 @@ class SampleConfig:
         from meissonic_cli.sample.pipeline import DTYPES
 
         p.check(self.dtype.lower() in DTYPES, f"unknown --dtype {self.dtype!r}; use fp32, bf16 or fp16")
+        self.check_lora(p)
         p.raise_if_any()
         return self
+
+    def check_lora(self, p: Problems) -> None:
+        """Add to `p` what is wrong with the --lora specs (syntax, scale range, a file or folder that holds an adapter)."""
+        from meissonic_cli.model.lora_files import find_adapter_file, parse_lora_spec
+
+        for text in self.lora:
+            try:
+                find_adapter_file(parse_lora_spec(text).path)
+            except InputError as err:
+                p.check(False, str(err))
 
     def check_schedule(self, p: Problems) -> None:
         """Add to `p` what is wrong with the decoding settings (--steps, --temperature,
@@ -429,11 +446,11 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
         if not _is_done(out, item):
             check_replaceable(out / f"{item.stem}.png", cfg.overwrite)
             check_replaceable(out / f"{item.stem}.json", cfg.overwrite)
-    model_id = model_identity(pipeline, cfg.model, cfg.allow_download)
+    model_id = model_identity(pipeline, cfg.model, cfg.allow_download, lora=cfg.lora)
     if pipeline is None:
         root = resolve_model_folder(cfg.model, allow_download=cfg.allow_download)
         pipeline = MeissonicPipeline.from_pretrained(root, device=cfg.device, dtype=cfg.dtype,
-                                                     text_encoder=cfg.text_encoder)
+                                                     text_encoder=cfg.text_encoder, lora=cfg.lora)
     model_label = model_id["model"]
     width, height = size if size is not None else (pipeline.default_resolution,) * 2
     pipeline.check_resolution(height, width)
@@ -442,7 +459,8 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
     todo = []
     for item in items:
         if _is_done(out, item):
-            _check_done_matches(out, item, _sidecar(item, cfg, width, height, model_label, 0.0, dtype_name), model_id)
+            _check_done_matches(out, item, {**_sidecar(item, cfg, width, height, model_label, 0.0, dtype_name),
+                                            "lora": model_id["lora"]}, model_id)
         else:
             todo.append(item)
 
@@ -468,7 +486,7 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
             for item, image in zip(batch, images):
                 png, side = out / f"{item.stem}.png", out / f"{item.stem}.json"
                 meta = {**_sidecar(item, cfg, width, height, model_label, seconds / len(batch), dtype_name),
-                        "model_digest": model_id["model_digest"]}
+                        "model_digest": model_id["model_digest"], "lora": model_id["lora"]}
                 atomic_write(png, lambda p, im=image: im.save(p, format="PNG", pnginfo=png_mark(meta)))
                 write_json(side, meta)
                 result.written.append(png)
