@@ -121,3 +121,17 @@ def test_bad_adapters_are_one_error_line(tiny_model_dir, adapters, tmp_path):
         res = _run("sample", "--model", str(tiny_model_dir), "--lora", spec, "--out", str(out), *FAST)
         assert res.exit_code == 1 and res.output.startswith("Error: ") and message in res.output, (spec, res.output)
         assert "Traceback" not in res.output and not any(out.glob("*.png"))
+
+
+def test_adapter_only_checkpoint_names_the_command_that_samples_it(tiny_model_dir, tmp_path):
+    from meissonic_cli.model.lora import LoRA, save_lora
+
+    base = MeissonicTransformer.from_pretrained(tiny_model_dir)
+    lora = LoRA(base, rank=2)
+    step = tmp_path / "run" / "step-00000003"  # what `train --lora-rank` writes without --save-merged
+    save_lora(step / "lora", lora, model=base, base_model=str(tiny_model_dir))
+    res = _run("sample", "--model", str(step), "--out", str(tmp_path / "out"), *FAST)
+    hint = f"--model {tiny_model_dir} --lora {step / 'lora'}"
+    assert res.exit_code == 1 and res.output.startswith("Error: ") and hint in " ".join(res.output.split()), res.output
+    res = _run("sample", *hint.split(), "--out", str(tmp_path / "out"), *FAST)
+    assert res.exit_code == 0, res.output

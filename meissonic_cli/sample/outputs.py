@@ -37,9 +37,24 @@ def model_identity(pipeline: Any, model: str, allow_download: bool = False, lora
         from meissonic_cli.sample.pipeline import resolve_model_folder
 
         root = resolve_model_folder(model, allow_download=allow_download)
+        check_not_adapter_only(root)
         label = str(Path(root).resolve())
     digest = model_fingerprint(root) if root is not None and Path(root).is_dir() else None
     return {"model": label, "model_digest": digest, "lora": records}
+
+
+def check_not_adapter_only(root: Path) -> None:
+    """A clear error for a LoRA training checkpoint that holds the adapter alone (no transformer/), naming the
+    command that samples it: the base model recorded in its adapter_config.json plus --lora."""
+    config = Path(root) / "lora" / "adapter_config.json"
+    if (Path(root) / "transformer").exists() or not config.is_file():
+        return
+    try:
+        base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") or "BASE"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        base = "BASE"
+    raise InputError(f"{root} holds a LoRA adapter alone (a checkpoint trained without --save-merged), not a model: "
+                     f"sample it on its base model with --model {base} --lora {Path(root) / 'lora'}")
 
 
 def read_done_sidecar(path: Path) -> dict[str, Any]:
