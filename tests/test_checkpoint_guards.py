@@ -93,6 +93,27 @@ def test_lora_checkpoint_with_ema_reads_back_the_adapters_and_ema_adapters_it_wa
         assert set(got) == set(expected) and all(torch.allclose(got[k], expected[k]) for k in got), sub
 
 
+def test_lora_checkpoint_of_an_earlier_version_still_resumes(tmp_path):
+    """Older LoRA checkpoints hold lora/adapters.safetensors (+ adapters_ema) as meissonic-lora files."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    lora, _, state = _tiny(lora_rank=2)
+    ema = _noisy(state, "lora.", 3)
+    step = _write(tmp_path / "step-00000003", state, lora=lora, ema_state=ema)
+    shutil.rmtree(step / "lora")
+    shutil.rmtree(step / "lora_ema")
+    (step / "lora").mkdir()
+    meta = {"format": "meissonic-lora", "rank": "2", "alpha": "2.0"}
+    for name, which in (("adapters", state), ("adapters_ema", ema)):
+        tensors = {k: v.contiguous() for k, v in lora.named_adapters(which).items()}
+        save_file(tensors, str(step / "lora" / f"{name}.safetensors"), metadata=meta)
+    assert _same(ckpt.read_module_state(step, lora=lora, text_encoder=False),
+                 {k: v for k, v in state.items() if k.startswith("lora.")})
+    assert _same(ckpt.read_ema_state(step, lora=lora), ema)
+
+
 def test_trained_text_encoder_is_saved_and_read_back(tmp_path):
     _, te, state = _tiny(text_encoder=True)
     step = _write(tmp_path / "step-00000003", state, text_encoder=te)

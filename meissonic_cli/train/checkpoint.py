@@ -343,6 +343,12 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return state
 
 
+def _lora_source(checkpoint: Path, folder: str, legacy: str) -> Path:
+    """The adapter folder, or the single meissonic-lora file (`lora/<legacy>.safetensors`) of older checkpoints."""
+    old = checkpoint / LORA_DIR / f"{legacy}.safetensors"
+    return old if old.is_file() else checkpoint / folder
+
+
 def read_module_state(checkpoint: Path, *, lora: LoRA | None, text_encoder: bool) -> dict[str, torch.Tensor]:
     """The trained weights keyed as in a MaskedImageModel state: the LoRA adapters, or the transformer, plus the text encoder."""
     from meissonic_cli.model.lora import read_lora_file
@@ -350,7 +356,7 @@ def read_module_state(checkpoint: Path, *, lora: LoRA | None, text_encoder: bool
 
     checkpoint = Path(checkpoint)
     if lora is not None:
-        state = lora.module_keys(read_lora_file(checkpoint / LORA_DIR), prefix="lora.")
+        state = lora.module_keys(read_lora_file(_lora_source(checkpoint, LORA_DIR, "adapters")), prefix="lora.")
     else:
         state = {f"transformer.{k}": v for k, v in load_state_dict_files(checkpoint / "transformer").items()}
     if text_encoder:
@@ -368,7 +374,7 @@ def read_ema_state(checkpoint: Path, *, lora: LoRA | None) -> dict[str, torch.Te
 
     checkpoint = Path(checkpoint)
     if lora is not None:
-        return lora.module_keys(read_lora_file(checkpoint / LORA_EMA_DIR), prefix="lora.")
+        return lora.module_keys(read_lora_file(_lora_source(checkpoint, LORA_EMA_DIR, "adapters_ema")), prefix="lora.")
     return {f"transformer.{k}": v for k, v in load_state_dict_files(checkpoint / "transformer_ema").items()}
 
 
