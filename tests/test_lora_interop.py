@@ -263,3 +263,13 @@ def test_lora_spec_parsing(tmp_path):
     for bad in ("x:nan", "x:inf", "x:11", "x:-1e9"):
         with pytest.raises(InputError, match="finite number between -10 and 10"):
             parse_lora_spec(bad)
+
+
+def test_applied_adapters_follow_the_model_to_another_dtype(tmp_path):
+    base, lora = _our_lora()
+    save_lora(tmp_path / "lora", lora, model=base)
+    expected = _logits(base).double()
+    model = _base()
+    apply_lora(model, [tmp_path / "lora"])
+    model.double()  # moved after the adapters were attached
+    torch.testing.assert_close(_logits(model), expected, **TOL)

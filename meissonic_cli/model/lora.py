@@ -126,6 +126,16 @@ class _AddUpdate:
         return output + self.adapter(inputs[0]).to(output.dtype)
 
 
+class _FollowLayer(_AddUpdate):
+    """`_AddUpdate` whose adapter follows its layer's device and dtype (the model may be moved after loading)."""
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        w, own = module.weight, self.adapter.lora_A.weight
+        if own.device != w.device or own.dtype != w.dtype:
+            self.adapter.to(device=w.device, dtype=w.dtype)
+        return super().__call__(module, inputs, output)
+
+
 def merge_adapters(base: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
     """`base` (a model state_dict) with each `<layer>.lora_B @ <layer>.lora_A * scale` added to `<layer>.weight`."""
     out = dict(base)
@@ -208,7 +218,7 @@ class AppliedLoRA:
             update.scale = layer.scaling * self.scale
             update.to(device=module.weight.device, dtype=module.weight.dtype).eval().requires_grad_(False)
             self.updates[_key(name)] = update
-            self._handles.append(module.register_forward_hook(_AddUpdate(update)))
+            self._handles.append(module.register_forward_hook(_FollowLayer(update)))
 
     def remove(self) -> None:
         """Stop adding this adapter's updates."""
