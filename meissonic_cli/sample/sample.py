@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 
 from meissonic_cli.atomic import atomic_write, write_json
 from meissonic_cli.config import Problems, field, parse_resolution
-from meissonic_cli.errors import InputError, OutputExistsError
+from meissonic_cli.errors import InputError, ModelFormatError, OutputExistsError
 from meissonic_cli.progress import key_value_table, make_progress
 from meissonic_cli.safety import MAX_SEED, check_seed
 from meissonic_cli.sample.outputs import other_model, read_done_sidecar
@@ -149,13 +149,14 @@ class SampleConfig:
         return self
 
     def check_lora(self, p: Problems) -> None:
-        """Add to `p` what is wrong with the --lora specs (syntax, scale range, a file or folder that holds an adapter)."""
-        from meissonic_cli.model.lora_files import find_adapter_file, parse_lora_spec
+        """Add to `p` what is wrong with the --lora specs (syntax, scale range, an adapter file in a layout meissonic
+        reads), so a bad adapter fails before the model loads; whether it fits the model is checked once it has."""
+        from meissonic_cli.model.lora_files import parse_lora_spec, read_adapter
 
         for text in self.lora:
             try:
-                find_adapter_file(parse_lora_spec(text).path)
-            except InputError as err:
+                read_adapter(parse_lora_spec(text).path)
+            except (InputError, ModelFormatError) as err:
                 p.check(False, str(err))
 
     def check_schedule(self, p: Problems) -> None:
