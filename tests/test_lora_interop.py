@@ -273,3 +273,14 @@ def test_applied_adapters_follow_the_model_to_another_dtype(tmp_path):
     apply_lora(model, [tmp_path / "lora"])
     model.double()  # moved after the adapters were attached
     torch.testing.assert_close(_logits(model), expected, **TOL)
+
+
+def test_half_precision_model_keeps_float32_adapters_as_peft_does(tmp_path):
+    model = get_peft_model(_base().to(torch.bfloat16), LoraConfig(**CONFIGS["official"]))  # peft: float32 adapters
+    _randomize(model, 7)
+    model.save_pretrained(tmp_path / "adapter")
+    expected = _logits(model.get_base_model())
+    ours = _base().to(torch.bfloat16)
+    applied = apply_lora(ours, [tmp_path / "adapter"])
+    assert {p.dtype for a in applied for p in a.updates.parameters()} == {torch.float32}
+    assert torch.equal(_logits(ours), expected)

@@ -126,14 +126,20 @@ class _AddUpdate:
         return output + self.adapter(inputs[0]).to(output.dtype)
 
 
+def _adapter_dtype(layer_dtype: torch.dtype) -> torch.dtype:
+    # Half-precision layers keep their adapters in float32, as peft does (autocast_adapter_dtype).
+    return torch.float32 if layer_dtype in (torch.float16, torch.bfloat16) else layer_dtype
+
+
 class _FollowLayer(_AddUpdate):
     """`_AddUpdate` whose adapter follows its layer's device and dtype (the model may be moved after loading)."""
 
     def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        w, own = module.weight, self.adapter.lora_A.weight
-        if own.device != w.device or own.dtype != w.dtype:
-            self.adapter.to(device=w.device, dtype=w.dtype)
-        return super().__call__(module, inputs, output)
+        w, dtype = module.weight, _adapter_dtype(module.weight.dtype)
+        if self.adapter.lora_A.weight.device != w.device or self.adapter.lora_A.weight.dtype != dtype:
+            self.adapter.to(device=w.device, dtype=dtype)
+        # Added in the adapter's precision, then rounded once, as peft does.
+        return (output + self.adapter(inputs[0].to(dtype))).to(output.dtype)
 
 
 def merge_adapters(base: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
@@ -216,7 +222,7 @@ class AppliedLoRA:
                 update.lora_A.weight.copy_(layer.down)
                 update.lora_B.weight.copy_(layer.up)
             update.scale = layer.scaling * self.scale
-            update.to(device=module.weight.device, dtype=module.weight.dtype).eval().requires_grad_(False)
+            update.to(device=module.weight.device, dtype=_adapter_dtype(module.weight.dtype)).eval().requires_grad_(False)
             self.updates[_key(name)] = update
             self._handles.append(module.register_forward_hook(_FollowLayer(update)))
 
