@@ -77,7 +77,9 @@ def test_lora_checkpoint_with_ema_reads_back_the_adapters_and_ema_adapters_it_wa
     lora, _, state = _tiny(lora_rank=2)
     ema = _noisy(state, "lora.", 3)
     step = _write(tmp_path / "run" / "step-00000003", state, lora=lora, ema_state=ema)
-    assert (step / "lora" / "adapters.safetensors").is_file() and (step / "lora" / "adapters_ema.safetensors").is_file()
+    for name in ("lora", "lora_ema"):  # PEFT and diffusers layouts of the adapter and of its EMA
+        assert {p.name for p in (step / name).iterdir()} == {"adapter_model.safetensors", "adapter_config.json",
+                                                             "pytorch_lora_weights.safetensors", "transformer_config.json"}
 
     adapters = {k: v for k, v in state.items() if k.startswith("lora.")}
     assert _same(ckpt.read_module_state(step, lora=lora, text_encoder=False), adapters)
@@ -89,6 +91,27 @@ def test_lora_checkpoint_with_ema_reads_back_the_adapters_and_ema_adapters_it_wa
         expected = merge_adapters(base, lora.named_adapters(which), lora.scale)
         got = load_state_dict_files(step / sub)
         assert set(got) == set(expected) and all(torch.allclose(got[k], expected[k]) for k in got), sub
+
+
+def test_lora_checkpoint_of_an_earlier_version_still_resumes(tmp_path):
+    """Older LoRA checkpoints hold lora/adapters.safetensors (+ adapters_ema) as meissonic-lora files."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    lora, _, state = _tiny(lora_rank=2)
+    ema = _noisy(state, "lora.", 3)
+    step = _write(tmp_path / "step-00000003", state, lora=lora, ema_state=ema)
+    shutil.rmtree(step / "lora")
+    shutil.rmtree(step / "lora_ema")
+    (step / "lora").mkdir()
+    meta = {"format": "meissonic-lora", "rank": "2", "alpha": "2.0"}
+    for name, which in (("adapters", state), ("adapters_ema", ema)):
+        tensors = {k: v.contiguous() for k, v in lora.named_adapters(which).items()}
+        save_file(tensors, str(step / "lora" / f"{name}.safetensors"), metadata=meta)
+    assert _same(ckpt.read_module_state(step, lora=lora, text_encoder=False),
+                 {k: v for k, v in state.items() if k.startswith("lora.")})
+    assert _same(ckpt.read_ema_state(step, lora=lora), ema)
 
 
 def test_trained_text_encoder_is_saved_and_read_back(tmp_path):
@@ -287,8 +310,10 @@ def test_lora_run_with_ema_resumes_to_the_uninterrupted_runs_adapters(tmp_path):
     crash_after_first_checkpoint(cfg_for(tmp_path, data, output=str(tmp_path / "b"), **common))
     resumed = train(cfg_for(tmp_path, data, output=str(tmp_path / "b"), resume="auto", **common))
     assert resumed.start_step == 2 and resumed.losses[3] == full.losses[3]
-    saved = {(run, name): read_lora_file(tmp_path / run / "step-00000003" / "lora" / f"{name}.safetensors")
-             for run in "ab" for name in ("adapters", "adapters_ema")}
-    assert _same(saved["a", "adapters"], saved["b", "adapters"])
-    assert _same(saved["a", "adapters_ema"], saved["b", "adapters_ema"])
-    assert not _same(saved["a", "adapters"], saved["a", "adapters_ema"])  # the EMA adapters are their own state
+    # Without --save-merged the checkpoints hold the adapters alone (no transformer/), and resume from them.
+    assert not (tmp_path / "b" / "step-00000002" / "transformer").exists()
+    saved = {(run, name): read_lora_file(tmp_path / run / "step-00000003" / name)
+             for run in "ab" for name in ("lora", "lora_ema")}
+    assert _same(saved["a", "lora"], saved["b", "lora"])
+    assert _same(saved["a", "lora_ema"], saved["b", "lora_ema"])
+    assert not _same(saved["a", "lora"], saved["a", "lora_ema"])  # the EMA adapters are their own state

@@ -334,9 +334,9 @@ def test_lora_trains_adapters_only_and_saves_them_separately_and_merged(tmp_path
 
     data = make_token_dataset(tmp_path / "data", shards=1)
     src = make_model_folder(tmp_path / "base")
-    result = train(cfg_for(tmp_path, data, model="", init=str(src), lora_rank=2, max_steps=3, lr=1e-2))
+    result = train(cfg_for(tmp_path, data, model="", init=str(src), lora_rank=2, max_steps=3, lr=1e-2, save_merged=True))
     step = result.last_checkpoint
-    adapters = read_lora_file(step / "lora" / "adapters.safetensors")
+    adapters = read_lora_file(step / "lora")
     assert adapters and all(".attn." in k for k in adapters)
     assert any(v.abs().sum() > 0 for k, v in adapters.items() if "lora_B" in k)
     base = MeissonicTransformer.from_pretrained(src)
@@ -345,14 +345,20 @@ def test_lora_trains_adapters_only_and_saves_them_separately_and_merged(tmp_path
     changed = {k for k in base_sd if not torch.equal(base_sd[k], merged_sd[k])}
     assert changed and all(".attn." in k for k in changed)
     # Base + adapters (hooks) computes what the merged weights compute.
-    lora = load_lora(step / "lora" / "adapters.safetensors", base)
+    lora = load_lora(step / "lora", base)
     assert lora.rank == 2
+    # What `sample --lora` attaches (apply_lora, from the diffusers file) computes the same.
+    from meissonic_cli.model.lora import apply_lora
+
+    plain = MeissonicTransformer.from_pretrained(src)
+    apply_lora(plain, [step / "lora" / "pytorch_lora_weights.safetensors"])
     g = torch.Generator().manual_seed(0)
     args = (torch.randint(0, 64, (1, GRID, GRID), generator=g), torch.randn(1, 77, 32, generator=g),
             torch.randn(1, 32, generator=g), torch.tensor([500.0]))
     kw = dict(micro_conds=torch.tensor([[512.0, 512, 0, 0, 6]]))
     with torch.no_grad():
         torch.testing.assert_close(base(*args, **kw), merged(*args, **kw), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(plain(*args, **kw), merged(*args, **kw), atol=1e-5, rtol=1e-5)
 
 
 def test_text_encoder_trained_online_from_captions(tmp_path):

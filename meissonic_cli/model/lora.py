@@ -1,12 +1,17 @@
-"""Low-rank adapters (LoRA) on the transformer's attention projections.
+"""Low-rank adapters (LoRA) on the transformer's linear layers: training them, and applying adapter files.
 
-Each adapted `nn.Linear` computes `W x + b + (alpha / r) * B (A x)` with A `(r, in)` drawn like a
+Each adapted `nn.Linear` computes `W x + b + scaling * B (A x)` with A `(r, in)` drawn like a
 linear layer's weight and B `(out, r)` zero, so training starts from the unchanged model.
 
 The adapters live in their own module (`LoRA`) and reach the model through forward hooks, so the
 model's own state_dict keeps the released key names: `merged_state_dict` folds the updates into
-those weights for a released-layout checkpoint, and `save_lora` writes only the adapters
-(`<layer>.lora_A.weight`, `<layer>.lora_B.weight`, rank and alpha in the safetensors metadata).
+those weights for a released-layout checkpoint, and `save_lora` writes only the adapters, in the
+PEFT and diffusers layouts (`lora_files.save_adapter`).
+
+`apply_lora` attaches adapter files (PEFT, diffusers/official trainer or meissonic-lora, see
+`lora_files`) to a model for sampling without merging them: each adapter adds
+`scale * scaling * B (A x)` to its layers' outputs through its own hooks, so several stack, and
+`AppliedLoRA.remove()` gives back the unchanged model.
 """
 
 from __future__ import annotations
@@ -14,11 +19,11 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
-from meissonic_cli.atomic import atomic_write
 from meissonic_cli.errors import ModelFormatError
 
 # Every attention projection of the MMDiT blocks (image and text streams) and of the single blocks.
@@ -121,6 +126,22 @@ class _AddUpdate:
         return output + self.adapter(inputs[0]).to(output.dtype)
 
 
+def _adapter_dtype(layer_dtype: torch.dtype) -> torch.dtype:
+    # Half-precision layers keep their adapters in float32, as peft does (autocast_adapter_dtype).
+    return torch.float32 if layer_dtype in (torch.float16, torch.bfloat16) else layer_dtype
+
+
+class _FollowLayer(_AddUpdate):
+    """`_AddUpdate` whose adapter follows its layer's device and dtype (the model may be moved after loading)."""
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        w, dtype = module.weight, _adapter_dtype(module.weight.dtype)
+        if self.adapter.lora_A.weight.device != w.device or self.adapter.lora_A.weight.dtype != dtype:
+            self.adapter.to(device=w.device, dtype=dtype)
+        # Added in the adapter's precision, then rounded once, as peft does.
+        return (output + self.adapter(inputs[0].to(dtype))).to(output.dtype)
+
+
 def merge_adapters(base: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
     """`base` (a model state_dict) with each `<layer>.lora_B @ <layer>.lora_A * scale` added to `<layer>.weight`."""
     out = dict(base)
@@ -139,36 +160,100 @@ def merged_state_dict(model: nn.Module, lora: LoRA) -> dict[str, torch.Tensor]:
     return merge_adapters({k: v.detach() for k, v in model.state_dict().items()}, lora.adapter_state_dict(), lora.scale)
 
 
-def save_lora(path: str | Path, lora: LoRA, adapters: dict[str, torch.Tensor] | None = None) -> None:
-    """Write adapters (default: `lora`'s live ones) as safetensors, atomically, with rank and alpha in the metadata."""
-    from safetensors.torch import save_file
+def save_lora(folder: str | Path, lora: LoRA, adapters: dict[str, torch.Tensor] | None = None, *,
+              model: nn.Module | None = None, base_model: str | None = None) -> None:
+    """Write adapters (default: `lora`'s live ones) into `folder` as PEFT and diffusers read them
+    (`lora_files.save_adapter`); `model` lets `target_modules` use short names, `base_model` is recorded."""
+    from meissonic_cli.model.lora_files import save_adapter, target_modules
 
     adapters = lora.adapter_state_dict() if adapters is None else adapters
-    tensors = {k: v.detach().float().cpu().contiguous() for k, v in adapters.items()}
-    meta = {"format": "meissonic-lora", "rank": str(lora.rank), "alpha": repr(lora.alpha)}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    tensors = {k: v.detach().float() for k, v in adapters.items()}
+    save_adapter(folder, tensors, rank=lora.rank, alpha=lora.alpha, targets=target_modules(lora.layer_names, model),
+                 base_model=base_model)
 
 
 def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """The adapter tensors of a file written by `save_lora`."""
-    return _read(path)[0]
+    """The adapter tensors (`<layer>.lora_A.weight` / `.lora_B.weight`, as stored) of an adapter file or folder."""
+    from meissonic_cli.model.lora_files import adapter_tensors, read_adapter
 
-
-def _read(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from meissonic_cli.model.state_io import read_safetensors
-
-    path = Path(path)
-    if not path.is_file():
-        raise ModelFormatError(f"LoRA adapter file {path} does not exist")
-    state, meta = read_safetensors(path, with_metadata=True)
-    if meta.get("format") != "meissonic-lora":
-        raise ModelFormatError(f"{path} is not a meissonic LoRA adapter file (no format=meissonic-lora metadata)")
-    return state, meta
+    return adapter_tensors(read_adapter(path))
 
 
 def load_lora(path: str | Path, model: nn.Module) -> LoRA:
-    """Attach the adapters stored at `path` (written by `save_lora`) to `model`."""
-    state, meta = _read(path)
-    lora = LoRA(model, rank=int(meta["rank"]), alpha=float(meta["alpha"]))
-    lora.load_adapter_state_dict(state)
+    """Attach the adapters stored at `path` (one rank and alpha throughout, as `save_lora` writes) to `model`
+    as a trainable `LoRA`."""
+    from meissonic_cli.model.lora_files import adapter_tensors, check_fits, read_adapter
+
+    adapter = read_adapter(path)
+    check_fits(adapter, model)
+    ranks, scalings = adapter.ranks, {layer.scaling for layer in adapter.layers.values()}
+    if len(ranks) != 1 or len(scalings) != 1:
+        raise ModelFormatError(f"{path}: layers of different ranks or scales cannot be trained as one LoRA; apply it "
+                               "with --lora instead")
+    names = set(adapter.layers)
+    lora = LoRA(model, rank=ranks[0], alpha=scalings.pop() * ranks[0],
+                targets=re.compile("^(" + "|".join(re.escape(n) for n in sorted(names)) + ")$"))
+    lora.load_adapter_state_dict(adapter_tensors(adapter))
     return lora
+
+
+def print_note(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr)
+
+
+class AppliedLoRA:
+    """An adapter file attached to a model for sampling (hooks, not merged); `record` is what sidecars keep."""
+
+    def __init__(self, model: nn.Module, adapter: Any, scale: float):
+        from meissonic_cli.model.lora_files import check_fits
+
+        check_fits(adapter, model)
+        self.adapter, self.scale = adapter, float(scale)
+        self.record = {"path": str(adapter.source.resolve()), "sha256": adapter.sha256(), "scale": self.scale}
+        self.updates = nn.ModuleDict()
+        self._handles = []
+        modules = dict(model.named_modules())
+        for name, layer in adapter.layers.items():
+            module = modules[name]
+            update = LoRAAdapter(module.in_features, module.out_features, layer.rank, alpha=layer.rank)
+            with torch.no_grad():
+                update.lora_A.weight.copy_(layer.down)
+                update.lora_B.weight.copy_(layer.up)
+            update.scale = layer.scaling * self.scale
+            update.to(device=module.weight.device, dtype=_adapter_dtype(module.weight.dtype)).eval().requires_grad_(False)
+            self.updates[_key(name)] = update
+            self._handles.append(module.register_forward_hook(_FollowLayer(update)))
+
+    def remove(self) -> None:
+        """Stop adding this adapter's updates."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def apply_lora(model: nn.Module, specs: Any, notify: Optional[Callable[[str], None]] = print_note) -> list[AppliedLoRA]:
+    """Attach each `--lora PATH[:SCALE]` of `specs` (strings, (path, scale) pairs or `LoraSpec`s) to `model`,
+    stacked in order. Every adapter is read and checked before any is attached; `notify` gets one line per
+    notice (an adapter without alpha; default: printed to stderr)."""
+    from meissonic_cli.model.lora_files import parse_lora_spec, read_adapter
+
+    if specs is None:
+        return []
+    items = [specs] if isinstance(specs, (str, Path)) else list(specs)
+    parsed = [parse_lora_spec(s) for s in items]
+    adapters = [read_adapter(spec.path) for spec in parsed]
+    applied: list[AppliedLoRA] = []
+    try:
+        for spec, adapter in zip(parsed, adapters):
+            applied.append(AppliedLoRA(model, adapter, spec.scale))
+    except Exception:
+        for done in applied:
+            done.remove()
+        raise
+    if notify is not None:
+        for adapter in adapters:
+            for note in adapter.notes:
+                notify(f"Note: {note}")
+    return applied

@@ -169,6 +169,7 @@ class EditConfig:
         if self.sample.preset == "official" and self.resolution is None:
             self.resolution = str(OFFICIAL_RESOLUTION)
         self.sample.check_schedule(p)
+        self.sample.check_lora(p)
         p.raise_if_any()
         return self
 
@@ -491,7 +492,7 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
     check_output_folder(out)
     model_id = None
     if any(_is_done(out, case) for case in cases):
-        model_id = model_identity(pipeline, cfg.model, cfg.sample.allow_download)
+        model_id = model_identity(pipeline, cfg.model, cfg.sample.allow_download, lora=cfg.sample.lora)
     run = _run_identity(cfg, pipeline)
     todo = []
     for case in cases:
@@ -508,11 +509,12 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
 
     from meissonic_cli.sample.pipeline import MeissonicPipeline, resolve_model_folder
 
-    model_id = model_id or model_identity(pipeline, cfg.model, cfg.sample.allow_download)
+    model_id = model_id or model_identity(pipeline, cfg.model, cfg.sample.allow_download, lora=cfg.sample.lora)
     if pipeline is None:
         root = resolve_model_folder(cfg.model, allow_download=cfg.sample.allow_download)
         pipeline = MeissonicPipeline.from_pretrained(root, device=cfg.sample.device, dtype=cfg.sample.dtype,
-                                                     text_encoder=cfg.sample.text_encoder, variant=cfg.sample.variant)
+                                                     text_encoder=cfg.sample.text_encoder, variant=cfg.sample.variant,
+                                                     lora=cfg.sample.lora)
     model_label = model_id["model"]
     for case in todo:
         for note in case_notes(pipeline, case):
@@ -535,7 +537,8 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
                 "resolution": f"{edited.size[0]}x{edited.size[1]}",
                 "resized_from": list(edited.resized_from) if edited.resized_from else None,
                 **run, "masked_tokens": edited.masked, "total_tokens": int(edited.token_mask.numel()),
-                "model": model_label, "model_digest": model_id["model_digest"], "seconds": round(seconds, 4),
+                "model": model_label, "model_digest": model_id["model_digest"], "lora": model_id["lora"],
+                "seconds": round(seconds, 4),
                 **case.extra,
             }
             atomic_write(png, lambda p, im=edited.image, m=meta: im.save(p, format="PNG", pnginfo=png_mark(m)))

@@ -1,25 +1,34 @@
 """What `sample` and `edit` share about their output folder: which model made a finished image, and
 creating the folder with a clear error.
 
-Each sidecar records `model` (the resolved folder) and `model_digest` (`model.fingerprint`); a rerun
-skips a finished image only when both match this run's model, so a folder never counts another
-model's images as its own. Sidecars older than the digest are compared by folder.
+Each sidecar records `model` (the resolved folder), `model_digest` (`model.fingerprint`) and `lora`
+(each --lora adapter's path, sha256 and scale); a rerun skips a finished image only when the model
+and the adapters (digests and scales, in order) match this run's, so a folder never counts another
+model's images as its own. Sidecars older than the digest are compared by folder; those older than
+`lora` had no adapters.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from meissonic_cli.errors import InputError, OutputExistsError
 from meissonic_cli.safety import MAX_RESOLUTION, check_resolution, check_seed, finite, safe_output_name
 
 
-def model_identity(pipeline: Any, model: str, allow_download: bool = False) -> dict[str, Any]:
-    """{'model': resolved folder (or the label of a given pipeline), 'model_digest': digest or None}."""
+def model_identity(pipeline: Any, model: str, allow_download: bool = False, lora: Sequence[str] = ()) -> dict[str, Any]:
+    """{'model': resolved folder (or the label of a given pipeline), 'model_digest': digest or None, 'lora':
+    [{path, sha256, scale}] of the adapters `lora` names (a given pipeline's own adapters)}."""
     from meissonic_cli.model.fingerprint import model_fingerprint
+    from meissonic_cli.model.lora_files import lora_record
 
+    if pipeline is not None and lora:
+        raise InputError("--lora loads adapters onto the model this command loads; a given pipeline brings its own "
+                         "(MeissonicPipeline.from_pretrained(..., lora=...))")
+    records = [a.record for a in getattr(pipeline, "loras", None) or []] if pipeline is not None else \
+        [lora_record(spec) for spec in lora]
     if pipeline is not None:
         path = getattr(pipeline, "model_path", None)
         label = str(path or model)
@@ -28,9 +37,24 @@ def model_identity(pipeline: Any, model: str, allow_download: bool = False) -> d
         from meissonic_cli.sample.pipeline import resolve_model_folder
 
         root = resolve_model_folder(model, allow_download=allow_download)
+        check_not_adapter_only(root)
         label = str(Path(root).resolve())
     digest = model_fingerprint(root) if root is not None and Path(root).is_dir() else None
-    return {"model": label, "model_digest": digest}
+    return {"model": label, "model_digest": digest, "lora": records}
+
+
+def check_not_adapter_only(root: Path) -> None:
+    """A clear error for a LoRA training checkpoint that holds the adapter alone (no transformer/), naming the
+    command that samples it: the base model recorded in its adapter_config.json plus --lora."""
+    config = Path(root) / "lora" / "adapter_config.json"
+    if (Path(root) / "transformer").exists() or not config.is_file():
+        return
+    try:
+        base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") or "BASE"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        base = "BASE"
+    raise InputError(f"{root} holds a LoRA adapter alone (a checkpoint trained without --save-merged), not a model: "
+                     f"sample it on its base model with --model {base} --lora {Path(root) / 'lora'}")
 
 
 def read_done_sidecar(path: Path) -> dict[str, Any]:
@@ -45,14 +69,21 @@ def read_done_sidecar(path: Path) -> dict[str, Any]:
 
 
 def other_model(done: dict[str, Any], model: Optional[dict[str, Any]]) -> list[str]:
-    """['model'] when the finished sidecar `done` was written by another model than `model`, else []."""
+    """['model'] when the finished sidecar `done` was written by another model than `model`, ['lora'] when
+    with other adapters (digest and scale, in order; no record = none), both, or []."""
     if model is None:
         return []
+    differ = []
     if done.get("model_digest") and model.get("model_digest"):
-        return ["model"] if done["model_digest"] != model["model_digest"] else []
-    if done.get("model") and model.get("model"):
-        return ["model"] if str(done["model"]) != str(model["model"]) else []
-    return []
+        differ += ["model"] if done["model_digest"] != model["model_digest"] else []
+    elif done.get("model") and model.get("model"):
+        differ += ["model"] if str(done["model"]) != str(model["model"]) else []
+    theirs = done.get("lora") or []
+    theirs = [(r.get("sha256"), r.get("scale")) for r in theirs] if isinstance(theirs, list) and all(
+        isinstance(r, dict) for r in theirs) else None
+    if theirs != [(r["sha256"], r["scale"]) for r in model.get("lora") or []]:
+        differ.append("lora")
+    return differ
 
 
 def check_output_folder(out: Path, flag: str = "--out") -> None:

@@ -60,7 +60,7 @@ for the same seed while following the same distribution. Seeded runs of either m
 reproducible on the same device and batch layout. With a list of seeds each image draws from its
 own generator.
 
-The text encoder runs in float32 whatever `dtype` is (once per call); `dtype` sets the transformer.
+`from_pretrained(..., lora=["PATH[:SCALE]", ...])` stacks LoRA adapter files unmerged (`model.lora.apply_lora`).
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ import torch
 from meissonic_cli.device import dtype_table, resolve_device, resolve_dtype
 from meissonic_cli.errors import InputError, ModelFormatError
 from meissonic_cli.model.hub import HUB_ID, model_variant, resolve_model_folder
+from meissonic_cli.model.lora import apply_lora
 from meissonic_cli.model.scheduler import SCHEDULER_CONFIG_NAME, MaskGITScheduler
 from meissonic_cli.model.transformer import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, Conditioning, MeissonicTransformer
 from meissonic_cli.sample.call_args import OUTPUT_TYPES, check_output_type, one_of, prompt_list, repeat_per_prompt, wrap_output
@@ -261,8 +262,7 @@ def sample_tokens(
     token_temperature = check_token_temperature(token_temperature)
     if per_row and len(generator) != b:
         raise InputError(f"{len(generator)} generators for a batch of {b}")
-    all_text, all_pooled, all_micro = guidance_batch(text, pooled, micro_conds, negative_text, negative_pooled,
-                                                     guidance_scale)
+    all_text, all_pooled, all_micro = guidance_batch(text, pooled, micro_conds, negative_text, negative_pooled, guidance_scale)
     mask_id = scheduler.config.mask_token_id
     if init_tokens is None:
         latents = torch.full((b, grid_h, grid_w), mask_id, dtype=torch.long, device=device)
@@ -339,6 +339,7 @@ class MeissonicPipeline:
     text_encoder: Any  # meissonic_cli.model.text_encoder.TextEncoder
     vq: Any  # meissonic_cli.model.vq.vqgan.VQTokenizer (or what vq.load_vq returns)
     model_path: Optional[Path] = None
+    loras: list = dataclasses.field(default_factory=list)  # model.lora.AppliedLoRA per --lora, in order
 
     @classmethod
     def from_pretrained(
@@ -350,6 +351,7 @@ class MeissonicPipeline:
         text_encoder: Union[str, Path, None] = None,
         variant: Optional[str] = None,
         torch_dtype: Union[str, torch.dtype, None] = None,
+        lora: Union[str, Path, Sequence[Any], None] = None,
     ) -> "MeissonicPipeline":
         """Load a released-layout folder (or a cached Hugging Face repo id) onto `device` in `dtype`.
 
@@ -378,7 +380,8 @@ class MeissonicPipeline:
         encoder = TextEncoder.for_model(root, text_encoder and Path(text_encoder).expanduser(),
                                         dtype=torch.float32, variant=variant).to(dev).eval()
         transformer = MeissonicTransformer.from_pretrained(root, dtype=dt, device=dev, variant=variant)
-        pipe = cls(transformer=transformer, scheduler=scheduler, text_encoder=encoder, vq=vq, model_path=root)
+        pipe = cls(transformer=transformer, scheduler=scheduler, text_encoder=encoder, vq=vq, model_path=root,
+                   loras=apply_lora(transformer, lora))
         pipe.check_parts()
         return pipe
 
@@ -588,7 +591,5 @@ class MeissonicPipeline:
         return micro.expand(b, 5).to(self.device)
 
 
-__all__ = [
-    "DTYPES", "HUB_ID", "OUTPUT_TYPES", "MeissonicPipeline", "check_model_folder", "exact_logits", "guidance_batch", "masked_logits",
-    "resolve_device", "resolve_dtype", "resolve_model_folder", "sample_tokens",
-]
+__all__ = ["DTYPES", "HUB_ID", "OUTPUT_TYPES", "MeissonicPipeline", "check_model_folder", "exact_logits", "guidance_batch",
+           "masked_logits", "resolve_device", "resolve_dtype", "resolve_model_folder", "sample_tokens"]

@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 
 from meissonic_cli.atomic import atomic_write, write_json
 from meissonic_cli.config import Problems, field, parse_resolution
-from meissonic_cli.errors import InputError, OutputExistsError
+from meissonic_cli.errors import InputError, ModelFormatError, OutputExistsError
 from meissonic_cli.model.hub import ALLOW_DOWNLOAD_HELP, VARIANT_HELP, VARIANTS
 from meissonic_cli.progress import key_value_table, make_progress
 from meissonic_cli.safety import MAX_SEED, check_seed
@@ -106,6 +106,12 @@ class SampleConfig:
                                                    "folder (vision tower ignored), e.g. laion/CLIP-ViT-H-14-laion2B-"
                                                    "s32B-b79K as the official scripts load it. Prompts are still "
                                                    "tokenized with the model's tokenizer/.")
+    lora: list[str] = field(default_factory=list, help="LoRA adapter to apply, PATH or PATH:SCALE (default scale 1; "
+                                                         "repeat the flag to stack several): a PEFT folder "
+                                                         "(adapter_model.safetensors + adapter_config.json), a diffusers "
+                                                         "or official-trainer pytorch_lora_weights.safetensors, or a "
+                                                         "meissonic-lora file. Applied without merging; the sidecars "
+                                                         "record each adapter's path, sha256 and scale.")
     preset: Optional[str] = field(None, help="official: the settings of the official scripts (inference.py, "
                                              "inpaint.py) for every setting left at its default: 64 steps, guidance "
                                              "9, their default negative prompt, --exact (and 1024 px for edit).")
@@ -143,8 +149,20 @@ class SampleConfig:
         from meissonic_cli.sample.pipeline import DTYPES
 
         p.check(self.dtype.lower() in DTYPES, f"unknown --dtype {self.dtype!r}; use fp32, bf16 or fp16")
+        self.check_lora(p)
         p.raise_if_any()
         return self
+
+    def check_lora(self, p: Problems) -> None:
+        """Add to `p` what is wrong with the --lora specs (syntax, scale range, an adapter file in a layout meissonic
+        reads), so a bad adapter fails before the model loads; whether it fits the model is checked once it has."""
+        from meissonic_cli.model.lora_files import parse_lora_spec, read_adapter
+
+        for text in self.lora:
+            try:
+                read_adapter(parse_lora_spec(text).path)
+            except (InputError, ModelFormatError) as err:
+                p.check(False, str(err))
 
     def check_schedule(self, p: Problems) -> None:
         """Add to `p` what is wrong with the decoding settings (--steps, --temperature,
@@ -444,11 +462,11 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
         if not _is_done(out, item):
             check_replaceable(out / f"{item.stem}.png", cfg.overwrite)
             check_replaceable(out / f"{item.stem}.json", cfg.overwrite)
-    model_id = model_identity(pipeline, cfg.model, cfg.allow_download)
+    model_id = model_identity(pipeline, cfg.model, cfg.allow_download, lora=cfg.lora)
     if pipeline is None:
         root = resolve_model_folder(cfg.model, allow_download=cfg.allow_download)
         pipeline = MeissonicPipeline.from_pretrained(root, device=cfg.device, dtype=cfg.dtype,
-                                                     text_encoder=cfg.text_encoder, variant=cfg.variant)
+                                                     text_encoder=cfg.text_encoder, variant=cfg.variant, lora=cfg.lora)
     model_label = model_id["model"]
     width, height = size if size is not None else (pipeline.default_resolution,) * 2
     pipeline.check_resolution(height, width)
@@ -458,7 +476,8 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
     todo = []
     for item in items:
         if _is_done(out, item):
-            expected = _sidecar(item, cfg, width, height, model_label, 0.0, dtype_name, generator)
+            expected = {**_sidecar(item, cfg, width, height, model_label, 0.0, dtype_name, generator),
+                        "lora": model_id["lora"]}
             _check_done_matches(out, item, expected, model_id)
         else:
             todo.append(item)
@@ -485,8 +504,8 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
             for item, image in zip(batch, images):
                 png, side = out / f"{item.stem}.png", out / f"{item.stem}.json"
                 meta = {**_sidecar(item, cfg, width, height, model_label, seconds / len(batch), dtype_name,
-                                 generator),
-                        "model_digest": model_id["model_digest"]}
+                                   generator),
+                        "model_digest": model_id["model_digest"], "lora": model_id["lora"]}
                 atomic_write(png, lambda p, im=image: im.save(p, format="PNG", pnginfo=png_mark(meta)))
                 write_json(side, meta)
                 result.written.append(png)

@@ -2,10 +2,15 @@
 
 A checkpoint directory holds
 - `transformer/`        the trained weights in the released layout (config.json + safetensors),
-                        loadable by `meissonic sample`; LoRA runs store the merged weights here
-- `transformer_ema/`    the EMA weights, same layout (only with --ema-decay)
+                        loadable by `meissonic sample`; LoRA runs store the merged weights here only
+                        with --save-merged
+- `transformer_ema/`    the EMA weights, same layout (only with --ema-decay; LoRA runs: with --save-merged)
 - `text_encoder/`       the text encoder (only with --train-text-encoder)
-- `lora/adapters.safetensors` the LoRA adapters alone (only with --lora-rank)
+- `lora/`, `lora_ema/`  LoRA runs: the adapter (and its EMA) alone, as PEFT (`adapter_model.safetensors` +
+                        `adapter_config.json`, whose base_model_name_or_path is the base model) and
+                        diffusers (`pytorch_lora_weights.safetensors`) read it, plus the transformer
+                        config it fits (`transformer_config.json`); `meissonic sample --model BASE --lora
+                        step-N/lora` samples it
 - `trainer_state.pt`    optimizer, LR scheduler, loss scaler and step (tensors and plain values only:
                         read with torch's weights-only loader, never unpickled)
 - `rng/rank-NNNNN.safetensors` python, numpy, torch (CPU and CUDA) and trainer generator states per
@@ -45,6 +50,8 @@ if TYPE_CHECKING:
     from meissonic_cli.model.transformer import MeissonicTransformer, TransformerConfig
 
 _NAME = re.compile(r"^step-(\d{8})$")
+LORA_DIR, LORA_EMA_DIR = "lora", "lora_ema"
+LORA_MODEL_CONFIG = "transformer_config.json"  # in lora/: the transformer config the adapter was trained on
 TRAINER_STATE = "trainer_state.pt"
 TRAINER_FORMAT = 1  # the "format" of trainer_state.pt this version writes and reads
 DATA_CURSOR = "data_cursor.json"
@@ -279,24 +286,22 @@ def write_checkpoint(final: Path, *, step: int, model_state: dict[str, torch.Ten
                      ema_state: dict[str, torch.Tensor] | None, scheduler_state: dict[str, Any],
                      scaler_state: dict[str, Any] | None, rngs: list[dict[str, Any]], cursors: list[dict[str, Any]],
                      config_yaml: str, model_config: TransformerConfig, lora: LoRA | None,
-                     text_encoder: nn.Module | None, base_root: Path | None) -> Path:
+                     text_encoder: nn.Module | None, base_root: Path | None, merged: bool = True) -> Path:
     """Write the checkpoint directory `final` atomically (rank 0 only; the states are already gathered).
 
     `text_encoder` is given when it is trained (its weights are in `model_state`); `rngs` and
-    `cursors` hold one entry per rank.
+    `cursors` hold one entry per rank. `merged=False` (LoRA runs without --save-merged) leaves out
+    transformer/ and transformer_ema/: the adapters in lora/ and lora_ema/ are the trained state.
     """
     import torch
 
-    from meissonic_cli.model.lora import save_lora
-
     with atomic_directory(final) as tmp:
-        fresh_transformer(model_config, model_state, lora).save_pretrained(tmp / "transformer")
-        if ema_state is not None:
-            fresh_transformer(model_config, {**model_state, **ema_state}, lora).save_pretrained(tmp / "transformer_ema")
-        if lora is not None:
-            save_lora(tmp / "lora" / "adapters.safetensors", lora, lora.named_adapters(model_state))
+        if merged or lora is None:
+            fresh_transformer(model_config, model_state, lora).save_pretrained(tmp / "transformer")
             if ema_state is not None:
-                save_lora(tmp / "lora" / "adapters_ema.safetensors", lora, lora.named_adapters(ema_state))
+                fresh_transformer(model_config, {**model_state, **ema_state}, lora).save_pretrained(tmp / "transformer_ema")
+        if lora is not None:
+            write_lora_dirs(tmp, lora, model_state, ema_state, model_config, base_root)
         if text_encoder is not None:
             fresh_text_encoder(text_encoder, model_state).save_pretrained(tmp / "text_encoder")
         torch.save({"format": TRAINER_FORMAT, "step": step, "optimizer": optim_state, "scheduler": scheduler_state,
@@ -307,6 +312,21 @@ def write_checkpoint(final: Path, *, step: int, model_state: dict[str, torch.Ten
         (tmp / CONFIG_FILE).write_text(config_yaml)
         complete_model_folder(tmp, base_root)
     return final
+
+
+def write_lora_dirs(folder: Path, lora: LoRA, model_state: dict[str, torch.Tensor],
+                    ema_state: dict[str, torch.Tensor] | None, model_config: TransformerConfig,
+                    base_root: Path | None) -> None:
+    """lora/ (and lora_ema/) in the PEFT + diffusers layouts, each with the transformer config it fits."""
+    from meissonic_cli.model.lora import save_lora
+    from meissonic_cli.model.transformer import build_on_meta
+
+    model = build_on_meta(model_config)  # names only: lets adapter_config.json use short target_modules
+    base = str(Path(base_root).resolve()) if base_root is not None else None
+    for name, state in ((LORA_DIR, model_state), (LORA_EMA_DIR, ema_state)):
+        if state is not None:
+            save_lora(folder / name, lora, lora.named_adapters(state), model=model, base_model=base)
+            write_json(folder / name / LORA_MODEL_CONFIG, model_config.to_json_dict())
 
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
@@ -323,6 +343,12 @@ def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
     return state
 
 
+def _lora_source(checkpoint: Path, folder: str, legacy: str) -> Path:
+    """The adapter folder, or the single meissonic-lora file (`lora/<legacy>.safetensors`) of older checkpoints."""
+    old = checkpoint / LORA_DIR / f"{legacy}.safetensors"
+    return old if old.is_file() else checkpoint / folder
+
+
 def read_module_state(checkpoint: Path, *, lora: LoRA | None, text_encoder: bool) -> dict[str, torch.Tensor]:
     """The trained weights keyed as in a MaskedImageModel state: the LoRA adapters, or the transformer, plus the text encoder."""
     from meissonic_cli.model.lora import read_lora_file
@@ -330,7 +356,7 @@ def read_module_state(checkpoint: Path, *, lora: LoRA | None, text_encoder: bool
 
     checkpoint = Path(checkpoint)
     if lora is not None:
-        state = lora.module_keys(read_lora_file(checkpoint / "lora" / "adapters.safetensors"), prefix="lora.")
+        state = lora.module_keys(read_lora_file(_lora_source(checkpoint, LORA_DIR, "adapters")), prefix="lora.")
     else:
         state = {f"transformer.{k}": v for k, v in load_state_dict_files(checkpoint / "transformer").items()}
     if text_encoder:
@@ -348,7 +374,7 @@ def read_ema_state(checkpoint: Path, *, lora: LoRA | None) -> dict[str, torch.Te
 
     checkpoint = Path(checkpoint)
     if lora is not None:
-        return lora.module_keys(read_lora_file(checkpoint / "lora" / "adapters_ema.safetensors"), prefix="lora.")
+        return lora.module_keys(read_lora_file(_lora_source(checkpoint, LORA_EMA_DIR, "adapters_ema")), prefix="lora.")
     return {f"transformer.{k}": v for k, v in load_state_dict_files(checkpoint / "transformer_ema").items()}
 
 
@@ -400,7 +426,10 @@ def find_resume_checkpoint(output: Path, cfg: Any, model_config: TransformerConf
     path = (existing[-1][1] if existing else None) if cfg.resume == "auto" else check_checkpoint_dir(cfg.resume)
     if path is None:
         return None
-    saved = TransformerConfig.from_json(path / "transformer" / CONFIG_NAME)
+    config_file = path / "transformer" / CONFIG_NAME
+    if not config_file.is_file() and (path / LORA_DIR / LORA_MODEL_CONFIG).is_file():
+        config_file = path / LORA_DIR / LORA_MODEL_CONFIG  # a LoRA checkpoint without --save-merged
+    saved = TransformerConfig.from_json(config_file)
     if saved != model_config:
         diff = [f"{f.name} {getattr(saved, f.name)!r} -> {getattr(model_config, f.name)!r}"
                 for f in dataclasses.fields(TransformerConfig) if getattr(saved, f.name) != getattr(model_config, f.name)]

@@ -104,6 +104,9 @@ class TrainConfig:
     # --- fine-tuning --------------------------------------------------------------------------
     lora_rank: int = field(0, help="Train rank-r LoRA adapters on the attention projections instead of all weights (needs --init); 0 disables LoRA.")
     lora_alpha: float = field(0.0, help="LoRA scale numerator (update = alpha/rank * B A); 0 means alpha = rank.")
+    save_merged: bool = field(False, help="With --lora-rank: also write each checkpoint's base weights with the adapter "
+                                          "merged in (transformer/, a full released-layout model). Without it a "
+                                          "checkpoint holds the adapter alone, in the PEFT and diffusers layouts (lora/).")
 
     # --- checkpoints and stability ------------------------------------------------------------
     checkpoint_every: int = field(1000, help="Write a checkpoint step-NNNNNNNN/ every this many steps (and always at the end).")
@@ -173,6 +176,8 @@ class TrainConfig:
             not (self.lora_rank and self.train_text_encoder),
             f"{flag('lora_rank')} and {flag('train_text_encoder')} cannot be combined (LoRA adapts the transformer only)",
         )
+        p.check(not self.save_merged or bool(self.lora_rank), f"{flag('save_merged')} is for LoRA runs (--lora-rank); "
+                                                              "other runs always write transformer/")
         p.check(not (self.fsdp and self.lora_rank), f"{flag('fsdp')} with {flag('lora_rank')} is not supported; LoRA runs fit DDP")
         p.check(
             self.validate_every == 0 or bool(self.validation_prompts),

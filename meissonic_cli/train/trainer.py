@@ -385,6 +385,7 @@ class Trainer:
                 scheduler_state=scheduler_state(self.scheduler), scaler_state=self.scaler.state_dict() if self.scaler else None,
                 rngs=rngs, cursors=cursors, config_yaml=self.cfg.to_yaml(), model_config=self.model_config, lora=self.lora,
                 text_encoder=self.text_encoder if self.cfg.train_text_encoder else None, base_root=self.base_root,
+                merged=self.lora is None or self.cfg.save_merged,
             )
             removed = ckpt.prune_checkpoints(self.output, self.cfg.keep_last)
             self.log.message(f"saved {final}" + (f" (removed {', '.join(p.name for p in removed)})" if removed else ""))
