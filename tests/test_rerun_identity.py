@@ -50,6 +50,7 @@ SAMPLE_AFFECTS = {
     "exact": True,
     "dtype": "bf16",
     "variant": "fp16",
+    "lora": [["<adapter>:0.5"], ["<adapter>:0.7"]],
     "text_encoder": "<other text encoder>",  # replaced by a real folder in the test
     "preset": "official",
 }
@@ -119,7 +120,28 @@ def _sample_outcome(cfg: SampleConfig) -> str:
     return "skipped" if result.skipped else "redone"
 
 
+def make_adapter(model: Path, folder: Path) -> Path:
+    """A peft LoRA adapter (random non-zero B) of the model's transformer, saved as peft saves it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from meissonic_cli.model.transformer import MeissonicTransformer
+
+    if not folder.exists():
+        peft_model = get_peft_model(MeissonicTransformer.from_pretrained(model),
+                                    LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"]))
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    param.copy_(torch.randn(param.shape, generator=g))
+        peft_model.save_pretrained(folder)
+    return folder
+
+
 def _sample_value(field: str, value, tmp: Path, tiny_model_dir: Path):
+    if isinstance(value, list) and value and isinstance(value[0], str) and value[0].startswith("<adapter>"):
+        return [v.replace("<adapter>", str(make_adapter(tiny_model_dir, tmp / "adapter"))) for v in value]
     if value == "<other text encoder>":
         other = tmp / "other_te"
         if not other.exists():
@@ -218,6 +240,7 @@ EDIT_AFFECTS = {
     "sample.exact": True,
     "sample.dtype": "bf16",
     "sample.variant": "fp16",
+    "sample.lora": ["<adapter>:0.5"],
     "sample.text_encoder": "<other text encoder>",
     "sample.preset": "official",
     "image": "<other image>",
@@ -304,6 +327,8 @@ def test_edit_rerun_with_another_setting_does_not_keep_the_old_image(field, edit
     run_edit(_edit_config(model_with_variant, edit_inputs, out), progress=False, notify=None)
     value = EDIT_AFFECTS[field]
     value = edit_inputs.get(value, value) if isinstance(value, str) else value
+    if field == "sample.lora":
+        value = [v.replace("<adapter>", str(make_adapter(model_with_variant, edit_inputs["tmp"] / "adapter"))) for v in value]
     assert _edit_outcome(_edit_config(model_with_variant, edit_inputs, out, **{field: value})) in ("refused", "redone")
 
 
