@@ -35,6 +35,7 @@ _COMMAND_MODULES = [
     "sample",
     "edit",
     "eval",
+    "app",
     "info",
 ]
 
