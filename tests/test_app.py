@@ -32,7 +32,7 @@ def free_port() -> int:
 def start_app(model: Path, out: Path, **sample: object) -> SimpleNamespace:
     """The app on 127.0.0.1 at a free port, not blocking; `.close()` stops it."""
     cfg = AppConfig(model=str(model), out=str(out), host="127.0.0.1", port=free_port(),
-                    sample=SampleConfig(device="cpu", steps=2, resolution="32", **sample))  # type: ignore[arg-type]
+                    sample=SampleConfig(**{"device": "cpu", "steps": 2, "resolution": "32", **sample}))  # type: ignore[arg-type]
     blocks, state = launch(cfg, block=False, quiet=True)
     return SimpleNamespace(url=f"http://127.0.0.1:{cfg.port}/", out=Path(cfg.out).resolve(), blocks=blocks, state=state,
                            close=blocks.close)
