@@ -147,3 +147,19 @@ def test_bad_requests_return_a_message_and_the_server_stays_up(server, tmp_path:
         _edit(server.client, image)
     _, settings = _generate(server.client, prompt="still serving")
     assert _sidecar(server, "generate", settings[0])["prompt"] == "still serving"
+
+
+def test_command_refuses_bad_flags_in_one_line_before_loading(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from meissonic_cli.cli import app
+
+    for args, message in [(["--port", "0"], "--port must be between 1 and 65535"),
+                          (["--max-images", "0"], "--max-images must be between 1 and 64"),
+                          (["--steps", "0"], "--steps must be >= 1")]:
+        res = CliRunner().invoke(app, ["app", "--model", str(tmp_path / "missing"), "-o", str(tmp_path / "o"), *args])
+        lines = [line for line in res.output.splitlines() if line.strip()]
+        assert res.exit_code == 1 and lines[-1].startswith("Error: ") and message in lines[-1], res.output
+    res = CliRunner().invoke(app, ["app", "--model", str(tmp_path / "missing"), "-o", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "model folder not found" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "o").exists()

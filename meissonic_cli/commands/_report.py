@@ -30,7 +30,7 @@ import typer
 from ._options import extra_option
 
 JSON_OPTION = extra_option("json_out", bool, typer.Option(
-    False, "--json", help="Print one JSON document with the results on stdout (paths, counts, figures); progress and "
+    False, "--json", metavar="", help="Print one JSON document with the results on stdout (paths, counts, figures); progress and "
                           "tables go to stderr."))
 
 

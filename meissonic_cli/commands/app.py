@@ -32,5 +32,6 @@ def register(app: typer.Typer) -> None:
 
         config = opts.build("app")
         config.sample = SampleConfig(model=config.model, **opts.given("download"), **opts.given("sampler"))
+        config.validate()  # every flag checked before the model loads
         typer.echo(f"Loading {config.model} ...", err=True)
         launch(config)

@@ -61,6 +61,10 @@ class AppConfig:
         p.check(1 <= self.queue_size <= 10_000, f"--queue-size must be between 1 and 10000, got {self.queue_size}")
         p.check(bool(self.host.strip()), "--host must not be empty")
         self.sample.model = self.model
+        try:
+            self.sample.apply_preset()
+        except InputError as err:
+            p.check(False, str(err))
         self.sample.check_schedule(p)
         p.raise_if_any()
         return self
@@ -117,11 +121,12 @@ class MeissonicApp:
         cfg.validate()
         self.cfg = cfg
         self.out = Path(cfg.out).expanduser().resolve()
-        from meissonic_cli.sample.outputs import make_output_folder
+        from meissonic_cli.sample.outputs import check_output_folder, make_output_folder
 
-        for sub in (GENERATE_DIR, EDIT_DIR, f"{EDIT_DIR}/{INPUTS_DIR}"):
-            make_output_folder(self.out / sub)
+        check_output_folder(self.out)
         self.pipeline = pipeline if pipeline is not None else load_pipeline(cfg.sample)
+        for sub in (GENERATE_DIR, EDIT_DIR, f"{EDIT_DIR}/{INPUTS_DIR}"):  # only once the model has loaded
+            make_output_folder(self.out / sub)
         size = cfg.sample.resolution or str(self.pipeline.default_resolution)
         self.default_resolution = size
         self._lock = threading.Lock()
