@@ -145,6 +145,9 @@ def test_bad_requests_return_a_message_and_the_server_stays_up(server, tmp_path:
     Image.new("RGB", (32, 32), "red").save(image)
     with pytest.raises(AppError, match="inpaint needs the area to repaint"):
         _edit(server.client, image)
+    with pytest.raises(AppError, match="Mode"):
+        _edit(server.client, image, mode="../../escape", box="0,0,8,8")
+    assert not list(server.out.parent.glob("**/*escape*"))
     _, settings = _generate(server.client, prompt="still serving")
     assert _sidecar(server, "generate", settings[0])["prompt"] == "still serving"
 

@@ -181,26 +181,33 @@ class MeissonicApp:
         `image`: the editor's value ({"background", "layers", ...}: strokes drawn on the layers mark the
         area to repaint) or an image; `mask`: an uploaded mask file (white = repaint), which wins over strokes.
         """
-        from meissonic_cli.sample.edit import EditConfig, run_edit
+        from meissonic_cli.sample.edit import MODES, EditConfig, run_edit
 
+        if mode not in MODES:
+            raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         background, layers = self._editor_images(image)
         if not _text(prompt):
             raise InputError("the prompt is empty; describe what the edited image should show")
-        number = self._reserve(EDIT_DIR, 1)
-        name = f"{number:05d}-{mode}-{slugify(str(prompt))}"
-        inputs = self.out / EDIT_DIR / INPUTS_DIR
-        image_path = inputs / f"{name}-image.png"
-        self._save_png(background.convert("RGB"), image_path)
-        mask_path = self._mask(mask, layers, background.size, inputs / f"{name}-mask.png") if mode == "inpaint" else None
-        if mode == "inpaint" and mask_path is None and not _text(box):
-            raise InputError("inpaint needs the area to repaint: draw on the image, upload a mask, or give a box")
         sample = dataclasses.replace(
             self.cfg.sample, steps=_whole(steps, "steps", 1, 1000), cfg=_number(guidance, "guidance"),
             seed=self._seed(seed, random_seed, 1), negative_prompt=str(negative_prompt or ""), order="confidence",
             schedule=None, noise_reg=0.0, differential=0.0, cache_refresh=0, prompt=[], prompts=None)
+        strength = _number(strength, "strength")
+        mask_image = self._mask(mask, layers, background.size) if mode == "inpaint" else None
+        if mode == "inpaint" and mask_image is None and not _text(box):
+            raise InputError("inpaint needs the area to repaint: draw on the image, upload a mask, or give a box")
+        # Checked: now the inputs are kept beside the outputs (the sidecars point at them, for `eval`).
+        number = self._reserve(EDIT_DIR, 1)
+        name = f"{number:05d}-{mode}-{slugify(str(prompt))}"
+        inputs = self.out / EDIT_DIR / INPUTS_DIR
+        image_path, mask_path = inputs / f"{name}-image.png", inputs / f"{name}-mask.png"
+        self._save_png(background.convert("RGB"), image_path)
+        if mask_image is not None:
+            self._save_png(mask_image, mask_path)
         cfg = EditConfig(model=self.cfg.model, image=str(image_path), prompt=str(prompt), mode=str(mode),
-                         mask=str(mask_path) if mask_path else None, box=_text(box) if mask_path is None else None,
-                         extend=_text(extend), target=_text(target), strength=_number(strength, "strength"),
+                         mask=str(mask_path) if mask_image is not None else None,
+                         box=_text(box) if mask_image is None else None,
+                         extend=_text(extend), target=_text(target), strength=strength,
                          out=str(self.out / EDIT_DIR), name=name, sample=sample)
         notes: list[str] = []
         result = run_edit(cfg, progress=False, pipeline=self.pipeline, notify=notes.append,
@@ -227,9 +234,10 @@ class MeissonicApp:
             raise InputError("upload an image to edit")
         return background, [layer for layer in layers if isinstance(layer, Image.Image)]
 
-    def _mask(self, mask: Any, layers: list, size: tuple[int, int], path: Path) -> Optional[Path]:
-        """The mask to use, saved to `path`: the uploaded one, else the strokes drawn (white where drawn);
-        None when neither marks anything."""
+    @staticmethod
+    def _mask(mask: Any, layers: list, size: tuple[int, int]) -> Any:
+        """The mask (a grey PIL image, white = repaint): the uploaded one, else the strokes drawn (white
+        where any layer is not transparent); None when neither marks anything."""
         import numpy as np
         from PIL import Image
 
@@ -237,16 +245,12 @@ class MeissonicApp:
             from meissonic_cli.sample.edit import load_image
 
             picture = load_image(Path(mask)) if isinstance(mask, (str, Path)) else mask
-            self._save_png(picture.convert("L"), path)
-            return path
+            return picture.convert("L")
         drawn = np.zeros((size[1], size[0]), dtype=bool)
         for layer in layers:
             alpha = np.asarray(layer.convert("RGBA").resize(size, Image.NEAREST))[..., 3]
             drawn |= alpha > 0
-        if not drawn.any():
-            return None
-        self._save_png(Image.fromarray(np.where(drawn, 255, 0).astype(np.uint8), "L"), path)
-        return path
+        return Image.fromarray(np.where(drawn, 255, 0).astype(np.uint8), "L") if drawn.any() else None
 
     @staticmethod
     def _save_png(image: Any, path: Path) -> None:
