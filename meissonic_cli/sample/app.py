@@ -385,10 +385,17 @@ def launch(cfg: AppConfig, pipeline: Any = None, block: bool = True, quiet: bool
     app = MeissonicApp(cfg, pipeline)
     blocks = build_app(app)
     try:
-        blocks.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, show_error=True, quiet=quiet,
-                      allowed_paths=[str(app.out)], prevent_thread_lock=not block, inbrowser=False)
+        # Gradio's own start-up lines would advise `share=True` in `launch()`: say it in this tool's terms.
+        blocks.launch(server_name=cfg.host, server_port=cfg.port, share=cfg.share, show_error=True, quiet=True,
+                      allowed_paths=[str(app.out)], prevent_thread_lock=True, inbrowser=False)
     except OSError as err:
         raise InputError(f"cannot serve on {cfg.host}:{cfg.port} ({err}); pick another --port") from None
+    if not quiet:
+        public = f" and {blocks.share_url}" if getattr(blocks, "share_url", None) else ""
+        print(f"Serving {app.pipeline.model_path or cfg.model} on {blocks.local_url}{public} (images in {app.out}); "
+              f"Ctrl-C stops", file=sys.stderr, flush=True)
+    if block:
+        blocks.block_thread()
     return blocks, app
 
 
