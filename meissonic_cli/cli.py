@@ -19,7 +19,7 @@ app = typer.Typer(
     cls=RootGroup,
     help="Curate data for, train, sample, edit and evaluate Meissonic masked image transformers.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -35,6 +35,7 @@ _COMMAND_MODULES = [
     "sample",
     "edit",
     "eval",
+    "app",
     "info",
 ]
 

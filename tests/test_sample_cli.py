@@ -134,7 +134,7 @@ def _bad_input_cases(tiny_model_dir: Path, tmp: Path) -> list[tuple[list[str], s
         ([*model, "--prompts", str(empty)], "no prompts in"),
         ([*model, "--prompts", str(bad_jsonl)], "bad.jsonl line 3: not valid JSON"),
         ([*model, "--prompts", str(bad_key)], "key.jsonl line 1: unknown key(s) negative"),
-        ([*model, "--prompts", str(tmp / "nope.txt")], "prompts file not found"),
+        ([*model, "--prompts", str(tmp / "nope.txt")], "nope.txt: no such file"),
         ([*model, "--prompt", "a cat", "--dtype", "fp8"], "unknown --dtype 'fp8'"),
         ([*model, "--prompt", "a cat", "--device", "tpu"], "unknown device 'tpu'"),
         ([*model, "--prompt", "a cat", "--prompts", str(empty)], "not both"),

@@ -113,6 +113,13 @@ class Command(_NoSwitchMetavar, TyperCommand):
 class RootGroup(_NoSwitchMetavar, TyperGroup):
     """The click group class of `meissonic` itself."""
 
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        for param in params:  # Typer's --install-completion / --show-completion are switches too
+            if param.name in ("install_completion", "show_completion"):
+                param.metavar = ""
+        return params
+
 
 # ----------------------------------------------------------------------------------------------
 # Field types

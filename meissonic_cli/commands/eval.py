@@ -12,6 +12,7 @@ from meissonic_cli.metrics.evaluate import EvalConfig
 from meissonic_cli.sample.sample import SampleConfig
 
 from ._options import Group, Options, command
+from ._report import JSON_OPTION, report
 from .sample import sampler_group
 
 PANEL = "Sampler (with --prompts)"
@@ -25,15 +26,13 @@ def register(app: typer.Typer) -> None:
         sampler_group(exclude=("device",), panel=PANEL),
     ]
 
-    @command(app, "eval", groups, no_args_is_help=True)
-    def eval_command(opts: Options) -> None:
+    @command(app, "eval", groups, extra=[JSON_OPTION], no_args_is_help=True)
+    def eval_command(opts: Options, json_out: bool = False) -> None:
         """Score images with the paper's metrics (weights from local files) or the weight-free shapes benchmark.
 
         Scores a folder from `sample`/`edit` (--images), or samples a prompt file first (--prompts, --model).
         Writes report.json, report.md and grid.png to --out.
         """
-        from rich.console import Console
-
         import meissonic_cli.shapes.bench  # noqa: F401  (registers the shapes suite)
         from meissonic_cli.metrics.evaluate import parse_suites, report_table, run_eval
 
@@ -42,13 +41,14 @@ def register(app: typer.Typer) -> None:
             given["suites"] = parse_suites(",".join(given["suites"]))
         config = EvalConfig(**given)
         config.sample = SampleConfig(device=config.device, **opts.given("sample_batch"), **opts.given("sampler"))
-        report = run_eval(config)
-        console = Console()
-        console.print(report_table(report))
-        if "shapes" in report:
-            from meissonic_cli.shapes.bench import print_report
+        with report(json_out) as out:
+            result = run_eval(config)
+            out_dir = config.out_dir
+            out.data = {**result, "report_json": out_dir / "report.json", "report_md": out_dir / "report.md"}
+            out.show(report_table(result))
+            if "shapes" in result:
+                from meissonic_cli.shapes.bench import print_report
 
-            print_report(report["shapes"], console)
-        out_dir = config.out_dir
-        console.print(f"report: {out_dir / 'report.json'}, {out_dir / 'report.md'}"
-                      + (f", grid {report['grid']}" if report.get("grid") else ""), highlight=False)
+                print_report(result["shapes"], out.console)
+            out.show(f"report: {out_dir / 'report.json'}, {out_dir / 'report.md'}"
+                     + (f", grid {result['grid']}" if result.get("grid") else ""), highlight=False)

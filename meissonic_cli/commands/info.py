@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -11,6 +11,7 @@ from meissonic_cli.config import field
 from meissonic_cli.model.hub import ALLOW_DOWNLOAD_HELP, VARIANT_HELP
 
 from ._options import Group, Options, command
+from ._report import JSON_OPTION, report
 
 # Sub-folders of a released model root and what each holds.
 LAYOUT = {
@@ -36,80 +37,91 @@ class InfoConfig:
 
 
 def register(app: typer.Typer) -> None:
-    @command(app, "info", [Group(InfoConfig, key="info")], no_args_is_help=True)
-    def info_command(opts: Options) -> None:
+    @command(app, "info", [Group(InfoConfig, key="info")], extra=[JSON_OPTION], no_args_is_help=True)
+    def info_command(opts: Options, json_out: bool = False) -> None:
         """Print the transformer config, parameter counts and which parts of the released layout exist."""
-        from pathlib import Path
+        with report(json_out) as out:
+            _info(opts, out)
 
-        from rich.console import Console
-        from rich.table import Table
 
-        from meissonic_cli.errors import InputError
-        from meissonic_cli.model.hub import resolve_model_folder
-        from meissonic_cli.model.transformer import (
-            NAMED_CONFIGS,
-            TransformerConfig,
-            build_on_meta,
-            check_state_dict,
-            num_parameters,
-            parameter_counts,
-            transformer_folder,
-            weight_shapes,
-        )
+def _info(opts: Options, out: Any) -> None:
+    """The tables of `meissonic info` (and the same facts as `out.data` for --json)."""
+    from pathlib import Path
 
-        model, arch = opts.get("info", "model"), opts.get("info", "arch")
-        if (model is None) == (arch is None):
-            raise InputError("give exactly one of --model DIR or --arch NAME (e.g. meissonic info --arch 1b)")
-        console = Console()
-        weights_note = None
-        if arch is not None:
-            if arch not in NAMED_CONFIGS:
-                raise InputError(f"unknown --arch {arch!r}; choose one of {', '.join(NAMED_CONFIGS)}")
-            cfg = NAMED_CONFIGS[arch]()
-            title = f"architecture {arch}"
+    from rich.table import Table
+
+    from meissonic_cli.errors import InputError
+    from meissonic_cli.model.hub import resolve_model_folder
+    from meissonic_cli.model.transformer import (
+        NAMED_CONFIGS,
+        TransformerConfig,
+        build_on_meta,
+        check_state_dict,
+        num_parameters,
+        parameter_counts,
+        transformer_folder,
+        weight_shapes,
+    )
+
+    model, arch = opts.get("info", "model"), opts.get("info", "arch")
+    if (model is None) == (arch is None):
+        raise InputError("give exactly one of --model DIR or --arch NAME (e.g. meissonic info --arch 1b)")
+    console = out.console
+    weights_note = None
+    if arch is not None:
+        if arch not in NAMED_CONFIGS:
+            raise InputError(f"unknown --arch {arch!r}; choose one of {', '.join(NAMED_CONFIGS)}")
+        cfg = NAMED_CONFIGS[arch]()
+        title = f"architecture {arch}"
+    else:
+        model = resolve_model_folder(model, opts.get("info", "allow_download"))
+        tdir = transformer_folder(model)
+        cfg = TransformerConfig.from_json(tdir / "config.json")
+        title = str(tdir)
+    meta_model = build_on_meta(cfg)
+    if arch is None:
+        stored = weight_shapes(tdir, opts.get("info", "variant"))
+        check_state_dict(meta_model, {k: shape for k, (shape, _) in stored.items()}, f"weights in {tdir}")
+        dtypes = sorted({dtype for _, dtype in stored.values()})
+        weights_note = f"{len(stored)} tensors, dtype {', '.join(dtypes)}, keys and shapes match the config"
+
+    table = Table(title=f"Transformer config ({title})")
+    table.add_column("field")
+    table.add_column("value")
+    for key, value in cfg.to_json_dict().items():
+        if not key.startswith("_"):
+            table.add_row(key, str(value))
+    table.add_row("hidden width (derived)", str(cfg.inner_dim))
+    table.add_row("mask token id (derived)", str(cfg.mask_token_id))
+    console.print(table)
+
+    counts = Table(title="Parameters")
+    counts.add_column("prefix")
+    counts.add_column("parameters", justify="right")
+    for prefix, n in parameter_counts(meta_model).items():
+        counts.add_row(prefix, f"{n:,}")
+    total = num_parameters(meta_model)
+    counts.add_row("total", f"{total:,}", style="bold")
+    counts.add_row("total without compression layers", f"{num_parameters(meta_model, exclude_compression=True):,}")
+    out.data = {"title": title, "config": {k: v for k, v in cfg.to_json_dict().items() if not k.startswith("_")},
+                "inner_dim": cfg.inner_dim, "mask_token_id": cfg.mask_token_id,
+                "parameters": {**parameter_counts(meta_model), "total": total,
+                               "total_without_compression": num_parameters(meta_model, exclude_compression=True)},
+                "weights": weights_note}
+    console.print(counts)
+    if weights_note:
+        console.print(f"Weights: {weights_note}", highlight=False)
+
+    if model is not None:
+        root = Path(model)
+        if (root / "transformer").is_dir() or root.resolve() != tdir.resolve():
+            parts = Table(title="Released layout")
+            parts.add_column("folder")
+            parts.add_column("present")
+            parts.add_column("holds")
+            for name, what in LAYOUT.items():
+                parts.add_row(f"{name}/", "yes" if (root / name).is_dir() else "no", what)
+            out.data["layout"] = {name: (root / name).is_dir() for name in LAYOUT}
+            console.print(parts)
         else:
-            model = resolve_model_folder(model, opts.get("info", "allow_download"))
-            tdir = transformer_folder(model)
-            cfg = TransformerConfig.from_json(tdir / "config.json")
-            title = str(tdir)
-        meta_model = build_on_meta(cfg)
-        if arch is None:
-            stored = weight_shapes(tdir, opts.get("info", "variant"))
-            check_state_dict(meta_model, {k: shape for k, (shape, _) in stored.items()}, f"weights in {tdir}")
-            dtypes = sorted({dtype for _, dtype in stored.values()})
-            weights_note = f"{len(stored)} tensors, dtype {', '.join(dtypes)}, keys and shapes match the config"
-
-        table = Table(title=f"Transformer config ({title})")
-        table.add_column("field")
-        table.add_column("value")
-        for key, value in cfg.to_json_dict().items():
-            if not key.startswith("_"):
-                table.add_row(key, str(value))
-        table.add_row("hidden width (derived)", str(cfg.inner_dim))
-        table.add_row("mask token id (derived)", str(cfg.mask_token_id))
-        console.print(table)
-
-        counts = Table(title="Parameters")
-        counts.add_column("prefix")
-        counts.add_column("parameters", justify="right")
-        for prefix, n in parameter_counts(meta_model).items():
-            counts.add_row(prefix, f"{n:,}")
-        total = num_parameters(meta_model)
-        counts.add_row("total", f"{total:,}", style="bold")
-        counts.add_row("total without compression layers", f"{num_parameters(meta_model, exclude_compression=True):,}")
-        console.print(counts)
-        if weights_note:
-            console.print(f"Weights: {weights_note}", highlight=False)
-
-        if model is not None:
-            root = Path(model)
-            if (root / "transformer").is_dir() or root.resolve() != tdir.resolve():
-                parts = Table(title="Released layout")
-                parts.add_column("folder")
-                parts.add_column("present")
-                parts.add_column("holds")
-                for name, what in LAYOUT.items():
-                    parts.add_row(f"{name}/", "yes" if (root / name).is_dir() else "no", what)
-                console.print(parts)
-            else:
-                console.print("(a transformer folder on its own; no other parts of the released layout)", highlight=False)
+            console.print("(a transformer folder on its own; no other parts of the released layout)", highlight=False)

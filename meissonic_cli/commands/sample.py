@@ -13,10 +13,12 @@ import typer
 from meissonic_cli.sample.sample import SampleConfig
 
 from ._options import Group, Options, command
+from ._report import JSON_OPTION, report
 
 # SampleConfig fields that describe one `sample` job rather than how the sampler decodes: every other
 # field (steps, guidance, temperatures, seed, device, dtype, resolution, ...) is a sampler option.
-JOB_FIELDS = ("model", "prompt", "prompts", "out", "batch_size", "grid", "allow_download", "overwrite")
+JOB_FIELDS = ("model", "prompt", "prompts", "prompts_format", "images_per_prompt", "out", "batch_size", "grid",
+              "allow_download", "overwrite")
 SAMPLER_PANEL = "Sampler"
 
 
@@ -29,15 +31,16 @@ def sampler_group(exclude: Sequence[str] = (), panel: str = SAMPLER_PANEL) -> Gr
 def register(app: typer.Typer) -> None:
     groups = [Group(SampleConfig, key="job", only=JOB_FIELDS), sampler_group()]
 
-    @command(app, "sample", groups, no_args_is_help=True)
-    def sample_command(opts: Options) -> None:
+    @command(app, "sample", groups, extra=[JSON_OPTION], no_args_is_help=True)
+    def sample_command(opts: Options, json_out: bool = False) -> None:
         """Generate images from text prompts: one PNG + JSON sidecar per image in --out.
 
         Reruns skip images already written; with --grid a grid.png with the prompts is added.
         """
-        from rich.console import Console
-
         from meissonic_cli.sample.sample import run_sample, summary_table
 
         cfg = SampleConfig(**opts.given("job"), **opts.given("sampler"))
-        Console().print(summary_table(run_sample(cfg)))
+        with report(json_out) as out:
+            result = run_sample(cfg)
+            out.show(summary_table(result))
+            out.data = {**vars(result), "seconds_per_image": result.seconds_per_image}

@@ -311,10 +311,9 @@ def read_eval_prompts(spec: str) -> list[PromptEntry]:
 
 
 def _read_prompt_file(path: Path) -> list[PromptEntry]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path}: not UTF-8 text ({err})") from None
+    from meissonic_cli.textfiles import jsonl_lines, read_text, txt_lines
+
+    text = read_text(str(path), "--prompts")
     suffix = path.suffix.lower()
     entries: list[PromptEntry] = []
     if suffix == ".json":
@@ -323,7 +322,7 @@ def _read_prompt_file(path: Path) -> list[PromptEntry]:
         except json.JSONDecodeError as err:
             raise InputError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
     elif suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(jsonl_lines(text), start=1):
             if line.strip():
                 try:
                     row = json.loads(line)
@@ -331,7 +330,7 @@ def _read_prompt_file(path: Path) -> list[PromptEntry]:
                     raise InputError(f"{path} line {number}: not valid JSON ({err.msg})") from None
                 entries.append(_entry(row, f"{path} line {number}", None))
     elif suffix == ".txt":
-        entries = [PromptEntry(line.strip()) for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        entries = [PromptEntry(line.strip()) for line in txt_lines(text) if line.strip() and not line.strip().startswith("#")]
     else:
         raise InputError(f"--prompts {path}: expected .txt (one prompt per line), .jsonl or .json")
     if not entries:

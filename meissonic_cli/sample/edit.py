@@ -149,7 +149,7 @@ class EditConfig:
     cases: Optional[str] = field(None, help="Batch: a .jsonl file, one case per line (image, prompt, mode, mask or box, "
                                             "extend or target, strength, seed, ...), or the official cases.json (a "
                                             "list of {input, mask, prompt, negative_prompts}); paths relative to the "
-                                            "file's folder, then the working directory.")
+                                            "file's folder, then the working directory; - reads standard input.")
     out: str = field("edits", help="Output folder: NAME.png + NAME.json sidecar per case; reruns skip finished cases.",
                      short="-o")
     name: Optional[str] = field(None, help="Output name for a single case (default: NNNNN-MODE-PROMPT).")
@@ -481,9 +481,11 @@ def _stderr(message: str) -> None:
 
 
 def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
-             notify: Optional[Callable[[str], None]] = _stderr) -> EditRunResult:
+             notify: Optional[Callable[[str], None]] = _stderr,
+             on_step: Optional[Callable[[int, int], None]] = None) -> EditRunResult:
     """Run every case of `cfg` into `cfg.out`, skipping finished ones. Inputs are checked before the model loads.
-    `notify` receives one line per notice about a case's inputs (`case_notes`)."""
+    `notify` receives one line per notice about a case's inputs (`case_notes`); `on_step(step, total)`
+    is called after each decoding step."""
     cfg.validate()
     cases = read_cases(cfg) if cfg.cases else [single_case(cfg)]
     out = Path(cfg.out)
@@ -528,7 +530,12 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
         for case in todo:
             bar.update(steps_task, total=case.steps, completed=0, description=f"steps ({case.stem})")
             start = time.perf_counter()
-            edited = edit_image(pipeline, case, callback=lambda step, total: bar.update(steps_task, completed=step))
+            def step_done(step: int, total: int) -> None:
+                bar.update(steps_task, completed=step)
+                if on_step is not None:
+                    on_step(step, total)
+
+            edited = edit_image(pipeline, case, callback=step_done)
             seconds = time.perf_counter() - start
             png, side = out / f"{case.stem}.png", out / f"{case.stem}.json"
             meta = {

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from meissonic_cli.errors import InputError
 from meissonic_cli.sample.sample import parse_resolution, parse_temperature
+from meissonic_cli.textfiles import STDIN, jsonl_lines, read_text
 
 if TYPE_CHECKING:
     from meissonic_cli.sample.edit import EditCase, EditConfig
@@ -83,7 +84,7 @@ def _case_rows(path: Path, text: str) -> list[tuple[str, Any]]:
                              f"{{input, mask, prompt, negative_prompts}} objects or one JSON object per line") from None
         rows = [(f"{path} case {number}", item) for number, item in enumerate(items, start=1)]
     else:
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(jsonl_lines(text), start=1):
             if not line.strip():
                 continue
             try:
@@ -111,17 +112,15 @@ def read_cases(cfg: EditConfig) -> list[EditCase]:
     take the command's values."""
     from meissonic_cli.sample.edit import CASE_FIELDS, EditCase
 
-    path = Path(str(cfg.cases))
-    if not path.is_file():
-        raise InputError(f"--cases {path}: no such file; expected a .jsonl file with one edit per line, or an "
-                         f"official cases.json")
-    base = path.resolve().parent
+    spec = str(cfg.cases)
+    if spec != STDIN and not Path(spec).expanduser().exists():
+        raise InputError(f"--cases {spec}: no such file; expected a .jsonl file with one edit per line, or an "
+                         f"official cases.json (or - for standard input)")
+    text = read_text(spec, "--cases")
+    path = Path("(stdin)") if spec == STDIN else Path(spec)
+    base = Path.cwd() if spec == STDIN else path.resolve().parent
     s = cfg.sample
     cases: list[EditCase] = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"--cases {path}: cannot be read as UTF-8 text ({err})") from None
     for where, row in _case_rows(path, text):
         if not isinstance(row, dict):
             raise InputError(f"{where}: expected a JSON object with image, prompt and mode")

@@ -7,12 +7,18 @@ so an image counts as done when both files exist; a rerun skips done images and 
 A done image whose sidecar records different settings stops the run before anything is written
 (pick another --out), so a folder never mixes settings silently.
 
-Prompt files:
-- `.txt`: one prompt per line; blank lines and lines starting with `#` are skipped.
+Prompt files (`-` is standard input; FIFOs, /dev/stdin and `<(...)` work too; read with
+`meissonic_cli.textfiles`: UTF-8 with or without a byte-order mark, `--prompts-format` for names
+without a .txt/.jsonl ending):
+- `.txt`: one prompt per line (split on \\n or \\r\\n only); blank lines and lines starting with `#` are
+  skipped.
 - `.jsonl`: one JSON object per line with `prompt` and optionally `negative_prompt`, `seed`,
   `steps`, `cfg`; missing fields take the command's values. Blank lines are skipped; any other
-  malformed line stops the run naming its line number.
-Seeds: image i gets `seed + i` unless its jsonl line gives one.
+  malformed line stops the run naming its line number. Lines are split on \\n only, so a JSON string
+  may hold U+2028/U+2029/U+0085.
+Seeds: image i gets `seed + i` unless its jsonl line gives one. With `--images-per-prompt N`, prompt p
+gives images p*N .. p*N+N-1 (so names stay stable), image p*N+j seeded `seed + p*N + j`, or the jsonl
+line's seed + j.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from meissonic_cli.atomic import atomic_write, write_json
 from meissonic_cli.config import Problems, field, parse_resolution
@@ -33,6 +39,7 @@ from meissonic_cli.model.hub import ALLOW_DOWNLOAD_HELP, VARIANT_HELP, VARIANTS
 from meissonic_cli.progress import key_value_table, make_progress
 from meissonic_cli.safety import MAX_SEED, check_seed
 from meissonic_cli.sample.outputs import other_model, read_done_sidecar
+from meissonic_cli.textfiles import jsonl_lines, read_text, text_format, txt_lines
 
 JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "cfg")
 # The official scripts' settings (github viiika/Meissonic inference.py and inpaint.py): 64 steps,
@@ -54,6 +61,7 @@ _COMPARED_WHEN_RECORDED = ("generator", "dtype", "variant")
 GRID_NAME = "grid.png"
 # Narrower grid tiles are enlarged (see make_grid): 64 px samples would leave room for ~10 characters of caption.
 MIN_GRID_TILE = 160
+MAX_IMAGES_PER_PROMPT = 10_000
 
 
 @dataclass
@@ -62,7 +70,12 @@ class SampleConfig:
                                 "scheduler/), or a Hugging Face repo id already in the local cache.", short="-m")
     prompt: list[str] = field(default_factory=list, help="A prompt; repeat the flag for several.", short="-p")
     prompts: Optional[str] = field(None, help="A prompts file: .txt (one per line, # comments) or .jsonl (prompt, "
-                                              "negative_prompt, seed, steps, cfg per line).")
+                                              "negative_prompt, seed, steps, cfg per line); - reads standard input, "
+                                              "and any readable path works (FIFO, /dev/stdin, <(...)).")
+    prompts_format: Optional[str] = field(None, help="Format of --prompts: txt or jsonl. Default: the file's ending, "
+                                                     "txt for a name without one (-, /dev/stdin, <(...)).")
+    images_per_prompt: int = field(1, help="Images per prompt (seeds differ): prompt p gives images p*N to p*N+N-1, "
+                                           "so file names stay stable.")
     out: str = field("samples", help="Output folder: one PNG and one JSON sidecar per image; a rerun skips images "
                                      "already written.", short="-o")
     negative_prompt: str = field("", help="Negative prompt for classifier-free guidance (jsonl lines may override it).")
@@ -117,6 +130,8 @@ class SampleConfig:
                                              "9, their default negative prompt, --exact (and 1024 px for edit).")
     overwrite: bool = field(False, help="Replace an existing grid.png and same-named files in --out that this command "
                                         "did not finish (default: refuse).")
+    first_index: int = field(0, help="Number of the first image (names and default seeds count from it; the app "
+                                     "numbers its requests on).", cli=False)
 
     def apply_preset(self) -> "SampleConfig":
         """Fill the settings of `preset` into every field still at its default (idempotent)."""
@@ -140,6 +155,11 @@ class SampleConfig:
                                                          "not neither")
         self.check_schedule(p)
         p.check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        p.check(1 <= self.images_per_prompt <= MAX_IMAGES_PER_PROMPT,
+                f"--images-per-prompt must be between 1 and {MAX_IMAGES_PER_PROMPT}, got {self.images_per_prompt}")
+        p.check(self.prompts_format in (None, "", "txt", "jsonl"),
+                f"--prompts-format must be txt or jsonl, got {self.prompts_format!r}")
+        p.check(0 <= self.first_index <= MAX_SEED, f"first_index must be between 0 and {MAX_SEED}, got {self.first_index}")
         p.check(math.isfinite(self.cfg), f"--guidance-scale must be a finite number (e.g. 9), got {self.cfg}")
         p.check(0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
         try:
@@ -267,10 +287,13 @@ def read_prompts(cfg: SampleConfig) -> list[PromptItem]:
 
     def add(prompt: str, negative: Optional[str] = None, seed: Optional[int] = None, steps: Optional[int] = None,
             cfg_scale: Optional[float] = None) -> None:
-        i = len(items)
-        items.append(PromptItem(index=i, prompt=prompt, negative_prompt=cfg.negative_prompt if negative is None else negative,
-                                seed=cfg.seed + i if seed is None else seed, steps=cfg.steps if steps is None else steps,
-                                cfg=cfg.cfg if cfg_scale is None else cfg_scale))
+        for j in range(cfg.images_per_prompt):
+            i = len(items)
+            image_seed = check_seed(cfg.seed + i if seed is None else seed + j, "seed (with --images-per-prompt)")
+            items.append(PromptItem(index=cfg.first_index + i, prompt=prompt,
+                                    negative_prompt=cfg.negative_prompt if negative is None else negative,
+                                    seed=image_seed, steps=cfg.steps if steps is None else steps,
+                                    cfg=cfg.cfg if cfg_scale is None else cfg_scale))
 
     if cfg.prompt:
         for prompt in cfg.prompt:
@@ -279,16 +302,12 @@ def read_prompts(cfg: SampleConfig) -> list[PromptItem]:
             add(prompt)
         return items
 
-    path = Path(cfg.prompts or "")
-    if not path.is_file():
-        raise InputError(f"prompts file not found: {path}")
-    suffix = path.suffix.lower()
-    if suffix not in (".txt", ".jsonl"):
-        raise InputError(f"prompts file {path} must end in .txt (one prompt per line) or .jsonl (one JSON object per line)")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise InputError(f"{path} is not UTF-8 text: {err}") from None
+    path = str(cfg.prompts or "")
+    suffix = "." + text_format(path, cfg.prompts_format, "--prompts", "--prompts-format")
+    text = read_text(path, "--prompts")
+    lines = txt_lines(text) if suffix == ".txt" else jsonl_lines(text)
+    if path == "-":
+        path = "(stdin)"
     for number, line in enumerate(lines, start=1):
         text = line.strip()
         if suffix == ".txt":
@@ -429,12 +448,23 @@ def _batches(items: Sequence[PromptItem], size: int) -> list[list[PromptItem]]:
     return out
 
 
-def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -> SampleResult:
+def load_pipeline(cfg: SampleConfig) -> Any:
+    """The `MeissonicPipeline` of `cfg`'s model settings (the one loading path of sample, the app, ...)."""
+    from meissonic_cli.sample.pipeline import MeissonicPipeline, resolve_model_folder
+
+    root = resolve_model_folder(cfg.model, allow_download=cfg.allow_download)
+    return MeissonicPipeline.from_pretrained(root, device=cfg.device, dtype=cfg.dtype, text_encoder=cfg.text_encoder,
+                                             variant=cfg.variant, lora=cfg.lora)
+
+
+def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None,
+               on_step: Optional[Callable[[int, int], None]] = None) -> SampleResult:
     """Sample every prompt of `cfg` into `cfg.out`, skipping images already written.
 
     Everything that can be checked is checked before the first file is written: the prompts, the
     flags, the model folder, the resolution and the sidecars of done images.
-    `pipeline` may be a loaded `MeissonicPipeline` (the model flag then only labels the sidecars).
+    `pipeline` may be a loaded `MeissonicPipeline` (the model flag then only labels the sidecars);
+    `on_step(step, total)` is called after each decoding step (the app's progress bar).
     """
     cfg.validate()
     items = read_prompts(cfg)
@@ -448,7 +478,7 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
         png_mark,
         write_grid,
     )
-    from meissonic_cli.sample.pipeline import MeissonicPipeline, resolve_device, resolve_dtype, resolve_model_folder
+    from meissonic_cli.sample.pipeline import resolve_device, resolve_dtype
 
     resolve_dtype(cfg.dtype)
     resolve_device(cfg.device)
@@ -464,9 +494,7 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
             check_replaceable(out / f"{item.stem}.json", cfg.overwrite)
     model_id = model_identity(pipeline, cfg.model, cfg.allow_download, lora=cfg.lora)
     if pipeline is None:
-        root = resolve_model_folder(cfg.model, allow_download=cfg.allow_download)
-        pipeline = MeissonicPipeline.from_pretrained(root, device=cfg.device, dtype=cfg.dtype,
-                                                     text_encoder=cfg.text_encoder, variant=cfg.variant, lora=cfg.lora)
+        pipeline = load_pipeline(cfg)
     model_label = model_id["model"]
     width, height = size if size is not None else (pipeline.default_resolution,) * 2
     pipeline.check_resolution(height, width)
@@ -498,7 +526,7 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
                 steps=batch[0].steps, guidance_scale=batch[0].cfg, height=height, width=width, temperature=temperature,
                 token_temperature=cfg.token_temperature, seed=[it.seed for it in batch], exact=cfg.exact,
                 sampler=cfg.sampler_options(),
-                callback=lambda step, total: bar.update(steps_task, completed=step),
+                callback=lambda step, total: _step_done(bar, steps_task, on_step, step, total),
             )
             seconds = time.perf_counter() - start
             for item, image in zip(batch, images):
@@ -526,6 +554,12 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
     return result
 
 
+def _step_done(bar: Any, task: Any, on_step: Optional[Callable[[int, int], None]], step: int, total: int) -> None:
+    bar.update(task, completed=step)
+    if on_step is not None:
+        on_step(step, total)
+
+
 def summary_table(result: SampleResult) -> Any:
     """A rich table summarising a sample run."""
     rows = [("output", str(result.out_dir)), ("model", result.model),
@@ -540,4 +574,4 @@ def summary_table(result: SampleResult) -> Any:
 
 
 __all__ = ["PromptItem", "SampleConfig", "SampleResult", "make_grid", "parse_resolution", "parse_temperature",
-           "read_prompts", "run_sample", "slugify", "summary_table"]
+           "load_pipeline", "read_prompts", "run_sample", "slugify", "summary_table"]
