@@ -53,8 +53,11 @@ SAMPLE_AFFECTS = {
     "lora": [["<adapter>:0.5"], ["<adapter>:0.7"]],
     "text_encoder": "<other text encoder>",  # replaced by a real folder in the test
     "preset": "official",
+    "first_index": 5,  # another number is another file name and seed: redone, never skipped
 }
 SAMPLE_NO_EFFECT = {
+    "images_per_prompt": (2, "how many images each prompt gets; each image's prompt and seed are compared"),
+    "prompts_format": (None, "how --prompts is parsed; the prompts it yields are compared"),
     "prompts": ("<prompts file>", "another way to give the same prompt; the prompt itself is compared"),
     "batch_size": (2, "every image draws from its own seeded generator; batching only changes the speed"),
     "grid": (True, "adds grid.png beside the images; the images are the same"),
@@ -162,8 +165,8 @@ def test_sample_rerun_with_another_setting_does_not_keep_the_old_image(field, sa
     out = tmp_path / "out"
     shutil.copytree(base.out, out)
     changes = {"out": str(out), field: values[0]}
-    if field == "prompt":
-        # Another prompt is another file name: the old image is not skipped for it (nor overwritten).
+    if field in ("prompt", "first_index"):
+        # Another prompt or number is another file name: the old image is not skipped for it (nor overwritten).
         assert _sample_outcome(dataclasses.replace(base, **changes)) == "redone"
         return
     assert _sample_outcome(dataclasses.replace(base, **changes)) in ("refused", "redone"), field
@@ -270,7 +273,8 @@ def _edit_fields() -> set[str]:
     from meissonic_cli.commands.edit import NOT_IN_EDIT
     from meissonic_cli.commands.sample import JOB_FIELDS
 
-    nested = {f"sample.{n}" for n in _fields(SampleConfig) if n not in NOT_IN_EDIT and n not in JOB_FIELDS}
+    flags = {f.name for f in dataclasses.fields(SampleConfig) if f.metadata.get("cli", True)}
+    nested = {f"sample.{n}" for n in flags if n not in NOT_IN_EDIT and n not in JOB_FIELDS}
     return _fields(EditConfig) | nested | {"sample.allow_download"}
 
 
