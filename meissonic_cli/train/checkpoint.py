@@ -6,8 +6,9 @@ A checkpoint directory holds
 - `transformer_ema/`    the EMA weights, same layout (only with --ema-decay)
 - `text_encoder/`       the text encoder (only with --train-text-encoder)
 - `lora/adapters.safetensors` the LoRA adapters alone (only with --lora-rank)
-- `trainer_state.pt`    optimizer, LR scheduler, loss scaler and step (tensors and plain values only:
-                        read with torch's weights-only loader, never unpickled)
+- `trainer_state.pt`    optimizer, LR scheduler, loss scaler, step, the EMA's schedule (update count,
+                        warm-up) and the wandb run id (tensors and plain values only: read with
+                        torch's weights-only loader, never unpickled)
 - `rng/rank-NNNNN.safetensors` python, numpy, torch (CPU and CUDA) and trainer generator states per
                         rank: the state vectors as tensors, the scalars as JSON in the metadata.
                         No pickle: an older checkpoint's `rng/rank-NNNNN.pt` is refused, not loaded
@@ -279,11 +280,12 @@ def write_checkpoint(final: Path, *, step: int, model_state: dict[str, torch.Ten
                      ema_state: dict[str, torch.Tensor] | None, scheduler_state: dict[str, Any],
                      scaler_state: dict[str, Any] | None, rngs: list[dict[str, Any]], cursors: list[dict[str, Any]],
                      config_yaml: str, model_config: TransformerConfig, lora: LoRA | None,
-                     text_encoder: nn.Module | None, base_root: Path | None) -> Path:
+                     text_encoder: nn.Module | None, base_root: Path | None,
+                     extra_state: dict[str, Any] | None = None) -> Path:
     """Write the checkpoint directory `final` atomically (rank 0 only; the states are already gathered).
 
     `text_encoder` is given when it is trained (its weights are in `model_state`); `rngs` and
-    `cursors` hold one entry per rank.
+    `cursors` hold one entry per rank; `extra_state` (plain values) joins trainer_state.pt.
     """
     import torch
 
@@ -299,8 +301,8 @@ def write_checkpoint(final: Path, *, step: int, model_state: dict[str, torch.Ten
                 save_lora(tmp / "lora" / "adapters_ema.safetensors", lora, lora.named_adapters(ema_state))
         if text_encoder is not None:
             fresh_text_encoder(text_encoder, model_state).save_pretrained(tmp / "text_encoder")
-        torch.save({"format": TRAINER_FORMAT, "step": step, "optimizer": optim_state, "scheduler": scheduler_state,
-                    "scaler": scaler_state, "world_size": len(rngs)}, tmp / TRAINER_STATE)
+        torch.save({**(extra_state or {}), "format": TRAINER_FORMAT, "step": step, "optimizer": optim_state,
+                    "scheduler": scheduler_state, "scaler": scaler_state, "world_size": len(rngs)}, tmp / TRAINER_STATE)
         for rank, state in enumerate(rngs):
             write_rng_state(rng_file(tmp, rank), state)
         write_json(tmp / DATA_CURSOR, {"world_size": len(cursors), "ranks": cursors})
