@@ -311,7 +311,7 @@ class Trainer:
                 self.img_ids, self.txt_ids, **kwargs,
             )
         loss = masked_cross_entropy(logits, labels := labels.to(dev, non_blocking=True))
-        self.token_stats += masked_token_stats(logits, labels)  # for the curves only: no grad, no randomness
+        self.last_token_stats = masked_token_stats(logits, labels)  # for the curves only: no grad, no randomness
         return loss, rates.mean()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -329,12 +329,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         rate_sum = torch.zeros(())
-        self.token_stats: Any = 0  # masked_token_stats summed over the micro-steps
+        token_stats: Any = 0  # masked_token_stats summed over the micro-steps
         for i in range(cfg.grad_accum):
             batch = self.next_batch()
             last = i == cfg.grad_accum - 1
             with self._sync_context(last):
                 loss, rate = self.micro_step_loss(batch)
+                token_stats = token_stats + self.last_token_stats
                 scaled = loss / cfg.grad_accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach()
@@ -349,7 +350,7 @@ class Trainer:
                                (rate_sum / cfg.grad_accum).to(self.device)])
         summary = self.env.all_reduce_sum(summary) / self.env.world_size
         loss_v, norm_v, rate_v = (float(x) for x in summary.tolist())
-        token_stats = self.env.all_reduce_sum(self.token_stats).tolist()
+        token_stats = self.env.all_reduce_sum(token_stats).tolist()
         lr = self.optimizer.param_groups[0]["lr"]
         loss_ok, norm_ok = math.isfinite(loss_v), math.isfinite(norm_v)
         if self.scaler is not None:
@@ -527,8 +528,7 @@ class Trainer:
                     self.consecutive_bad = 0
                     losses[self.step] = stats.loss
                 if log_now:
-                    log.progress(self.step, f"loss {summary['loss']:.4f}  acc {summary['acc_top1']:.3f}  mask "
-                                            f"{stats.mask_rate:.2f}  lr {stats.lr:.2e}  {tps:,.0f} tok/s")
+                    log.progress(self.step, f"loss {summary['loss']:.4f}  mask {stats.mask_rate:.2f}  lr {stats.lr:.2e}  {tps:,.0f} tok/s")
                     log.scalars(self.step, {**summary, "mask_rate": stats.mask_rate, "lr": stats.lr,
                                             "grad_norm": stats.grad_norm, "tokens_per_s": tps})
                     steps_since, t_last = 0, time.perf_counter()
