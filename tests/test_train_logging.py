@@ -277,6 +277,18 @@ def test_wandb_offline_run_is_written_and_resumed_under_the_same_id(tmp_path, mo
     assert read_torch_file(tmp_path / "run" / "step-00000003" / TRAINER_STATE)["wandb_run_id"] == run_id
 
 
+def test_a_wandb_run_that_cannot_start_is_one_error_line_and_leaves_no_metrics(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "bogus")  # wandb refuses its own settings
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    data = make_token_dataset(tmp_path / "data", shards=1, per_shard=4)
+    result = _invoke("--data", str(data), "--out", str(tmp_path / "run"), "--arch", "tiny", "--resolution", "64",
+                     "--device", "cpu", "--cond-dropout", "0", "--report-to", "wandb")
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert lines[0].startswith("Error: --report-to wandb could not start a run") and "WANDB_MODE=offline" in lines[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # --optimizer adamw8bit (bitsandbytes runs its 8-bit AdamW on the CPU too)
 

@@ -75,7 +75,7 @@ class WandbTracker:
             self._run = wandb.init(project=project, name=name, id=run_id, resume="allow", dir=str(root), config=config)
         except Exception as err:  # wandb raises its own types (no login, no network, bad settings)
             raise ConfigError(
-                f"--report-to wandb could not start a run ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                f"--report-to wandb could not start a run ({type(err).__name__}: {' '.join(str(err).split())[:240]}); "
                 "log in with `wandb login`, or set WANDB_MODE=offline to write the run locally and `wandb sync` it later"
             ) from None
         self._run.define_metric("train/step", hidden=True)
@@ -143,16 +143,17 @@ class RunLog:
         """
         if not self.enabled or self.out_dir is None:
             return
-        path = self.out_dir / "metrics.jsonl"
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
-            write_text(path, "".join(line + "\n" for line in kept))
-        self._metrics = open(path, "a", encoding="utf-8")
+        # The tracker first: a wandb run that cannot start leaves no metrics.jsonl behind to block a rerun.
         if self.report_to == "tensorboard":
             self.tracker = TensorBoardTracker(self.out_dir / "tensorboard", purge_step=keep_through_step + 1)
         elif self.report_to == "wandb":
             self.tracker = WandbTracker(self.out_dir, project=self.wandb_project, name=self.out_dir.resolve().name,
                                         run_id=self.run_id, config=config or {})
+        path = self.out_dir / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= keep_through_step]
+            write_text(path, "".join(line + "\n" for line in kept))
+        self._metrics = open(path, "a", encoding="utf-8")
 
     def message(self, text: str) -> None:
         if not self.enabled:
