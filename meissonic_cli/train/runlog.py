@@ -119,6 +119,7 @@ class RunLog:
         self.enabled = enabled
         self.out_dir = out_dir
         self.report_to = "tensorboard" if tensorboard and report_to == "none" else report_to
+        self._deprecated_switch = tensorboard
         self.tensorboard = self.report_to == "tensorboard" and enabled
         self.wandb_project = wandb_project
         # The wandb run's id: new here, the checkpoint's on resume (the trainer sets it), saved in every checkpoint.
@@ -143,6 +144,8 @@ class RunLog:
         """
         if not self.enabled or self.out_dir is None:
             return
+        if self._deprecated_switch:
+            self.message("--tensorboard is deprecated: use --report-to tensorboard")
         # The tracker first: a wandb run that cannot start leaves no metrics.jsonl behind to block a rerun.
         if self.report_to == "tensorboard":
             self.tracker = TensorBoardTracker(self.out_dir / "tensorboard", purge_step=keep_through_step + 1)
