@@ -69,7 +69,7 @@ def ema_run(tmp_path_factory) -> dict:
     EMA saw at each update and its initial copy."""
     tmp = tmp_path_factory.mktemp("ema_run")
     data = make_token_dataset(tmp / "data", shards=1, per_shard=8)
-    trainer = Trainer(cfg_for(tmp, data, max_steps=3, checkpoint_every=2, log_every=2, ema_decay=0.9999))
+    trainer = Trainer(cfg_for(tmp, data, max_steps=3, checkpoint_every=2, log_every=2, ema_decay=0.9999, curves=True))
     initial = {k: v.clone() for k, v in trainer.ema.shadow.items()}
     seen = []
     real_update = trainer.ema.update
@@ -128,6 +128,7 @@ def test_a_checkpoint_from_before_warm_up_resumes_with_constant_decay(ema_run, t
     assert max(float((after[k] - (0.9999 * before[k] + 0.0001 * w4[k])).abs().max()) for k in before) < 1e-6
     assert "(written before EMA warm-up existed): warm-up off" in (run / "train.log").read_text()
     assert read_saved_config(run / "step-00000004")["ema_warmup"] is False
+    assert (run / "curves.png").stat().st_mtime == (ema_run["run"] / "curves.png").stat().st_mtime  # --no-curves: not redrawn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +243,7 @@ def wandb_history(run_folder: Path) -> list[dict]:
     return rows
 
 
-def test_wandb_offline_run_is_written_and_resumed_under_the_same_id(tmp_path, monkeypatch, tiny_model_dir):
+def test_wandb_offline_run_is_written_and_resumed_under_the_same_id(tmp_path, monkeypatch, request, tiny_model_dir):
     from PIL import Image
 
     for var, sub in (("WANDB_DIR", "wb"), ("WANDB_CONFIG_DIR", "wbconfig"), ("WANDB_CACHE_DIR", "wbcache"),
@@ -250,6 +251,10 @@ def test_wandb_offline_run_is_written_and_resumed_under_the_same_id(tmp_path, mo
         monkeypatch.setenv(var, str(tmp_path / sub))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
+    import wandb
+
+    wandb.teardown()  # wandb reads WANDB_* once per process: start from these, and leave none behind
+    request.addfinalizer(wandb.teardown)
     data = make_token_dataset(tmp_path / "data", shards=1, per_shard=8)
     common = dict(report_to="wandb", log_every=1, checkpoint_every=2, base_model=str(tiny_model_dir), validate_every=2,
                   validation_prompts=["a red circle"], validation_steps=2)
@@ -278,11 +283,15 @@ def test_wandb_offline_run_is_written_and_resumed_under_the_same_id(tmp_path, mo
 
 
 def test_a_wandb_run_that_cannot_start_is_one_error_line_and_leaves_no_metrics(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "bogus")  # wandb refuses its own settings
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    import wandb
+
+    def no_login(**kwargs):  # what wandb.init does online without an API key and no terminal to ask on
+        raise wandb.errors.UsageError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])")
+
+    monkeypatch.setattr(wandb, "init", no_login)
     data = make_token_dataset(tmp_path / "data", shards=1, per_shard=4)
     result = _invoke("--data", str(data), "--out", str(tmp_path / "run"), "--arch", "tiny", "--resolution", "64",
-                     "--device", "cpu", "--cond-dropout", "0", "--report-to", "wandb")
+                     "--device", "cpu", "--cond-dropout", "0", "--report-to", "wandb", "--max-steps", "2")
     lines = result.output.strip().splitlines()
     assert result.exit_code == 1 and len(lines) == 1, result.output
     assert lines[0].startswith("Error: --report-to wandb could not start a run") and "WANDB_MODE=offline" in lines[0]

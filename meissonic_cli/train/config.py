@@ -104,8 +104,8 @@ class TrainConfig:
         0, help="EMA updates before the average starts decaying; until then it copies the weights (diffusers' update_after_step)."
     )
     optimizer: str = field(
-        "adamw", help="adamw (torch) or adamw8bit (bitsandbytes' 8-bit AdamW: about a quarter of the optimizer memory; "
-        "pip install 'meissonic[train]')."
+        "adamw", help="adamw (torch) or adamw8bit (bitsandbytes' 8-bit AdamW, about a quarter of the optimizer memory; "
+        "bitsandbytes comes with the train extra of meissonic)."
     )
     gradient_checkpointing: bool = field(False, help="Recompute transformer block activations in the backward pass to save memory.")
     compile: bool = field(False, help="Compile the transformer with torch.compile.")
@@ -128,7 +128,8 @@ class TrainConfig:
     fsdp: bool = field(False, help="Under torchrun, shard parameters, gradients and optimizer state with FSDP instead of replicating them (DDP).")
 
     # --- logging and validation ---------------------------------------------------------------
-    log_every: int = field(10, help="Refresh the progress line and TensorBoard every this many steps (metrics.jsonl gets every step).")
+    log_every: int = field(10, help="Refresh the progress line and the --report-to tracker every this many steps, and add the "
+                           "window's loss per mask-rate bucket to metrics.jsonl (which gets every step).")
     report_to: str = field(
         "none",
         help="Scalar tracker besides metrics.jsonl: none, tensorboard (<output>/tensorboard) or wandb (honours "
@@ -136,6 +137,8 @@ class TrainConfig:
         "wandb run). Validation grids are logged as images.",
     )
     tensorboard: bool = field(False, help="Deprecated: same as --report-to tensorboard.", hidden=True)
+    curves: bool = field(True, help="Draw curves.png (loss overall and per mask-rate bucket, accuracy, lr) beside "
+                         "metrics.jsonl at every checkpoint and at the end (needs matplotlib).")
     wandb_project: str = field("meissonic", help="wandb project of --report-to wandb (the run is named after --out).")
     validate_every: int = field(0, help="Sample --validation-prompt images every this many steps into <output>/samples/; 0 disables.")
     validation_prompts: list = field(

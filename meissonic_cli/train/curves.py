@@ -115,6 +115,7 @@ def write_curves(metrics_path: Path, out_path: Path) -> Path:
     fig = Figure(figsize=(12, 8), dpi=100)
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2)
+    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.07, top=0.95, hspace=0.3, wspace=0.15)  # no layout pass: one draw
     ax = axes[0][0]
     ax.plot(*_thin(*_series(rows, "loss")), lw=0.8, label="loss (each step)")
     ax.set_title("loss over masked tokens")
@@ -136,7 +137,6 @@ def write_curves(metrics_path: Path, out_path: Path) -> Path:
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.tight_layout()
     return atomic_write(out_path, lambda tmp: fig.savefig(tmp, format="png"))
 
 

@@ -115,8 +115,9 @@ class RunLog:
     """
 
     def __init__(self, out_dir: Path | None, *, enabled: bool, tensorboard: bool = False, report_to: str = "none",
-                 wandb_project: str = "meissonic"):
+                 wandb_project: str = "meissonic", curves: bool = False):
         self.enabled = enabled
+        self.curves = curves
         self.out_dir = out_dir
         self.report_to = "tensorboard" if tensorboard and report_to == "none" else report_to
         self._deprecated_switch = tensorboard
@@ -172,6 +173,13 @@ class RunLog:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
         self._metrics.write(json.dumps(clean) + "\n")
         self._metrics.flush()
+
+    def draw_curves(self) -> None:
+        """curves.png beside metrics.jsonl (when enabled, on the reporting rank)."""
+        if self.enabled and self.curves and self.out_dir is not None:
+            from meissonic_cli.train.curves import write_run_curves
+
+            write_run_curves(self.out_dir, say=self.message)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         self.tracker.add_scalars(step, values)

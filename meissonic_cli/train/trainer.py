@@ -51,7 +51,7 @@ from meissonic_cli.model.lora import LoRA
 from meissonic_cli.model.transformer import MeissonicTransformer, image_ids
 from meissonic_cli.train import checkpoint as ckpt
 from meissonic_cli.train.config import TrainConfig
-from meissonic_cli.train.curves import MetricsWindow, write_run_curves
+from meissonic_cli.train.curves import MetricsWindow
 from meissonic_cli.train.distributed import DistEnv, full_state_options, gradient_sync, init_distributed, wrap_model
 from meissonic_cli.train.ema import EMA
 from meissonic_cli.train.masked_model import (
@@ -122,7 +122,7 @@ class Trainer:
         self.device = self.env.device
         self.output = Path(cfg.output)
         self.log = RunLog(self.output, enabled=self.env.is_main, tensorboard=cfg.tensorboard, report_to=cfg.report_to,
-                          wandb_project=cfg.wandb_project)
+                          wandb_project=cfg.wandb_project, curves=cfg.curves)
 
         # ---- inputs, checked before anything is written
         self.shards = list_token_shards(cfg.data)
@@ -398,7 +398,7 @@ class Trainer:
             )
             removed = ckpt.prune_checkpoints(self.output, self.cfg.keep_last)
             self.log.message(f"saved {final}" + (f" (removed {', '.join(p.name for p in removed)})" if removed else ""))
-            write_run_curves(self.output, say=self.log.message)
+            self.log.draw_curves()
         self.env.barrier()
         self.last_checkpoint = final
         return final
