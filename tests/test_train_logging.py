@@ -259,6 +259,7 @@ def test_wandb_offline_run_is_written_and_resumed_under_the_same_id(tmp_path, mo
     common = dict(report_to="wandb", log_every=1, checkpoint_every=2, base_model=str(tiny_model_dir), validate_every=2,
                   validation_prompts=["a red circle"], validation_steps=2)
     train(cfg_for(tmp_path, data, max_steps=2, **common))
+    wandb.teardown()  # the run is finished; this also waits until wandb's service has written all of it
     run_id = read_torch_file(tmp_path / "run" / "step-00000002" / TRAINER_STATE)["wandb_run_id"]
     assert len(run_id) == 8
     [folder] = (tmp_path / "wb" / "wandb").glob(f"offline-run-*-{run_id}")
@@ -277,6 +278,7 @@ def test_wandb_offline_run_is_written_and_resumed_under_the_same_id(tmp_path, mo
     # Resumed without WANDB_DIR: the same wandb run id, its files inside --out.
     monkeypatch.delenv("WANDB_DIR")
     train(cfg_for(tmp_path, data, max_steps=3, resume="auto", **{**common, "validate_every": 0}))
+    wandb.teardown()
     [folder] = (tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}")
     assert [r["train/step"] for r in wandb_history(folder) if "train/loss" in r] == [3]
     assert read_torch_file(tmp_path / "run" / "step-00000003" / TRAINER_STATE)["wandb_run_id"] == run_id
