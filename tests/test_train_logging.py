@@ -19,6 +19,7 @@ from meissonic_cli.errors import ConfigError
 from meissonic_cli.model.state_io import read_torch_file
 from meissonic_cli.model.transformer import load_state_dict_files
 from meissonic_cli.train import ema as ema_mod
+from meissonic_cli.train import objective
 from meissonic_cli.train.checkpoint import TRAINER_STATE, read_saved_config
 from meissonic_cli.train.curves import MetricsWindow
 from meissonic_cli.train.ema import EMA, ema_decay_at
@@ -135,7 +136,7 @@ def test_a_checkpoint_from_before_warm_up_resumes_with_constant_decay(ema_run, t
 # Masked-token accuracy, mask-rate buckets, curves.png
 
 
-def test_masked_token_stats_against_a_direct_count():
+def test_masked_token_stats_against_a_direct_count(monkeypatch):
     g = torch.Generator().manual_seed(1)
     b, k, h, w = 6, 7, 2, 4  # 8 positions: mask rates 1/8 .. 8/8 hit every bucket and its edges
     logits = torch.randn(b, k, h, w, generator=g)
@@ -171,6 +172,8 @@ def test_masked_token_stats_against_a_direct_count():
     expected = [n_tok, top1, top5] + [v for pair in zip(bucket_loss, bucket_n) for v in pair]
     assert bucket_n == [1, 2, 1, 2]
     assert got == pytest.approx(expected, rel=1e-6)  # float32 cross-entropy against float64
+    monkeypatch.setattr(objective, "STATS_CHUNK", 5)  # a few tokens per float32 block: the same sums
+    assert masked_token_stats(logits, labels).tolist() == pytest.approx(got, rel=1e-12)
 
 
 def test_metrics_window_means_over_its_steps():

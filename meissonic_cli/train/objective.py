@@ -62,6 +62,7 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 MASK_RATE_EDGES = (0.25, 0.5, 0.75)
 MASK_RATE_BUCKETS = ("00_25", "25_50", "50_75", "75_100")
 TOKEN_STATS_SIZE = 3 + 2 * len(MASK_RATE_BUCKETS)
+STATS_CHUNK = 4096  # masked tokens per float32 block in masked_token_stats
 
 
 @torch.no_grad()
@@ -78,10 +79,15 @@ def masked_token_stats(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     flat_logits = logits.detach().reshape(b, k, -1).transpose(1, 2)  # (B, L, K)
     flat_labels = labels.reshape(b, -1)
     masked = flat_labels != IGNORE_INDEX
-    picked, targets = flat_logits[masked].float(), flat_labels[masked]  # (M, K), (M,)
-    top = picked.topk(min(5, k), dim=-1).indices
-    hits = top == targets[:, None]
-    token_loss = F.cross_entropy(picked, targets, reduction="none").double()
+    picked, targets = flat_logits[masked], flat_labels[masked]  # (M, K), (M,)
+    # In float32 a few thousand tokens at a time: a 1024 px batch has ~10^4 masked tokens x 8192 codes.
+    hits_parts, loss_parts = [], []
+    for start in range(0, targets.numel(), STATS_CHUNK):
+        chunk, target = picked[start:start + STATS_CHUNK].float(), targets[start:start + STATS_CHUNK]
+        hits_parts.append(chunk.topk(min(5, k), dim=-1).indices == target[:, None])
+        loss_parts.append(F.cross_entropy(chunk, target, reduction="none").double())
+    hits = torch.cat(hits_parts) if hits_parts else torch.zeros(0, min(5, k), dtype=torch.bool, device=labels.device)
+    token_loss = torch.cat(loss_parts) if loss_parts else torch.zeros(0, dtype=torch.float64, device=labels.device)
     per_sample_count = masked.sum(dim=1)
     sample_of = torch.arange(b, device=labels.device)[:, None].expand_as(masked)[masked]
     per_sample_loss = torch.zeros(b, dtype=torch.float64, device=labels.device).index_add_(0, sample_of, token_loss)
