@@ -79,7 +79,10 @@ MODULES: dict[str, tuple[list[str], list[str], str | None, list[str]]] = {
               ["tests/test_behaviour_guards.py"] + [f"tests/test_train.py::test_{t}" for t in (
                   "masking_rate_follows_the_arccos_density", "mask_tokens_masks_round_L_r_positions_at_random",
                   "masked_cross_entropy_on_a_hand_built_batch", "masked_cross_entropy_matches_the_official_training_loss",
-                  "forward_gets_timestep_rate_times_1000_and_the_shards_micro_conds")], None, []),
+                  "forward_gets_timestep_rate_times_1000_and_the_shards_micro_conds")]
+              + [f"tests/test_train_logging.py::test_{t}" for t in (
+                  "ema_decay_schedule_is_diffusers_get_decay", "ema_equals_diffusers_ema_model_after_n_steps",
+                  "masked_token_stats_against_a_direct_count")], None, []),
     "checkpoint": (["meissonic_cli/train/checkpoint.py"], ["tests/test_train.py", "tests/test_checkpoint_guards.py"],
                    None, []),
 }

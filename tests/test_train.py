@@ -98,7 +98,8 @@ def full_model(tmp_path_factory) -> Path:
 
 def cfg_for(tmp: Path, data: Path, **kw) -> TrainConfig:
     base = dict(data=str(data), output=str(tmp / "run"), model="tiny", resolution=GRID * 16, batch_size=4,
-                max_steps=6, checkpoint_every=3, keep_last=0, cond_dropout=0.0, lr=3e-3, log_every=3, device="cpu")
+                max_steps=6, checkpoint_every=3, keep_last=0, cond_dropout=0.0, lr=3e-3, log_every=3, device="cpu",
+                curves=False)  # curves.png is drawn in test_train_logging's runs; matplotlib costs ~0.5 s a checkpoint
     base.update(kw)
     return TrainConfig(**base)
 

@@ -11,8 +11,9 @@ A checkpoint directory holds
                         diffusers (`pytorch_lora_weights.safetensors`) read it, plus the transformer
                         config it fits (`transformer_config.json`); `meissonic sample --model BASE --lora
                         step-N/lora` samples it
-- `trainer_state.pt`    optimizer, LR scheduler, loss scaler and step (tensors and plain values only:
-                        read with torch's weights-only loader, never unpickled)
+- `trainer_state.pt`    optimizer, LR scheduler, loss scaler, step, the EMA's schedule (update count,
+                        warm-up) and the wandb run id (tensors and plain values only: read with
+                        torch's weights-only loader, never unpickled)
 - `rng/rank-NNNNN.safetensors` python, numpy, torch (CPU and CUDA) and trainer generator states per
                         rank: the state vectors as tensors, the scalars as JSON in the metadata.
                         No pickle: an older checkpoint's `rng/rank-NNNNN.pt` is refused, not loaded
@@ -286,12 +287,14 @@ def write_checkpoint(final: Path, *, step: int, model_state: dict[str, torch.Ten
                      ema_state: dict[str, torch.Tensor] | None, scheduler_state: dict[str, Any],
                      scaler_state: dict[str, Any] | None, rngs: list[dict[str, Any]], cursors: list[dict[str, Any]],
                      config_yaml: str, model_config: TransformerConfig, lora: LoRA | None,
-                     text_encoder: nn.Module | None, base_root: Path | None, merged: bool = True) -> Path:
+                     text_encoder: nn.Module | None, base_root: Path | None, merged: bool = True,
+                     extra_state: dict[str, Any] | None = None) -> Path:
     """Write the checkpoint directory `final` atomically (rank 0 only; the states are already gathered).
 
     `text_encoder` is given when it is trained (its weights are in `model_state`); `rngs` and
-    `cursors` hold one entry per rank. `merged=False` (LoRA runs without --save-merged) leaves out
-    transformer/ and transformer_ema/: the adapters in lora/ and lora_ema/ are the trained state.
+    `cursors` hold one entry per rank; `extra_state` (plain values) joins trainer_state.pt. `merged=False`
+    (LoRA runs without --save-merged) leaves out transformer/ and transformer_ema/: the adapters in lora/
+    and lora_ema/ are the trained state.
     """
     import torch
 
@@ -304,8 +307,8 @@ def write_checkpoint(final: Path, *, step: int, model_state: dict[str, torch.Ten
             write_lora_dirs(tmp, lora, model_state, ema_state, model_config, base_root)
         if text_encoder is not None:
             fresh_text_encoder(text_encoder, model_state).save_pretrained(tmp / "text_encoder")
-        torch.save({"format": TRAINER_FORMAT, "step": step, "optimizer": optim_state, "scheduler": scheduler_state,
-                    "scaler": scaler_state, "world_size": len(rngs)}, tmp / TRAINER_STATE)
+        torch.save({**(extra_state or {}), "format": TRAINER_FORMAT, "step": step, "optimizer": optim_state,
+                    "scheduler": scheduler_state, "scaler": scaler_state, "world_size": len(rngs)}, tmp / TRAINER_STATE)
         for rank, state in enumerate(rngs):
             write_rng_state(rng_file(tmp, rank), state)
         write_json(tmp / DATA_CURSOR, {"world_size": len(cursors), "ranks": cursors})

@@ -21,6 +21,8 @@ from meissonic_cli.model.hub import ALLOW_DOWNLOAD_HELP, VARIANT_HELP, VARIANTS
 LR_SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16", "fp16")
 COMPRESSION = ("auto", "on", "off")
+OPTIMIZERS = ("adamw", "adamw8bit")
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 @dataclass
@@ -96,6 +98,19 @@ class TrainConfig:
     max_grad_norm: float = field(1.0, help="Clip the global gradient norm to this value; 0 disables clipping.")
     precision: str = field("fp32", help="fp32, bf16 (autocast) or fp16 (autocast with loss scaling). Master weights stay fp32.")
     ema_decay: float = field(0.0, help="Keep an exponential moving average of the trained weights with this decay (e.g. 0.9999); 0 disables it.")
+    ema_warmup: bool = field(
+        True,
+        help="Warm the EMA decay up as diffusers' EMAModel (the official trainer) does: min(decay, (1+t)/(10+t)) at "
+        "update t after --ema-update-after-step. Off: the full decay from the first update. A resumed run keeps the "
+        "setting its checkpoint recorded (off for checkpoints written before this option existed).",
+    )
+    ema_update_after_step: int = field(
+        0, help="EMA updates before the average starts decaying; until then it copies the weights (diffusers' update_after_step)."
+    )
+    optimizer: str = field(
+        "adamw", help="adamw (torch) or adamw8bit (bitsandbytes' 8-bit AdamW, about a quarter of the optimizer memory; "
+        "bitsandbytes comes with the train extra of meissonic)."
+    )
     gradient_checkpointing: bool = field(False, help="Recompute transformer block activations in the backward pass to save memory.")
     compile: bool = field(False, help="Compile the transformer with torch.compile.")
     seed: int = field(0, help="Seed of weight init, data order, masking and condition dropout.")
@@ -120,8 +135,18 @@ class TrainConfig:
     fsdp: bool = field(False, help="Under torchrun, shard parameters, gradients and optimizer state with FSDP instead of replicating them (DDP).")
 
     # --- logging and validation ---------------------------------------------------------------
-    log_every: int = field(10, help="Refresh the progress line and TensorBoard every this many steps (metrics.jsonl gets every step).")
-    tensorboard: bool = field(False, help="Also write TensorBoard events to <output>/tensorboard (needs the tensorboard package).")
+    log_every: int = field(10, help="Refresh the progress line and the --report-to tracker every this many steps, and add the "
+                           "window's loss per mask-rate bucket to metrics.jsonl (which gets every step).")
+    report_to: str = field(
+        "none",
+        help="Scalar tracker besides metrics.jsonl: none, tensorboard (<output>/tensorboard) or wandb (honours "
+        "WANDB_MODE, e.g. offline; files under $WANDB_DIR, else <output>/wandb; a resumed run continues the same "
+        "wandb run). Validation grids are logged as images.",
+    )
+    tensorboard: bool = field(False, help="Deprecated: same as --report-to tensorboard.", hidden=True)
+    curves: bool = field(True, help="Draw curves.png (loss overall and per mask-rate bucket, accuracy, lr) beside "
+                         "metrics.jsonl at every checkpoint and at the end (needs matplotlib).")
+    wandb_project: str = field("meissonic", help="wandb project of --report-to wandb (the run is named after --out).")
     validate_every: int = field(0, help="Sample --validation-prompt images every this many steps into <output>/samples/; 0 disables.")
     validation_prompts: list = field(
         default_factory=list, help="Prompt for validation samples (repeat the flag for several).", flag="--validation-prompt"
@@ -130,6 +155,11 @@ class TrainConfig:
     validation_cfg: float = field(9.0, help="Classifier-free guidance scale for validation images.")
 
     # ------------------------------------------------------------------------------------------
+    @property
+    def tracker(self) -> str:
+        """The effective --report-to (the deprecated --tensorboard switch selects tensorboard)."""
+        return "tensorboard" if self.tensorboard and self.report_to == "none" else self.report_to
+
     @property
     def grid(self) -> int:
         """Code grid side implied by --resolution and --vq-factor."""
@@ -152,7 +182,7 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_steps", "checkpoint_every", "log_every", "nan_patience", "validation_steps"):
             value = getattr(self, name)
             p.check(isinstance(value, int) and value >= 1, f"{flag(name)} must be an integer >= 1, got {value!r}")
-        for name in ("warmup_steps", "keep_last", "lora_rank", "validate_every"):
+        for name in ("warmup_steps", "keep_last", "lora_rank", "validate_every", "ema_update_after_step"):
             value = getattr(self, name)
             p.check(isinstance(value, int) and value >= 0, f"{flag(name)} must be an integer >= 0, got {value!r}")
         p.check(self.lr > 0, f"{flag('lr')} must be positive, got {self.lr}")
@@ -165,6 +195,15 @@ class TrainConfig:
         p.check(0.0 <= self.min_masking_rate < 1.0, f"{flag('min_masking_rate')} must be in [0, 1), got {self.min_masking_rate}")
         p.check(0.0 <= self.cond_dropout <= 1.0, f"{flag('cond_dropout')} must be in [0, 1], got {self.cond_dropout}")
         p.check(0.0 <= self.ema_decay < 1.0, f"{flag('ema_decay')} must be in [0, 1), got {self.ema_decay}")
+        p.check(self.optimizer in OPTIMIZERS, f"{flag('optimizer')} must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        p.check(not (self.optimizer == "adamw8bit" and self.fsdp),
+                f"{flag('optimizer')} adamw8bit with {flag('fsdp')} is not supported (bitsandbytes' optimizer does not take "
+                "sharded parameters); use DDP or --optimizer adamw")
+        p.check(self.report_to in REPORT_TO, f"{flag('report_to')} must be one of {', '.join(REPORT_TO)}, got {self.report_to!r}")
+        p.check(not (self.tensorboard and self.report_to not in ("none", "tensorboard")),
+                f"{flag('tensorboard')} (deprecated) means {flag('report_to')} tensorboard; it cannot be combined with "
+                f"{flag('report_to')} {self.report_to}")
+        p.check(bool(self.wandb_project.strip()), f"{flag('wandb_project')} must not be empty")
         p.check(self.weight_decay >= 0, f"{flag('weight_decay')} must be >= 0, got {self.weight_decay}")
         p.check(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0, f"{flag('adam_beta1')}/{flag('adam_beta2')} must be in [0, 1)")
         p.check(self.adam_eps > 0, f"{flag('adam_eps')} must be positive, got {self.adam_eps}")

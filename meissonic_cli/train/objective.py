@@ -4,7 +4,8 @@
   round(L r) tokens (at least one), chosen by a random permutation, become the mask id.
 - Condition dropout swaps a sample's text sequence and pooled embedding for the empty prompt's, so
   the model also learns the unconditional prediction classifier-free guidance needs.
-- The loss is the cross-entropy over the masked positions only.
+- The loss is the cross-entropy over the masked positions only. Its value depends on how much was
+  masked, so `masked_token_stats` also measures it per mask-rate bucket, with the masked-token accuracy.
 
 `collate` turns token samples into the batch these functions consume, checking each sample against
 the training resolution and the model's codebook.
@@ -55,6 +56,50 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     """Mean cross-entropy over the masked positions; logits (B, K, H, W), labels (B, H, W) with -100 elsewhere."""
     b, k = logits.shape[:2]
     return F.cross_entropy(logits.reshape(b, k, -1).float(), labels.reshape(b, -1), ignore_index=IGNORE_INDEX)
+
+
+# Per-sample mask-rate buckets of the training curves: [0, .25), [.25, .5), [.5, .75), [.75, 1].
+MASK_RATE_EDGES = (0.25, 0.5, 0.75)
+MASK_RATE_BUCKETS = ("00_25", "25_50", "50_75", "75_100")
+TOKEN_STATS_SIZE = 3 + 2 * len(MASK_RATE_BUCKETS)
+STATS_CHUNK = 4096  # masked tokens per float32 block in masked_token_stats
+
+
+@torch.no_grad()
+def masked_token_stats(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sums behind the training curves for one batch, as a float64 vector that adds up across
+    micro-steps and ranks:
+
+        [masked tokens, top-1 hits, top-5 hits, then per bucket: sum of per-sample losses, samples]
+
+    A sample's mask rate is its share of masked positions and its loss the mean cross-entropy over
+    them; logits (B, K, H, W), labels (B, H, W) with -100 where not masked.
+    """
+    b, k = logits.shape[:2]
+    flat_logits = logits.detach().reshape(b, k, -1).transpose(1, 2)  # (B, L, K)
+    flat_labels = labels.reshape(b, -1)
+    masked = flat_labels != IGNORE_INDEX
+    picked, targets = flat_logits[masked], flat_labels[masked]  # (M, K), (M,)
+    # In float32 a few thousand tokens at a time: a 1024 px batch has ~10^4 masked tokens x 8192 codes.
+    hits_parts, loss_parts = [], []
+    for start in range(0, targets.numel(), STATS_CHUNK):
+        chunk, target = picked[start:start + STATS_CHUNK].float(), targets[start:start + STATS_CHUNK]
+        hits_parts.append(chunk.topk(min(5, k), dim=-1).indices == target[:, None])
+        loss_parts.append(F.cross_entropy(chunk, target, reduction="none").double())
+    hits = torch.cat(hits_parts) if hits_parts else torch.zeros(0, min(5, k), dtype=torch.bool, device=labels.device)
+    token_loss = torch.cat(loss_parts) if loss_parts else torch.zeros(0, dtype=torch.float64, device=labels.device)
+    per_sample_count = masked.sum(dim=1)
+    sample_of = torch.arange(b, device=labels.device)[:, None].expand_as(masked)[masked]
+    per_sample_loss = torch.zeros(b, dtype=torch.float64, device=labels.device).index_add_(0, sample_of, token_loss)
+    per_sample_loss = per_sample_loss / per_sample_count.clamp(min=1)
+    rate = per_sample_count.double() / flat_labels.shape[1]
+    bucket = torch.bucketize(rate, torch.tensor(MASK_RATE_EDGES, dtype=torch.float64, device=rate.device), right=True)
+    has_tokens = per_sample_count > 0
+    parts = [masked.sum().double(), hits[:, 0].sum().double(), hits.any(dim=-1).sum().double()]
+    for i in range(len(MASK_RATE_BUCKETS)):
+        members = (bucket == i) & has_tokens
+        parts += [per_sample_loss[members].sum(), members.sum().double()]
+    return torch.stack(parts)
 
 
 def draw_condition_dropout(n: int, probability: float, generator: torch.Generator) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The optimiser and its learning-rate schedule: AdamW over decay/no-decay groups, warm-up then constant or cosine."""
+"""The optimiser and its learning-rate schedule: AdamW (torch, or bitsandbytes' 8-bit AdamW) over
+decay/no-decay groups, warm-up then constant or cosine."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from meissonic_cli.errors import ConfigError
 
 
 def parameter_groups(module: nn.Module, weight_decay: float, lr: float, text_encoder_lr: float) -> list[dict[str, Any]]:
@@ -44,16 +47,40 @@ class LRSchedule:
 def build_optimizer(module: nn.Module, cfg: Any, device: torch.device) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW over `module`'s trainable parameters and the LambdaLR that applies `LRSchedule` to it.
 
-    `cfg` is a TrainConfig (lr, text_encoder_lr, weight_decay, adam_*, lr_schedule, warmup_steps,
-    max_steps, min_lr_ratio, fsdp). The fused kernel is used on CUDA except under FSDP.
+    `cfg` is a TrainConfig (optimizer, lr, text_encoder_lr, weight_decay, adam_*, lr_schedule,
+    warmup_steps, max_steps, min_lr_ratio, fsdp). torch's fused kernel is used on CUDA except under FSDP.
     """
-    optimizer = torch.optim.AdamW(
-        parameter_groups(module, cfg.weight_decay, cfg.lr, cfg.text_encoder_lr),
-        betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
-        fused=device.type == "cuda" and not cfg.fsdp,
-    )
+    groups = parameter_groups(module, cfg.weight_decay, cfg.lr, cfg.text_encoder_lr)
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    if getattr(cfg, "optimizer", "adamw") == "adamw8bit":
+        optimizer = adamw_8bit_class()(groups, betas=betas, eps=cfg.adam_eps)
+    else:
+        optimizer = torch.optim.AdamW(groups, betas=betas, eps=cfg.adam_eps, fused=device.type == "cuda" and not cfg.fsdp)
     schedule = LRSchedule(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def adamw_8bit_class() -> type[torch.optim.Optimizer]:
+    """bitsandbytes' `AdamW8bit` (runs on CUDA and on the CPU); a ConfigError when it is not installed."""
+    import importlib.util
+    import logging
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("--optimizer adamw8bit needs the bitsandbytes package: pip install 'meissonic[train]'")
+    # Importing bitsandbytes logs warnings about optional 4-bit CPU kernels this optimizer never uses.
+    quiet = [logging.getLogger(name) for name in ("bitsandbytes", "kernels")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes as bnb
+    except Exception as err:  # a broken install raises anything from OSError to RuntimeError
+        raise ConfigError(f"--optimizer adamw8bit: bitsandbytes failed to import ({type(err).__name__}: {err}); "
+                          "use --optimizer adamw or reinstall bitsandbytes") from None
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+    return bnb.optim.AdamW8bit
 
 
 def scheduler_state(scheduler: torch.optim.lr_scheduler.LambdaLR) -> dict[str, Any]:

@@ -23,6 +23,7 @@ building blocks live beside it:
     ema.py           the EMA of the trained weights
     distributed.py   DistEnv, init_distributed, DDP/FSDP wrapping
     runlog.py        progress line, train.log, metrics.jsonl, tracker (rank 0 only)
+    curves.py        masked-token accuracy and mask-rate bucket losses per window, curves.png
     validation.py    validation image grids
     checkpoint.py    checkpoint directories: write, find, prune, read back (no pickle)
     ../data/shards.py  ShardStream, the resumable token shard reader
@@ -50,6 +51,7 @@ from meissonic_cli.model.lora import LoRA
 from meissonic_cli.model.transformer import MeissonicTransformer, image_ids
 from meissonic_cli.train import checkpoint as ckpt
 from meissonic_cli.train.config import TrainConfig
+from meissonic_cli.train.curves import MetricsWindow
 from meissonic_cli.train.distributed import DistEnv, full_state_options, gradient_sync, init_distributed, wrap_model
 from meissonic_cli.train.ema import EMA
 from meissonic_cli.train.masked_model import (
@@ -68,6 +70,7 @@ from meissonic_cli.train.objective import (
     drop_features,
     mask_tokens,
     masked_cross_entropy,
+    masked_token_stats,
     sample_masking_rates,
 )
 from meissonic_cli.train.optim import build_optimizer, scheduler_state
@@ -93,6 +96,7 @@ class StepStats:
     lr: float
     skipped: bool  # no weight update this step
     bad: bool  # counts towards --nan-patience
+    token_stats: list[float] | None = None  # objective.masked_token_stats summed over micro-steps and ranks
 
 
 @dataclass
@@ -118,7 +122,8 @@ class Trainer:
         self.env = env or init_distributed(cfg.device)
         self.device = self.env.device
         self.output = Path(cfg.output)
-        self.log = RunLog(self.output, enabled=self.env.is_main, tensorboard=cfg.tensorboard)
+        self.log = RunLog(self.output, enabled=self.env.is_main, tensorboard=cfg.tensorboard, report_to=cfg.report_to,
+                          wandb_project=cfg.wandb_project, curves=cfg.curves)
 
         # ---- inputs, checked before anything is written
         self.shards = list_token_shards(cfg.data)
@@ -181,7 +186,7 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(self.module, cfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
         ema_named = {n: p for n, p in self.named_trainable.items() if not n.startswith("text_encoder.")}
-        self.ema = EMA(ema_named, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.ema = EMA.for_config(ema_named, cfg) if cfg.ema_decay > 0 else None
 
         # ---- per-rank randomness: masking, condition dropout
         self.generator = torch.Generator().manual_seed(cfg.seed * 100_003 + self.env.rank)
@@ -306,7 +311,8 @@ class Trainer:
                 inputs.to(dev, non_blocking=True), (rates * 1000).to(dev), batch.micro.to(dev, non_blocking=True),
                 self.img_ids, self.txt_ids, **kwargs,
             )
-        loss = masked_cross_entropy(logits, labels.to(dev, non_blocking=True))
+        loss = masked_cross_entropy(logits, labels := labels.to(dev, non_blocking=True))
+        self.last_token_stats = masked_token_stats(logits, labels)  # for the curves only: no grad, no randomness
         return loss, rates.mean()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -324,11 +330,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         rate_sum = torch.zeros(())
+        token_stats: Any = 0  # masked_token_stats summed over the micro-steps
         for i in range(cfg.grad_accum):
             batch = self.next_batch()
             last = i == cfg.grad_accum - 1
             with self._sync_context(last):
                 loss, rate = self.micro_step_loss(batch)
+                token_stats = token_stats + self.last_token_stats
                 scaled = loss / cfg.grad_accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach()
@@ -343,6 +351,7 @@ class Trainer:
                                (rate_sum / cfg.grad_accum).to(self.device)])
         summary = self.env.all_reduce_sum(summary) / self.env.world_size
         loss_v, norm_v, rate_v = (float(x) for x in summary.tolist())
+        token_stats = self.env.all_reduce_sum(token_stats).tolist()
         lr = self.optimizer.param_groups[0]["lr"]
         loss_ok, norm_ok = math.isfinite(loss_v), math.isfinite(norm_v)
         if self.scaler is not None:
@@ -366,7 +375,8 @@ class Trainer:
             # (which torch warns about before the first optimizer step) loses nothing.
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.scheduler.step()
-        return StepStats(loss=loss_v, mask_rate=rate_v, grad_norm=norm_v, lr=lr, skipped=skipped, bad=bad)
+        return StepStats(loss=loss_v, mask_rate=rate_v, grad_norm=norm_v, lr=lr, skipped=skipped, bad=bad,
+                         token_stats=token_stats)
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
@@ -386,9 +396,11 @@ class Trainer:
                 rngs=rngs, cursors=cursors, config_yaml=self.cfg.to_yaml(), model_config=self.model_config, lora=self.lora,
                 text_encoder=self.text_encoder if self.cfg.train_text_encoder else None, base_root=self.base_root,
                 merged=self.lora is None or self.cfg.save_merged,
+                extra_state={"ema_schedule": self.ema.schedule_state() if self.ema else None, "wandb_run_id": self.log.run_id},
             )
             removed = ckpt.prune_checkpoints(self.output, self.cfg.keep_last)
             self.log.message(f"saved {final}" + (f" (removed {', '.join(p.name for p in removed)})" if removed else ""))
+            self.log.draw_curves()
         self.env.barrier()
         self.last_checkpoint = final
         return final
@@ -415,7 +427,9 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             self.ema.load_full_state(ckpt.read_ema_state(path, lora=self.lora), self.named_trainable)
+            self.ema.resume_schedule(state.get("ema_schedule"), int(state["step"]), self.cfg, say=self.log.message)
         self.step = int(state["step"])
+        self.log.run_id = state.get("wandb_run_id") or self.log.run_id
         if full:
             if rng is not None:
                 ckpt.restore_rng_state(rng, self.generator, str(ckpt.rng_file(path, self.env.rank)))
@@ -479,7 +493,7 @@ class Trainer:
         elif cfg.init and self.resume_from is None:
             log.message(f"initialised from {cfg.init}")
         start = self.step
-        log.open(keep_through_step=start)
+        log.open(keep_through_step=start, config=cfg.to_dict())
         tokens_per_step = cfg.batch_size * cfg.grad_accum * self.env.world_size * self.grid * self.grid
         n_params = sum(p.numel() for p in self.named_trainable.values())
         log.message(
@@ -490,7 +504,7 @@ class Trainer:
         )
         losses: dict[int, float] = {}
         t_start = t_last = time.perf_counter()
-        steps_since, window_losses = 0, []
+        steps_since, window = 0, MetricsWindow()
         log.start_progress(start, cfg.max_steps)
         try:
             while self.step < cfg.max_steps:
@@ -500,8 +514,10 @@ class Trainer:
                 self.skipped_steps += int(stats.skipped)
                 now = time.perf_counter()
                 tps = tokens_per_step * steps_since / max(now - t_last, 1e-9)
+                log_now = self.step % cfg.log_every == 0 or self.step == cfg.max_steps
+                row_extra, summary = window.step(stats.loss, stats.token_stats, bad=stats.bad, close=log_now)
                 log.record({"step": self.step, "loss": stats.loss, "mask_rate": stats.mask_rate, "lr": stats.lr,
-                            "grad_norm": stats.grad_norm, "skipped": stats.skipped, "tokens_per_s": round(tps, 1)})
+                            "grad_norm": stats.grad_norm, "skipped": stats.skipped, "tokens_per_s": round(tps, 1), **row_extra})
                 if stats.bad:
                     self.consecutive_bad += 1
                     log.message(f"step {self.step}: non-finite loss or gradient, update skipped "
@@ -513,13 +529,11 @@ class Trainer:
                 else:
                     self.consecutive_bad = 0
                     losses[self.step] = stats.loss
-                    window_losses.append(stats.loss)
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                    mean_loss = sum(window_losses) / len(window_losses) if window_losses else float("nan")
-                    log.progress(self.step, f"loss {mean_loss:.4f}  mask {stats.mask_rate:.2f}  lr {stats.lr:.2e}  {tps:,.0f} tok/s")
-                    log.scalars(self.step, {"loss": mean_loss, "mask_rate": stats.mask_rate, "lr": stats.lr,
+                if log_now:
+                    log.progress(self.step, f"loss {summary['loss']:.4f}  mask {stats.mask_rate:.2f}  lr {stats.lr:.2e}  {tps:,.0f} tok/s")
+                    log.scalars(self.step, {**summary, "mask_rate": stats.mask_rate, "lr": stats.lr,
                                             "grad_norm": stats.grad_norm, "tokens_per_s": tps})
-                    window_losses, steps_since, t_last = [], 0, time.perf_counter()
+                    steps_since, t_last = 0, time.perf_counter()
                 if self.step == cfg.max_steps:
                     self.save_checkpoint()
                 elif self.step % cfg.checkpoint_every == 0:
@@ -568,6 +582,7 @@ class Trainer:
             path = self._validator.write_grid(self.output / "samples" / f"{ckpt.checkpoint_name(self.step)}.png",
                                               transformer, trained_text)
             self.log.message(f"validation samples ({'EMA' if self.ema is not None else 'current'} weights): {path}")
+            self.log.image(self.step, "samples", path, caption=" | ".join(self.cfg.validation_prompts))
             del transformer, trained_text
         self.env.barrier()
         return path
