@@ -1,4 +1,4 @@
-"""`meissonic eval`: CLIP-T/CLIP-I, HPS v2, DINO, FID and the shapes benchmark (see `meissonic_cli.metrics.evaluate`).
+"""`meissonic eval`: CLIP-T/CLIP-I, HPS v2/v2.1, DINO, FID and the shapes benchmark (see `meissonic_cli.metrics.evaluate`).
 
 Flags: every `EvalConfig` field, then the sampler options shared with `sample` and `edit` (used with
 --prompts). One --device serves the metric networks and the sampler.
@@ -45,6 +45,8 @@ def register(app: typer.Typer) -> None:
         report = run_eval(config)
         console = Console()
         console.print(report_table(report))
+        for line in report.get("warnings", []):  # what makes a number here not comparable with a published one
+            typer.echo(f"Warning: {line}", err=True)
         if "shapes" in report:
             from meissonic_cli.shapes.bench import print_report
 
