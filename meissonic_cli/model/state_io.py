@@ -107,7 +107,7 @@ def read_torch_file(path: str | os.PathLike, safe_globals: Sequence[type] = ()) 
     except FileNotFoundError:
         raise ModelFormatError(f"{path} does not exist") from None
     except pickle.UnpicklingError as err:
-        culprit = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        culprit = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(err))
         what = f" (it asks for {culprit.group(1)})" if culprit else ""
         raise ModelFormatError(
             f"{path}: holds objects other than tensors and plain values{what}; refused without loading it. "

@@ -1,0 +1,241 @@
+"""Each `meissonic eval` metric against the package people cite for it, on the same images and weights.
+
+Random weights in each package's own layout, so what is compared is the convention (preprocessing,
+scale, aggregation, file selection), not the weights:
+- HPS v2/v2.1 against `hpsv2` (its transform and CLIP model code; see `_hpsv2` for how it is imported);
+- FID against pytorch-fid and clean-fid (the packages' own file listing, loading, resizing and
+  statistics, with the same random Inception state dict in each);
+- CLIP-T against torchmetrics' `CLIPScore` (its update/compute running our open_clip model);
+- DINO full training checkpoints against timm loading the teacher backbone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from meissonic_cli.errors import ConfigError, ModelFormatError
+from meissonic_cli.metrics.evaluate import EvalConfig, run_eval
+
+TINY_CLIP = {"embed_dim": 16,
+             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+TINY_DINO = {"img_size": 32, "patch_size": 16, "embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def _noise(size: tuple[int, int], seed: int) -> Image.Image:
+    """A smooth random picture (width, height): structure at several scales, so resizing matters."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    small = rng.integers(0, 256, (max(h // 8, 2), max(w // 8, 2), 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR), dtype=np.int16)
+    return Image.fromarray(np.clip(base + rng.integers(-25, 25, (h, w, 3)), 0, 255).astype(np.uint8))
+
+
+def _write(folder: Path, name: str, image: Image.Image, **meta) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    image.save(folder / f"{name}.png")
+    if meta:
+        (folder / f"{name}.json").write_text(json.dumps(meta))
+    return folder / f"{name}.png"
+
+
+# ----------------------------------------------------------------------------------------------
+# HPS v2 / v2.1 against hpsv2
+
+
+def _hpsv2() -> types.SimpleNamespace:
+    """hpsv2's `open_clip` transform and model modules, imported without running hpsv2's package inits.
+
+    hpsv2 1.2.0 pins pytest==7.2.0 and protobuf<4 (so it is installed with `pip install --no-deps`,
+    see .ci/run), and its wheel lacks the BPE vocabulary its package init loads; the transform and
+    model modules it scores with need neither. Text tokens come from open_clip's tokenizer, of which
+    hpsv2's is a copy with the same vocabulary file.
+    """
+    spec = importlib.util.find_spec("hpsv2")
+    if spec is None or spec.origin is None:
+        pytest.fail("hpsv2 is not installed: pip install --no-deps hpsv2==1.2.0 (as .ci/run does)")
+    root = Path(spec.origin).parent
+    saved = {k: v for k, v in sys.modules.items() if k == "hpsv2" or k.startswith("hpsv2.")}
+    try:
+        for name, path in (("hpsv2", root), ("hpsv2.src", root / "src"), ("hpsv2.src.open_clip", root / "src" / "open_clip")):
+            package = types.ModuleType(name)
+            package.__path__ = [str(path)]
+            sys.modules[name] = package
+        return types.SimpleNamespace(transform=importlib.import_module("hpsv2.src.open_clip.transform"),
+                                     model=importlib.import_module("hpsv2.src.open_clip.model"))
+    finally:
+        for k in [k for k in sys.modules if k == "hpsv2" or k.startswith("hpsv2.")]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def test_hps_v21_equals_hpsv2_on_square_and_non_square_images(tmp_path):
+    import open_clip
+
+    hps = _hpsv2()
+    torch.manual_seed(0)
+    ref = hps.model.CLIP(**TINY_CLIP, output_dict=True).eval()
+    ckpt = tmp_path / "HPS_v2.1_compressed.pt"
+    torch.save({"state_dict": ref.state_dict()}, ckpt)
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_CLIP))
+    # hpsv2's evaluation transform, built as its create_model_and_transforms(light_augmentation=True) does.
+    preprocess = hps.transform.image_transform(ref.visual.image_size, is_train=False, resize_longest_max=True)
+    sizes = [(48, 32), (32, 48), (100, 30), (64, 64), (32, 32), (45, 67)]  # (width, height)
+    prompts = ["a red fox in snow", "a city at night", "two cats", "a bowl of fruit", "a lighthouse", "a boat"]
+    folder = tmp_path / "images"
+    for i, (size, prompt) in enumerate(zip(sizes, prompts)):
+        _write(folder, f"{i:02d}", _noise(size, i), prompt=prompt)
+    report = run_eval(EvalConfig(suites=["hps"], images=str(folder), out=str(tmp_path / "r"), device="cpu", grid=0,
+                                 hps_model=str(tmp_path / "tiny.json"), hps_checkpoint=str(ckpt), hps_version="2.1",
+                                 batch_size=4), progress=False)
+    rows = {r["file"]: r["hps"] for r in report["per_image"]}
+    spread = max(rows.values()) - min(rows.values())
+    with torch.no_grad():
+        for i, prompt in enumerate(prompts):
+            # As hpsv2.img_score.score does: model(image, text) -> image_features @ text_features.T, diagonal.
+            out = ref(preprocess(Image.open(folder / f"{i:02d}.png"))[None], open_clip.tokenize([prompt]))
+            expected = 100 * float(torch.diagonal(out["image_features"] @ out["text_features"].T)[0])
+            assert rows[f"{i:02d}.png"] == pytest.approx(expected, abs=1e-3), sizes[i]
+    assert spread > 1.0  # the comparison can tell images apart
+    assert report["metrics"]["hps"]["label"] == "HPS v2.1 (100 cos)"
+    assert report["settings"]["hps_version"] == "2.1" and report["conventions"]["hps"]["equals"].startswith("hpsv2 v2.1")
+
+    # The published file of one version under the other --hps-version is a mix-up, named before loading.
+    with pytest.raises(ConfigError, match="published HPS v2.1 checkpoint but --hps-version is 2.0"):
+        run_eval(EvalConfig(suites=["hps"], images=str(folder), out=str(tmp_path / "r2"), device="cpu",
+                            hps_model=str(tmp_path / "tiny.json"), hps_checkpoint=str(ckpt)), progress=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP-T against torchmetrics' CLIPScore
+
+
+def test_clip_t_aggregate_equals_torchmetrics_clipscore(tmp_path):
+    import open_clip
+    import torchvision.transforms.functional as TF
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    from meissonic_cli.metrics.clip import load_clip
+
+    torch.manual_seed(4)  # a seed whose cosines have both signs (checked below)
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_CLIP))
+    torch.save(open_clip.model.CLIP(**TINY_CLIP).state_dict(), tmp_path / "clip.bin")
+    clip = load_clip(str(tmp_path / "tiny.json"), tmp_path / "clip.bin")
+    long_prompt = " ".join(["a very long prompt about many small things"] * 12)
+    prompts = ["a red fox", "a blue car", "green hills", "a white cat", "an old tree", long_prompt]
+    folder = tmp_path / "images"
+    for i, prompt in enumerate(prompts):
+        _write(folder, f"{i}", _noise((40, 40), 10 + i), prompt=prompt)
+    report = run_eval(EvalConfig(suites=["clip"], images=str(folder), out=str(tmp_path / "r"), device="cpu", grid=0,
+                                 clip_model=str(tmp_path / "tiny.json"), clip_checkpoint=str(tmp_path / "clip.bin"),
+                                 batch_size=4), progress=False)
+    rows = [r["clip_t"] for r in report["per_image"]]
+
+    class Processor:  # torchmetrics hands it the images as uint8 (C, H, W) tensors and the captions
+        def __call__(self, images=None, text=None, **_):
+            if images is not None:
+                return {"pixel_values": torch.stack([clip.preprocess(TF.to_pil_image(im)) for im in images])}
+            ids = clip.tokenizer(list(text))
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    class Model(torch.nn.Module):  # our open_clip network behind the transformers CLIPModel methods it calls
+        config = types.SimpleNamespace()
+
+        def get_image_features(self, pixel_values):
+            return clip.model.encode_image(pixel_values)
+
+        def get_text_features(self, input_ids, attention_mask):
+            return clip.model.encode_text(input_ids)
+
+    images = [torch.from_numpy(np.array(Image.open(folder / f"{i}.png"))).permute(2, 0, 1) for i in range(len(prompts))]
+    metric = CLIPScore(model_name_or_path=lambda: (Model(), Processor()))
+    metric.update(images, prompts)
+    expected = float(metric.compute())
+    assert report["metrics"]["clip_t"]["mean"] == pytest.approx(expected, abs=1e-4)
+    # The inputs tell the conventions apart: clamping each image first would give another number.
+    assert min(rows) < 0 < max(rows)
+    assert abs(np.mean(np.maximum(rows, 0)) - expected) > 1e-2
+    for image, prompt, row in zip(images, prompts, rows):
+        single = CLIPScore(model_name_or_path=lambda: (Model(), Processor()))
+        single.update([image], [prompt])
+        assert max(row, 0.0) == pytest.approx(float(single.compute()), abs=1e-4)
+    assert report["truncated_prompts"] == {"clip": 1}
+    assert any("1 prompt(s) longer than 77 tokens" in w for w in report["warnings"])
+    assert any("MagicBrush and EMU-Edit tables use ViT-B-32" in w for w in report["warnings"])
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "torchmetrics CLIPScore" in md and "max(mean, 0)" in md and "ViT-B-32" in md
+
+
+# ----------------------------------------------------------------------------------------------
+# DINO: full training checkpoints
+
+
+def _dino_training_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint as DINO's main_dino.py saves it; returns the teacher backbone's own state dict."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(1)
+    teacher, student = VisionTransformer(num_classes=0, **TINY_DINO), VisionTransformer(num_classes=0, **TINY_DINO)
+    head = {"head.mlp.0.weight": torch.randn(64, 32), "head.last_layer.weight_g": torch.ones(128, 1)}
+    optimizer = torch.optim.AdamW(student.parameters())
+    student(torch.randn(1, 3, 32, 32)).sum().backward()
+    optimizer.step()
+    torch.save({"student": {**{f"module.backbone.{k}": v for k, v in student.state_dict().items()},
+                            **{f"module.{k}": v for k, v in head.items()}},
+                "teacher": {**{f"backbone.{k}": v for k, v in teacher.state_dict().items()}, **head},
+                "optimizer": optimizer.state_dict(), "epoch": 3,
+                "args": argparse.Namespace(arch="vit_small", patch_size=16, out_dim=65536, lr=0.0005,
+                                           norm_last_layer=True, data_path="/data/imagenet", seed=0),
+                "dino_loss": {"center": torch.zeros(1, 128)}}, path)
+    return teacher.state_dict()
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_dino_full_training_checkpoint_loads_teacher_and_refuses_other_globals(tmp_path):
+    from timm.models.vision_transformer import VisionTransformer
+
+    from meissonic_cli.metrics.dino import load_dino
+
+    (tmp_path / "tiny.json").write_text(json.dumps(TINY_DINO))
+    teacher = _dino_training_checkpoint(tmp_path / "checkpoint.pth")
+    ours = load_dino(str(tmp_path / "tiny.json"), tmp_path / "checkpoint.pth")
+    ref = VisionTransformer(num_classes=0, **TINY_DINO).eval()
+    ref.load_state_dict(teacher)
+    x = torch.stack([ours.preprocess(_noise((48, 40), s)) for s in range(3)])
+    with torch.no_grad():
+        torch.testing.assert_close(ours.model(x), ref(x), atol=1e-5, rtol=0)
+        assert not torch.allclose(ref(x), VisionTransformer(num_classes=0, **TINY_DINO).eval()(x), atol=1e-3)
+
+    marker = tmp_path / "ran"
+    torch.save({"teacher": {"x": torch.zeros(1)}, "args": _RunsCode(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(ModelFormatError, match=r"asks for posix\.system.*refused"):
+        load_dino(str(tmp_path / "tiny.json"), tmp_path / "evil.pth")
+    assert not marker.exists()
+    # Namespace is allowed for DINO checkpoints only; a CLIP checkpoint holding one stays refused.
+    from meissonic_cli.metrics.clip import load_state_file
+
+    with pytest.raises(ModelFormatError, match="argparse.Namespace"):
+        load_state_file(tmp_path / "checkpoint.pth")
+    # No teacher: the message names what the file holds and what to extract.
+    torch.save({"net": {"w": torch.zeros(2)}, "epoch": 3}, tmp_path / "other.pth")
+    with pytest.raises(ModelFormatError, match=r"found keys net \(dict\), epoch \(int\).*torch.save\(ckpt\['net'\]"):
+        load_dino(str(tmp_path / "tiny.json"), tmp_path / "other.pth")
