@@ -239,3 +239,156 @@ def test_dino_full_training_checkpoint_loads_teacher_and_refuses_other_globals(t
     torch.save({"net": {"w": torch.zeros(2)}, "epoch": 3}, tmp_path / "other.pth")
     with pytest.raises(ModelFormatError, match=r"found keys net \(dict\), epoch \(int\).*torch.save\(ckpt\['net'\]"):
         load_dino(str(tmp_path / "tiny.json"), tmp_path / "other.pth")
+
+
+# ----------------------------------------------------------------------------------------------
+# FID against pytorch-fid and clean-fid
+
+
+def _inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random FID Inception weights in pt_inception's layout (no num_batches_tracked); He-scaled so
+    that features stay informative through the 94 layers."""
+    from meissonic_cli.metrics.fid import FIDInception
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        net = FIDInception()
+    state = {}
+    for k, v in net.net.state_dict().items():
+        if k.endswith("num_batches_tracked"):
+            continue
+        if k.endswith("running_var") or (v.dim() == 1 and k.endswith("weight")):
+            state[k] = torch.ones(v.shape)
+        elif v.dim() == 1:
+            state[k] = torch.zeros(v.shape)
+        else:
+            state[k] = torch.randn(v.shape, generator=gen) * (2.0 / v[0].numel()) ** 0.5
+    return state
+
+
+@pytest.fixture(scope="module")
+def fid_sets(tmp_path_factory) -> dict[str, Path]:
+    """Two small image sets of mixed sizes and the random Inception weights as a pt_inception file."""
+    root = tmp_path_factory.mktemp("fid")
+    torch.save(_inception_state(), root / "pt_inception-2015-12-05-6726825d.pth")
+    for i, size in enumerate([(64, 48), (48, 64), (40, 40), (72, 56)]):
+        _write(root / "gen", f"g{i}", _noise(size, 100 + i), prompt=f"image {i}")
+    for i, size in enumerate([(64, 48), (60, 60), (30, 45)]):
+        _write(root / "real", f"r{i}", _noise(size, 200 + i).rotate(90 * i))
+    return {"root": root, "weights": root / "pt_inception-2015-12-05-6726825d.pth", "gen": root / "gen",
+            "real": root / "real"}
+
+
+def _common_subspace(mu1, s1, mu2, s2, extra: int = 4):
+    """The two Gaussians in an orthonormal basis of the space they live in (exact when N < 2048).
+
+    FID is invariant under an orthogonal change of basis, and both covariances and the mean
+    difference lie in a subspace of dimension < n1 + n2; there scipy's sqrtm (which pytorch-fid and
+    clean-fid call) takes milliseconds instead of minutes at 2048 x 2048.
+    """
+    m = np.concatenate([s1, s2, (mu1 - mu2)[:, None]], axis=1)
+    rank = int(np.linalg.matrix_rank(s1)) + int(np.linalg.matrix_rank(s2)) + 1
+    q, _ = np.linalg.qr(m @ np.random.default_rng(0).normal(size=(m.shape[1], rank + extra)))
+    for s in (s1, s2):
+        assert np.abs(q @ (q.T @ s @ q) @ q.T - s).max() <= 1e-9 * np.abs(s).max()  # the basis holds them exactly
+    return q.T @ mu1, q.T @ s1 @ q, q.T @ mu2, q.T @ s2 @ q
+
+
+def _ours(fid_sets, tmp_path, mode: str, images: Path, reference: Path, **kw) -> dict:
+    cfg = EvalConfig(suites=["fid"], images=str(images), reference=str(reference), out=str(tmp_path / f"r-{mode}"),
+                     device="cpu", grid=0, inception_checkpoint=str(fid_sets["weights"]), fid_mode=mode, **kw)
+    return run_eval(cfg, progress=False)["fid"]
+
+
+@pytest.mark.slow  # 28 Inception forwards at 299x299 on CPU (~6 s CPU)
+def test_fid_equals_pytorch_fid_and_clean_fid(fid_sets, tmp_path, monkeypatch):
+    from cleanfid import fid as cleanfid
+    from cleanfid.inception_torchscript import InceptionV3W
+    from pytorch_fid import fid_score
+    from pytorch_fid.inception import InceptionV3
+
+    # pytorch-fid loads its weights from torch hub's cache: put the random ones there under their name.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    (tmp_path / "torch" / "hub" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "torch" / "hub" / "checkpoints" / fid_sets["weights"].name).write_bytes(fid_sets["weights"].read_bytes())
+    net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+    stats = [fid_score.compute_statistics_of_path(str(fid_sets[k]), net, 1, 2048, "cpu", num_workers=0)
+             for k in ("gen", "real")]
+    expected = fid_score.calculate_frechet_distance(*_common_subspace(*stats[0], *stats[1]))
+    ours = _ours(fid_sets, tmp_path, "pytorch-fid", fid_sets["gen"], fid_sets["real"])
+    assert ours["value"] == pytest.approx(expected, rel=1e-4)
+    assert ours["value"] > 0.1 and ours["convention"].startswith("pytorch-fid")
+
+    # clean-fid runs a TorchScript Inception (inception-2015-12-05.pt) through InceptionV3W, which
+    # normalises and calls its `layers`: script the same network with the same random weights.
+    class Base(torch.nn.Module):
+        def __init__(self, layers: torch.nn.Module):
+            super().__init__()
+            self.layers = layers
+
+        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            return self.layers(x)
+
+    layers = torch.nn.Sequential(*net.blocks).eval()
+    traced = torch.jit.trace(layers, torch.zeros(1, 3, 299, 299))
+    torch.jit.save(torch.jit.script(Base(traced)), tmp_path / "inception-2015-12-05.pt")
+    clean_net = InceptionV3W(str(tmp_path), download=False, resize_inside=False)
+    feats = [cleanfid.get_folder_features(str(fid_sets[k]), clean_net, num_workers=0, batch_size=8,
+                                          device=torch.device("cpu"), mode="clean", verbose=False) for k in ("gen", "real")]
+    clean_stats = [(f.mean(axis=0), np.cov(f, rowvar=False)) for f in feats]  # as cleanfid.fid.fid_from_feats
+    expected_clean = cleanfid.frechet_distance(*_common_subspace(*clean_stats[0], *clean_stats[1]))
+    ours_clean = _ours(fid_sets, tmp_path, "clean", fid_sets["gen"], fid_sets["real"])
+    assert ours_clean["value"] == pytest.approx(expected_clean, rel=1e-4)
+    assert abs(ours_clean["value"] - ours["value"]) > 1e-3 * ours["value"]  # the two modes do differ
+
+
+@pytest.mark.slow  # 14 Inception forwards at 299x299 on CPU (~3 s CPU)
+def test_fid_file_rule_report_and_batch_size(fid_sets, tmp_path):
+    from meissonic_cli.metrics.fid import inception_features, load_inception
+    from meissonic_cli.metrics.fid_suite import REFERENCE_STATS
+
+    # A folder with a sampler grid and report files in it, against itself: 0, and the extras listed.
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    for p in fid_sets["gen"].iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    _noise((300, 200), 7).save(folder / "grid.png")
+    (folder / "report.json").write_text("{}")
+    (folder / "report.md").write_text("# report\n")
+    fid = _ours(fid_sets, tmp_path, "pytorch-fid", folder, folder)
+    assert fid["value"] == pytest.approx(0.0, abs=1e-6)
+    assert fid["images"] == fid["reference_images"] == 4
+    assert fid["excluded"] == {"generated": ["grid.png", "report.json", "report.md"],
+                               "reference": ["grid.png", "report.json", "report.md"]}
+    assert fid["inception"]["digest"].startswith("sha256:") and fid["mode"] == "pytorch-fid"
+    assert any("below 2,048 per side" in w for w in fid["warnings"])
+
+    # Batch size 1 and 32: the same features, the same FID.
+    model = load_inception(fid_sets["weights"])
+    from meissonic_cli.metrics.report import open_rgb
+
+    paths = sorted(fid_sets["gen"].glob("*.png"))[:2] + sorted(fid_sets["real"].glob("*.png"))[:2]
+    one = inception_features(model, paths, batch_size=1, load=open_rgb)
+    many = inception_features(model, paths, batch_size=32, load=open_rgb)
+    assert np.abs(one - many).max() <= 1e-6 * np.abs(one).max()
+    from meissonic_cli.metrics.fid import fid_from_features
+
+    a, b = fid_from_features(one[:2], one[2:]), fid_from_features(many[:2], many[2:])
+    assert a > 0.1 and a == pytest.approx(b, rel=1e-6)
+
+    # The reference statistics written beside the report come back as a reference of known provenance;
+    # a bare mu/sigma .npz works with a warning; another mode's statistics are refused.
+    stats = tmp_path / "r-pytorch-fid" / REFERENCE_STATS
+    two = tmp_path / "two"
+    for p in sorted(fid_sets["real"].glob("*.png"))[:2]:
+        _write(two, p.stem, Image.open(p))
+    again = _ours(fid_sets, tmp_path / "again", "pytorch-fid", two, stats)
+    assert again["reference_images"] == 4 and not any("does not say" in w for w in again["warnings"])
+    with np.load(stats) as data:
+        np.savez(tmp_path / "bare.npz", mu=data["mu"], sigma=data["sigma"])
+    bare = _ours(fid_sets, tmp_path / "bare", "pytorch-fid", two, tmp_path / "bare.npz")
+    assert bare["value"] == pytest.approx(again["value"]) and any("does not say how it was made" in w for w in bare["warnings"])
+    from meissonic_cli.errors import InputError
+
+    with pytest.raises(InputError, match="made with --fid-mode pytorch-fid; rerun with --fid-mode pytorch-fid"):
+        _ours(fid_sets, tmp_path / "clean", "clean", two, stats)

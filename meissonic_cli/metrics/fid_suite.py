@@ -67,6 +67,20 @@ def _write_stats(path: Path, features: np.ndarray, mode: str, digest: str) -> No
     atomic_write(path, save)
 
 
+def _check_provenance(reference: Path, provenance: dict[str, Any], mode: str, digest: str, warnings: list[str]) -> None:
+    if not provenance:
+        warnings.append(f"--reference {reference.name} does not say how it was made (FID mode, Inception weights, "
+                        f"image count): its FID is comparable only if it was computed with {CONVENTIONS[mode]} "
+                        f"and pt_inception-2015-12-05 weights; a folder reference avoids the doubt")
+        return
+    if provenance.get("fid_mode") != mode:
+        raise InputError(f"--reference {reference}: statistics made with --fid-mode {provenance.get('fid_mode')}; "
+                         f"rerun with --fid-mode {provenance.get('fid_mode')} (FIDs of two modes differ)")
+    if provenance.get("inception_digest") != digest:
+        raise InputError(f"--reference {reference}: statistics made with other Inception weights "
+                         f"({provenance.get('inception_digest')}, this run: {digest})")
+
+
 def score_fid(items_paths: Sequence[Path], reference: Path, checkpoint: Path, *, mode: str, batch_size: int,
               device: Any, out: Path, add_task: Callable[[str, int], Callable[[int], None]]) -> dict[str, Any]:
     """The report.json `fid` entry: value, convention, counts, exclusions and warnings.
@@ -83,29 +97,19 @@ def score_fid(items_paths: Sequence[Path], reference: Path, checkpoint: Path, *,
 
     generated_dir = items_paths[0].parent
     _, gen_excluded = scored_images(generated_dir)
-    generated = features(items_paths, "FID features")
     warnings: list[str] = []
     ref_excluded: Optional[list[str]] = None
     provenance: dict[str, Any] = {}
-    if reference.is_file():
+    if reference.is_file():  # checked before any image goes through the network
         mu, sigma, provenance = _read_stats(reference)
-        if not provenance:
-            warnings.append(f"--reference {reference.name} does not say how it was made (FID mode, Inception weights, "
-                            f"image count): its FID is comparable only if it was computed with {CONVENTIONS[mode]} "
-                            f"and pt_inception-2015-12-05 weights; a folder reference avoids the doubt")
-        else:
-            if provenance.get("fid_mode") != mode:
-                raise InputError(f"--reference {reference}: statistics made with --fid-mode {provenance.get('fid_mode')}; "
-                                 f"rerun with --fid-mode {provenance.get('fid_mode')} (FIDs of two modes differ)")
-            if provenance.get("inception_digest") != digest:
-                raise InputError(f"--reference {reference}: statistics made with other Inception weights "
-                                 f"({provenance.get('inception_digest')}, this run: {digest})")
-        value = frechet_distance(*feature_stats(generated), mu, sigma)
+        _check_provenance(reference, provenance, mode, digest, warnings)
+        value = frechet_distance(*feature_stats(features(items_paths, "FID features")), mu, sigma)
         n_ref = provenance.get("images")
     else:
         ref_paths, ref_excluded = scored_images(reference)
         if len(ref_paths) < 2:
             raise InputError(f"--reference {reference}: FID needs at least 2 reference images, found {len(ref_paths)}")
+        generated = features(items_paths, "FID features")
         if reference.resolve() == generated_dir.resolve() and list(ref_paths) == list(items_paths):
             ref = generated  # the same folder: its features are already computed
         else:
