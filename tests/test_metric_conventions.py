@@ -176,6 +176,17 @@ def test_clip_t_aggregate_equals_torchmetrics_clipscore(tmp_path):
     assert any("MagicBrush and EMU-Edit tables use ViT-B-32" in w for w in report["warnings"])
     md = (tmp_path / "r" / "report.md").read_text()
     assert "torchmetrics CLIPScore" in md and "max(mean, 0)" in md and "ViT-B-32" in md
+    # The command prints the warnings under the table, one `Warning:` line each, on stderr.
+    from typer.testing import CliRunner
+
+    from meissonic_cli.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "--suite", "clip", "--images", str(folder), "-o", str(tmp_path / "cli"),
+                                      "--clip-model", str(tmp_path / "tiny.json"), "--clip-checkpoint",
+                                      str(tmp_path / "clip.bin"), "--device", "cpu", "--grid-size", "0"])
+    assert result.exit_code == 0, result.output
+    assert "Warning: 1 prompt(s) longer than 77 tokens were cut for CLIP" in result.stderr
+    assert "Warning: CLIP-T/CLIP-I use" in result.stderr and "CLIP-T (CLIPScore)" in result.stdout
 
 
 # ----------------------------------------------------------------------------------------------
