@@ -1,4 +1,4 @@
-"""`meissonic eval`: CLIP-T/CLIP-I, HPS v2, DINO, FID and the shapes benchmark (see `meissonic_cli.metrics.evaluate`).
+"""`meissonic eval`: CLIP-T/CLIP-I, HPS v2/v2.1, DINO, FID and the shapes benchmark (see `meissonic_cli.metrics.evaluate`).
 
 Flags: every `EvalConfig` field, then the sampler options shared with `sample` and `edit` (used with
 --prompts). One --device serves the metric networks and the sampler.
@@ -46,6 +46,8 @@ def register(app: typer.Typer) -> None:
             out_dir = config.out_dir
             out.data = {**result, "report_json": out_dir / "report.json", "report_md": out_dir / "report.md"}
             out.show(report_table(result))
+            for line in result.get("warnings", []):  # what makes a number here not comparable with a published one
+                typer.echo(f"Warning: {line}", err=True)
             if "shapes" in result:
                 from meissonic_cli.shapes.bench import print_report
 

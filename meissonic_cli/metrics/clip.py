@@ -1,7 +1,9 @@
 """CLIP-based scores through open_clip, from local checkpoint files only: CLIP-T, CLIP-I, CLIP-dir, HPS v2.
 
-- CLIP-T: 100 x max(cos(image, prompt), 0), the usual CLIPScore scale (torchmetrics' `CLIPScore`);
-  the paper's editing tables (7-9) print the bare cosine (0.266 there is 26.6 here).
+- CLIP-T: torchmetrics' `CLIPScore` convention: each image's row is 100 x cos(image, prompt) and the
+  set's score is max(mean of the rows, 0) (torchmetrics clamps the mean, not each image: `clip_score_mean`);
+  the paper's editing tables (7-9) print the bare cosine (0.266 there is 26.6 here). Prompts longer than
+  the text tower's 77 tokens are cut (as everywhere); `ClipModel.truncated` counts them.
 - CLIP-I: cos(image, source image), for edits; identical images give 1.0 for any weights.
 - CLIP-dir: cos(image - source image, prompt - source prompt) in CLIP space, for edits whose sidecar
   names the source caption (`source_prompt`).
@@ -49,19 +51,35 @@ def open_clip_model_config(model: str) -> tuple[dict[str, Any], dict[str, Any]]:
     return dict(cfg), {}
 
 
-def load_state_file(path: Path) -> dict[str, torch.Tensor]:
-    """A state dict from a .safetensors/.bin/.pt/.pth file; unwraps `state_dict` and `module.` prefixes."""
+def load_state_file(path: Path, wrappers: Sequence[str] = ("state_dict", "model"),
+                    safe_globals: Sequence[type] = ()) -> dict[str, torch.Tensor]:
+    """A state dict from a .safetensors/.bin/.pt/.pth file; unwraps `wrappers` keys and `module.` prefixes.
+
+    `safe_globals`: plain-data classes the weights-only unpickler may build for this file (see
+    `state_io.read_torch_file`). Anything else than a dict of tensors is refused with the keys found.
+    """
     if not path.is_file():
         raise ModelFormatError(f"checkpoint not found: {path}")
     from meissonic_cli.model.state_io import read_safetensors, read_torch_file
 
-    state: Any = read_safetensors(path) if path.suffix == ".safetensors" else read_torch_file(path)
-    for wrapper in ("state_dict", "model"):
+    state: Any = read_safetensors(path) if path.suffix == ".safetensors" else read_torch_file(path, safe_globals)
+    for wrapper in wrappers:
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelFormatError(f"{path}: expected a state dict of tensors")
+        raise ModelFormatError(f"{path}: expected a state dict of tensors; {_describe(state)}")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def _describe(obj: Any) -> str:
+    """What a non-state-dict checkpoint holds, and how to extract the weights from it."""
+    if not isinstance(obj, dict):
+        return f"found a {type(obj).__name__}"
+    kinds = [f"{k} ({type(v).__name__})" for k, v in list(obj.items())[:12]]
+    nested = [k for k, v in obj.items() if isinstance(v, dict) and v and all(isinstance(t, torch.Tensor) for t in v.values())]
+    hint = (f"; save the network's weights alone, e.g. torch.save(ckpt[{nested[0]!r}], 'weights.pth')" if nested
+            else "; save the network's state dict alone (torch.save(model.state_dict(), 'weights.pth'))")
+    return f"found keys {', '.join(kinds)}" + (" ..." if len(obj) > 12 else "") + hint
 
 
 def adopt_state(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, what: str) -> None:
@@ -105,6 +123,11 @@ class ClipModel:
         """(N, E) unit vectors for PIL images."""
         batch = torch.stack([self.preprocess(im.convert("RGB")) for im in images]).to(self.device)
         return torch.nn.functional.normalize(self.model.encode_image(batch).float(), dim=-1)
+
+    def truncated(self, texts: Sequence[str]) -> int:
+        """How many of `texts` do not fit the context (start and end tokens included) and are cut."""
+        limit = int(getattr(self.tokenizer, "context_length", 77))
+        return sum(len(self.tokenizer.encode(t)) + 2 > limit for t in texts)
 
     @torch.no_grad()
     def text_features(self, texts: Sequence[str]) -> torch.Tensor:
@@ -160,6 +183,11 @@ def cosine_rows(a: torch.Tensor, b: torch.Tensor) -> list[float]:
     return (a * b).sum(dim=-1).clamp(-1.0, 1.0).tolist()
 
 
+def clip_score_mean(values: Sequence[float]) -> float:
+    """The set's CLIPScore from per-image 100 x cos values: max(mean, 0), as torchmetrics' `CLIPScore.compute`."""
+    return max(sum(values) / len(values), 0.0) if values else 0.0
+
+
 def clip_direction(image: torch.Tensor, source: torch.Tensor, text: torch.Tensor, source_text: torch.Tensor) -> list[float]:
     """Row-wise cos(image - source, text - source_text): does the edit move the image the way the caption moved."""
     di = torch.nn.functional.normalize(image - source, dim=-1)
@@ -167,5 +195,5 @@ def clip_direction(image: torch.Tensor, source: torch.Tensor, text: torch.Tensor
     return (di * dt).sum(dim=-1).tolist()
 
 
-__all__ = ["ClipModel", "adopt_state", "clip_direction", "cosine_rows", "load_clip", "load_state_file",
+__all__ = ["ClipModel", "adopt_state", "clip_direction", "clip_score_mean", "cosine_rows", "load_clip", "load_state_file",
            "open_clip_model_config"]

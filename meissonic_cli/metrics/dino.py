@@ -4,7 +4,10 @@ The EMU-Edit and MagicBrush evaluations compare an edited image with its source 
 the CLS features of a self-supervised DINO ViT-S/16: resize the short side to 256 (bicubic),
 centre-crop 224, ImageNet normalisation. The network is timm's `VisionTransformer`, whose
 parameter names are those of the facebookresearch/dino checkpoints (`dino_deitsmall16_pretrain.pth`)
-and of timm's `vit_small_patch16_224.dino` weights, so either file loads as it is.
+and of timm's `vit_small_patch16_224.dino` weights, so either file loads as it is. A full DINO
+training checkpoint (`checkpoint.pth`: teacher, student, optimizer, args) loads its teacher backbone,
+without unpickling anything but tensors, containers and `argparse.Namespace`; `module.` and
+`backbone.` prefixes are stripped as DINO's `load_pretrained_weights` does.
 
 The architecture is a name from `DINO_ARCHS` or a JSON file of `VisionTransformer` keyword
 arguments (tests use a tiny one).
@@ -12,6 +15,7 @@ arguments (tests use a tiny one).
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -77,7 +81,11 @@ def load_dino(arch: str, checkpoint: str | Path, device: str | torch.device = "c
     except TypeError as err:
         raise ModelFormatError(f"{arch}: not a VisionTransformer configuration ({err})") from None
     path = Path(checkpoint)
-    state = _dino_backbone_state(load_state_file(path))
+    # A full DINO training checkpoint ({teacher, student, optimizer, epoch, args: argparse.Namespace, ...})
+    # gives its teacher, as DINO's own loader does (checkpoint_key="teacher"); Namespace is the one
+    # non-container class it holds, so it is the one the weights-only unpickler may build.
+    state = _dino_backbone_state(load_state_file(path, wrappers=("teacher", "state_dict", "model"),
+                                                 safe_globals=(argparse.Namespace,)))
     adopt_state(net, state, str(path), f"DINO {arch}")
     dev = torch.device(device)
     net = net.float().eval().to(dev)

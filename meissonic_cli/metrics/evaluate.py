@@ -1,12 +1,16 @@
 """`meissonic eval`: score generated or edited images the way the paper does, with weights the user brings.
 
 Suites (`--suite`, comma-separated):
-- `clip`: CLIP-T for every image (CLIPScore, 100 x cos with its prompt); for edits (a sidecar with
-  `source`) also CLIP-I (cos with the source image), L1 (mean absolute pixel difference to the source,
-  in [0, 1]) and, when the sidecar has `source_prompt`, CLIP-dir. Tables 7-9.
-- `hps`: HPS v2 (Table 2): 100 x cos(image, prompt) under the HPS v2 checkpoint of open_clip ViT-H-14.
+- `clip`: CLIP-T for every image (torchmetrics' CLIPScore: rows are 100 x cos with the prompt, the set's
+  score is max(mean, 0)); for edits (a sidecar with `source`) also CLIP-I (cos with the source image), L1
+  (mean absolute pixel difference to the source, in [0, 1]) and, when the sidecar has `source_prompt`,
+  CLIP-dir. Tables 7-9.
+- `hps`: HPS v2 / v2.1 (`--hps-version`, Table 2) exactly as the `hpsv2` package scores (`hps.py`).
 - `dino`: DINO ViT-S/16 CLS cosine between edit and source (Table 7).
-- `fid`: FID against `--reference` (a folder of images or pytorch-fid `.npz` statistics).
+- `fid`: FID against `--reference` (a folder of images or `.npz` statistics), as pytorch-fid or clean-fid
+  computes it (`--fid-mode`, `fid_suite.py`).
+
+Which files of a folder are scored is one rule (`images.scored_images`) for both FID sides.
 - `shapes`: the weight-free shapes benchmark (`shapes_bench`), GenEval-style accuracies.
 
 Inputs: `--images DIR` holding `NAME.png` + `NAME.json` sidecars (written by `sample` and `edit`:
@@ -34,17 +38,21 @@ from typing import Any, Callable, Optional, Sequence
 from meissonic_cli.atomic import write_text
 from meissonic_cli.config import Problems, field, read_json_object
 from meissonic_cli.errors import ConfigError, InputError, OutputExistsError
+from meissonic_cli.metrics.images import IMAGE_SUFFIXES, scored_images
 from meissonic_cli.metrics.report import (  # noqa: F401  (re-exported: evaluate is the suite's entry point)
     GRID_TILE,
     HPS_CATEGORIES,
     METRIC_LABELS,
     _markdown,
+    conventions,
     report_table,
+    run_warnings,
     summarize_metrics,
     write_grid,
 )
-from meissonic_cli.metrics.report import open_rgb as _open_rgb
+from meissonic_cli.metrics.scorer import Scorer, pixel_l1
 from meissonic_cli.metrics.weights import (  # noqa: F401
+    HPS_FILES,
     MODEL_KEYS,
     SUITE_WEIGHTS,
     WEIGHTS,
@@ -93,7 +101,8 @@ def plugin_suite(name: str) -> PluginSuite:
         raise ConfigError(f"suite {name!r} is not registered; import {provider} first "
                           f"(the `meissonic eval` command does this)")
     return _PLUGINS[name]
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 GRID_PNG = "grid.png"
@@ -105,7 +114,7 @@ GRID_PNG = "grid.png"
 class EvalConfig:
     suites: list[str] = field(default_factory=lambda: ["clip"],
                               help="Metric suites, comma-separated: clip (CLIP-T; for edits also CLIP-I, L1, CLIP-dir), "
-                                   "hps (HPS v2), dino (DINO similarity to the edit's source), fid (against "
+                                   "hps (HPS v2/v2.1, see --hps-version), dino (DINO similarity to the edit's source), fid (against "
                                    "--reference), shapes (the weight-free shapes benchmark).", flag="--suite", short="-s")
     images: Optional[str] = field(None, help="Folder of images with NAME.json sidecars from `sample` or `edit` "
                                              "('prompt', optional 'category', 'source' for edits).", short="-i")
@@ -118,17 +127,27 @@ class EvalConfig:
     reference: Optional[str] = field(None, help="FID reference: a folder of real images, or a .npz with mu and sigma "
                                                 "(pytorch-fid statistics).")
     clip_model: str = field("ViT-H-14", help="open_clip architecture for the clip suite: a config name or a model "
-                                             "config .json.")
+                                             "config .json. CLIP-T is torchmetrics' CLIPScore: 100 x cos(image, prompt) "
+                                             "per image, the set's mean clamped at 0; prompts past 77 tokens are cut and "
+                                             "counted. MagicBrush/EMU-Edit tables use ViT-B-32: numbers from another "
+                                             "model are not comparable with theirs.")
     clip_checkpoint: Optional[str] = field(None, help="Local open_clip checkpoint for the clip suite "
                                                       "(open_clip_pytorch_model.bin of laion CLIP-ViT-H-14-laion2B-s32B-b79K).")
-    hps_model: str = field("ViT-H-14", help="open_clip architecture the HPS v2 checkpoint belongs to.")
-    hps_checkpoint: Optional[str] = field(None, help="Local HPS v2 checkpoint (HPS_v2_compressed.pt from xswu/HPSv2).")
+    hps_model: str = field("ViT-H-14", help="open_clip architecture the HPS checkpoint belongs to.")
+    hps_checkpoint: Optional[str] = field(None, help="Local HPS checkpoint from xswu/HPSv2: HPS_v2_compressed.pt "
+                                                     "(--hps-version 2.0) or HPS_v2.1_compressed.pt (2.1).")
+    hps_version: str = field("2.0", help="HPS version: 2.0 (the paper's Table 2) or 2.1 (what recent papers "
+                                         "report). Scored as the hpsv2 package does: longest side to 224, "
+                                         "padded; 100 x cos.")
     dino_model: str = field("vits16", help="DINO ViT: vits16, vits8, vitb16, vitb8, or a .json of timm VisionTransformer "
                                            "arguments.")
     dino_checkpoint: Optional[str] = field(None, help="Local DINO checkpoint (dino_deitsmall16_pretrain.pth, or timm "
                                                       "vit_small_patch16_224.dino model.safetensors).")
     inception_checkpoint: Optional[str] = field(None, help="Local FID Inception weights "
                                                            "(pt_inception-2015-12-05-6726825d.pth).")
+    fid_mode: str = field("pytorch-fid", help="FID convention: pytorch-fid (its calculate_fid_given_paths: bilinear "
+                                              "resize to 299) or clean (clean-fid's mode='clean': PIL bicubic resize). "
+                                              "FIDs of two modes are not comparable.")
     weights_config: Optional[str] = field(None, help="YAML/JSON file mapping clip, hps, dino, inception (and clip_model, "
                                                      "hps_model, dino_model) to local paths; flags win over it.")
     allow_download: bool = field(False, help="Download missing weights from their published location, and a --model "
@@ -137,7 +156,8 @@ class EvalConfig:
     device: str = field("auto", help="Device for the metric networks: auto, cpu, cuda, cuda:N.")
     overwrite: bool = field(False, help="Replace report.json, report.md and grid.png of an existing report in --out "
                                         "(default: refuse).")
-    batch_size: int = field(16, help="Images per batch through the metric networks.")
+    batch_size: int = field(32, help="Images per batch through the metric networks (FID, CLIP, HPS, DINO); "
+                                     "does not change a score.")
     images_per_prompt: int = field(1, help="With --prompts: images sampled per prompt (seeds differ).")
     grid: int = field(16, help="Images shown in the report's grid.png (0: no grid).", flag="--grid-size",
                       aliases=("--grid",))
@@ -145,6 +165,8 @@ class EvalConfig:
                                  help="Sampler settings for --prompts (the `sample` command's settings).")
 
     def validate(self) -> "EvalConfig":
+        from meissonic_cli.metrics.fid import FID_MODES  # torch: not at import time (keeps --help fast)
+
         p = Problems()
         unknown = [s for s in self.suites if s not in SUITES]
         p.check(bool(self.suites) and not unknown,
@@ -159,7 +181,10 @@ class EvalConfig:
         p.check("fid" not in self.suites or self.reference is not None,
                 "--suite fid needs --reference (a folder of real images or a .npz with mu and sigma)")
         p.check(self.reference is None or Path(self.reference).exists(), f"--reference {self.reference} does not exist")
-        p.check(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        p.check(1 <= self.batch_size <= 4096, f"--batch-size must be in 1..4096, got {self.batch_size}")
+        p.check(self.fid_mode in FID_MODES, f"--fid-mode must be one of {', '.join(FID_MODES)}, got {self.fid_mode!r}")
+        p.check(self.hps_version in HPS_FILES,
+                f"--hps-version must be one of {', '.join(HPS_FILES)}, got {self.hps_version!r}")
         p.check(self.images_per_prompt >= 1, f"--images-per-prompt must be >= 1, got {self.images_per_prompt}")
         p.check(self.grid >= 0, f"--grid-size must be >= 0, got {self.grid}")
         p.check(self.weights_config is None or Path(self.weights_config).is_file(),
@@ -201,11 +226,6 @@ class EvalItem:
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
-
-
 def _resolve_source(value: Any, sidecar: Path) -> Path:
     path = Path(str(value)).expanduser()
     if path.is_absolute():
@@ -217,20 +237,17 @@ def _resolve_source(value: Any, sidecar: Path) -> Path:
 def load_items(folder: str | os.PathLike) -> list[EvalItem]:
     """Every image in `folder` with its sidecar's prompt, category and source (if any).
 
-    An image without a sidecar gets an empty one (suites that need a prompt then say so), except a
-    sampler grid (`grid.png`), which is not a sample. An unreadable sidecar is an error.
+    The images are those `images.scored_images` keeps (grids are not samples). An image without a
+    sidecar gets an empty one (suites that need a prompt then say so). An unreadable sidecar is an error.
     """
-    from meissonic_cli.sample.sample import GRID_NAME
-
     root = Path(folder)
     if not root.is_dir():
         raise InputError(f"--images {root} is not a folder; expected NAME.png + NAME.json files from `sample` or `edit`")
     items = []
-    for path in _image_files(root):
+    for path in scored_images(root)[0]:
         sidecar = path.with_suffix(".json")
         if not sidecar.is_file():
-            if path.name != GRID_NAME:
-                items.append(EvalItem(path))
+            items.append(EvalItem(path))
             continue
         meta = read_json_object(sidecar, error=InputError, hint="sidecars are written by `sample`/`edit`")
         prompt = meta.get("prompt") if isinstance(meta.get("prompt"), str) else None
@@ -370,168 +387,14 @@ def sample_prompts(cfg: EvalConfig, progress: bool = True, pipeline: Any = None)
 # Scoring
 
 
-def _batches(items: Sequence[EvalItem], size: int) -> list[Sequence[EvalItem]]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
-
-
-def pixel_l1(image: Any, source: Any) -> float:
-    """Mean absolute pixel difference in [0, 1]; the source is resized to the image's size first."""
-    import numpy as np
-    from PIL import Image
-
-    if source.size != image.size:
-        source = source.resize(image.size, Image.BICUBIC)
-    a = np.asarray(image, dtype=np.float32) / 255.0
-    b = np.asarray(source, dtype=np.float32) / 255.0
-    return float(np.abs(a - b).mean())
-
-
-class _Scorer:
-    """Runs the suites over the items, one metric network at a time, filling `rows`."""
-
-    def __init__(self, cfg: EvalConfig, items: Sequence[EvalItem], weights: dict[str, Path], models: dict[str, str],
-                 device: Any, progress: Any):
-        self.cfg, self.items, self.weights, self.models = cfg, items, weights, models
-        self.device, self.progress = device, progress
-        self.rows: list[dict[str, Any]] = [{"file": it.path.name, "prompt": it.prompt, "category": it.category,
-                                            **({"source": str(it.source)} if it.source else {})} for it in items]
-        self.extra: dict[str, Any] = {}
-
-    def _loop(self, label: str, fn: Callable[[Sequence[EvalItem], list[dict[str, Any]]], None]) -> None:
-        task = self.progress.add_task(label, total=len(self.items))
-        for start in range(0, len(self.items), self.cfg.batch_size):
-            batch = self.items[start:start + self.cfg.batch_size]
-            fn(batch, self.rows[start:start + len(batch)])
-            self.progress.advance(task, len(batch))
-
-    @staticmethod
-    def _free(*objects: Any) -> None:
-        import torch
-
-        del objects
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def clip(self) -> None:
-        from meissonic_cli.metrics.clip import clip_direction, cosine_rows, load_clip
-
-        model = load_clip(self.models["clip_model"], self.weights["clip"], self.device, "open_clip")
-
-        def run(batch: Sequence[EvalItem], rows: list[dict[str, Any]]) -> None:
-            images = [_open_rgb(it.path) for it in batch]
-            img = model.image_features(images)
-            txt = model.text_features([it.prompt or "" for it in batch])
-            for row, cos in zip(rows, cosine_rows(img, txt)):
-                row["clip_t"] = 100.0 * max(cos, 0.0)
-            edited = [k for k, it in enumerate(batch) if it.source is not None]
-            if not edited:
-                return
-            sources = [_open_rgb(batch[k].source) for k in edited]
-            src = model.image_features(sources)
-            for j, k in enumerate(edited):
-                rows[k]["clip_i"] = cosine_rows(img[k:k + 1], src[j:j + 1])[0]
-                rows[k]["l1"] = pixel_l1(images[k], sources[j])
-            directed = [j for j, k in enumerate(edited) if batch[k].source_prompt]
-            if directed:
-                ks = [edited[j] for j in directed]
-                src_txt = model.text_features([batch[k].source_prompt or "" for k in ks])
-                values = clip_direction(img[ks], src[directed], txt[ks], src_txt)
-                for k, value in zip(ks, values):
-                    rows[k]["clip_dir"] = value
-
-        self._loop("CLIP", run)
-        self._free(model)
-
-    def hps(self) -> None:
-        from meissonic_cli.metrics.clip import cosine_rows, load_clip
-
-        model = load_clip(self.models["hps_model"], self.weights["hps"], self.device, "HPS v2")
-
-        def run(batch: Sequence[EvalItem], rows: list[dict[str, Any]]) -> None:
-            img = model.image_features([_open_rgb(it.path) for it in batch])
-            txt = model.text_features([it.prompt or "" for it in batch])
-            for row, cos in zip(rows, cosine_rows(img, txt)):
-                row["hps"] = 100.0 * cos
-
-        self._loop("HPS v2", run)
-        self._free(model)
-
-    def dino(self) -> None:
-        from meissonic_cli.metrics.clip import cosine_rows
-        from meissonic_cli.metrics.dino import load_dino
-
-        model = load_dino(self.models["dino_model"], self.weights["dino"], self.device)
-
-        def run(batch: Sequence[EvalItem], rows: list[dict[str, Any]]) -> None:
-            a = model.features([_open_rgb(it.path) for it in batch])
-            b = model.features([_open_rgb(it.source) for it in batch])  # type: ignore[arg-type]
-            for row, cos in zip(rows, cosine_rows(a, b)):
-                row["dino"] = cos
-
-        self._loop("DINO", run)
-        self._free(model)
-
-    def fid(self) -> None:
-        import numpy as np
-
-        from meissonic_cli.metrics.fid import (
-            feature_stats,
-            fid_from_features,
-            frechet_distance,
-            inception_features,
-            load_inception,
-            load_reference_stats,
-        )
-
-        model = load_inception(self.weights["inception"], self.device)
-        feats: list[Any] = []
-        self._loop("FID features", lambda batch, rows: feats.append(
-            inception_features(model, [_open_rgb(it.path) for it in batch], self.device)))
-        generated = np.concatenate(feats)
-        reference = Path(str(self.cfg.reference))
-        if reference.is_file():
-            mu, sigma = load_reference_stats(reference)
-            value = frechet_distance(*feature_stats(generated), mu, sigma)
-            n_ref: Optional[int] = None
-        else:
-            ref_paths = _image_files(reference)
-            if len(ref_paths) < 2:
-                raise InputError(f"--reference {reference}: FID needs at least 2 reference images, found {len(ref_paths)}")
-            if reference.resolve() == self.items[0].path.parent.resolve() and len(ref_paths) == len(self.items):
-                ref = generated  # the same folder: its features are already computed
-            else:
-                ref_items = [EvalItem(p) for p in ref_paths]
-                ref_feats: list[Any] = []
-                task = self.progress.add_task("FID reference", total=len(ref_items))
-                for batch in _batches(ref_items, self.cfg.batch_size):
-                    ref_feats.append(inception_features(model, [_open_rgb(it.path) for it in batch], self.device))
-                    self.progress.advance(task, len(batch))
-                ref = np.concatenate(ref_feats)
-            value = fid_from_features(generated, ref)
-            n_ref = len(ref_paths)
-        self.extra["fid"] = {"value": value, "images": len(self.items), "reference": str(reference),
-                             "reference_images": n_ref}
-        self._free(model)
-
-    def plugin(self, name: str) -> None:
-        """A suite registered with `register_suite` (e.g. `shapes`, by `meissonic_cli.shapes.bench`)."""
-        suite = plugin_suite(name)
-        state = suite.start(self.items)
-
-        def run(batch: Sequence[EvalItem], rows: list[dict[str, Any]]) -> None:
-            for it, row in zip(batch, rows):
-                row.update(suite.score(state, it, _open_rgb(it.path)))
-
-        self._loop(name, run)
-        self.extra[name] = suite.finish(state)
-
-
 def run_eval(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> dict[str, Any]:
     """Score images (sampling them first with --prompts), write the reports and return report.json's content.
 
     Weights and inputs are all checked before anything is sampled or any metric network is loaded.
     `pipeline` may be a loaded `MeissonicPipeline` for --prompts (the CLI loads it from --model).
     """
+    from meissonic_cli.metrics.fid_suite import REFERENCE_STATS
+
     cfg.validate()
     weights, models = resolve_weights(cfg)
     from meissonic_cli.sample.pipeline import resolve_device
@@ -541,8 +404,9 @@ def run_eval(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> di
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file; give a folder")
     check_output_folder(out)
-    if (out / REPORT_JSON).exists() and not cfg.overwrite:
-        raise OutputExistsError(f"{out / REPORT_JSON} exists; pass --overwrite to replace the report, or use another --out")
+    for name in (REPORT_JSON, REFERENCE_STATS):
+        if (out / name).exists() and not cfg.overwrite:
+            raise OutputExistsError(f"{out / name} exists; pass --overwrite to replace the report, or use another --out")
     if cfg.images is not None:
         items = load_items(cfg.images)
         check_items(items, cfg.suites)
@@ -554,10 +418,12 @@ def run_eval(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> di
         raise InputError(f"--suite fid needs at least 2 images, found {len(items)}")
 
     with make_progress(progress, remaining=False) as bar:
-        scorer = _Scorer(cfg, items, weights, models, device, bar)
+        scorer = Scorer(cfg, items, weights, models, device, bar)
         for suite in cfg.suites:
             if suite in _PLUGINS:
-                scorer.plugin(suite)
+                scorer.plugin(plugin_suite(suite))
+            elif suite == "fid":
+                scorer.fid(out)
             else:
                 getattr(scorer, suite)()
 
@@ -568,6 +434,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> di
         "settings": {
             "device": str(device),
             "weights": {k: str(v) for k, v in weights.items()},
+            **({"hps_version": cfg.hps_version} if "hps" in cfg.suites else {}),
+            **({"fid_mode": cfg.fid_mode} if "fid" in cfg.suites else {}),
             "models": {k: v for k, v in models.items()
                        if {"clip_model": "clip", "hps_model": "hps", "dino_model": "dino"}[k] in cfg.suites},
             **({"model": cfg.model, "prompts": cfg.prompts, "images_per_prompt": cfg.images_per_prompt,
@@ -576,10 +444,15 @@ def run_eval(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> di
                                                                  "exact")}}
                if cfg.prompts else {}),
         },
-        "metrics": summarize_metrics(scorer.rows),
+        "metrics": summarize_metrics(scorer.rows, labels={"hps": f"HPS v{cfg.hps_version} (100 cos)"}),
+        "conventions": conventions(cfg, models),
     }
     if "fid" in scorer.extra:
         report["fid"] = scorer.extra["fid"]
+    truncated = {k.split("_")[0]: scorer.extra[k] for k in ("clip_truncated", "hps_truncated") if k in scorer.extra}
+    if truncated:
+        report["truncated_prompts"] = truncated
+    report["warnings"] = run_warnings(report, models)
     for name in cfg.suites:
         if name in _PLUGINS:
             report[name] = _PLUGINS[name].write(scorer.extra[name], out)
@@ -593,6 +466,6 @@ def run_eval(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> di
     return report
 
 
-__all__ = ["EvalConfig", "EvalItem", "GRID_PNG", "METRIC_LABELS", "PluginSuite", "PromptEntry", "REPORT_JSON", "REPORT_MD", "SUITES",
+__all__ = ["EvalConfig", "EvalItem", "GRID_PNG", "IMAGE_SUFFIXES", "METRIC_LABELS", "PluginSuite", "PromptEntry", "REPORT_JSON", "REPORT_MD", "SUITES",
            "WEIGHTS", "check_items", "load_items", "parse_suites", "pixel_l1", "read_eval_prompts", "report_table",
            "register_suite", "resolve_weights", "run_eval", "sample_prompts", "summarize_metrics", "write_grid"]

@@ -6,7 +6,13 @@ The standard numbers come from the TensorFlow Inception graph of 2015 ported to 
 differs from torchvision's re-implementation:
 - Mixed_5b-d, Mixed_6b-e and Mixed_7b average-pool their pooling branch without counting the padding;
 - Mixed_7c max-pools it.
-Images are resized to 299x299 (bilinear) and scaled to [-1, 1]; the feature is the 2048-d average pool.
+The feature is the 2048-d average pool. Two input conventions (`--fid-mode`):
+- `pytorch-fid` (pytorch-fid's `InceptionV3`): the image in [0, 1], resized to 299x299 with
+  `F.interpolate(bilinear, align_corners=False)`, then scaled to [-1, 1] as 2x - 1;
+- `clean` (clean-fid's `mode="clean"`): each channel of the uint8 image resized to 299x299 as a float
+  image by PIL bicubic, clipped to [0, 255], then normalised as (x - 128) / 128.
+Images are prepared one by one (so sizes may differ and the batch size cannot change a feature)
+in a small thread pool while the previous batch runs, and go through the network in batches.
 
 The trace of the matrix square root, tr sqrt(S1 S2), is computed without scipy's `sqrtm`, which is
 slow at 2048x2048 and inaccurate when the covariances are singular (fewer images than dimensions):
@@ -19,8 +25,10 @@ slow at 2048x2048 and inaccurate when the covariances are singular (fewer images
 
 from __future__ import annotations
 
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +41,12 @@ from meissonic_cli.metrics.clip import adopt_state, load_state_file
 FID_CLASSES = 1008
 FID_SIZE = 299
 FEATURE_DIM = 2048
+FID_MODES = ("pytorch-fid", "clean")
+# How each mode turns an image into the network's input (recorded in report.json).
+RESIZE_RULES = {
+    "pytorch-fid": "RGB in [0, 1] -> 299x299 torch bilinear (align_corners=False) -> 2x - 1 (pytorch-fid InceptionV3)",
+    "clean": "RGB uint8 -> per channel float PIL bicubic 299x299, clip [0, 255] -> (x - 128) / 128 (clean-fid clean mode)",
+}
 
 
 def _avg_pool_no_pad(x: torch.Tensor) -> torch.Tensor:
@@ -92,8 +106,12 @@ class FIDInception(nn.Module):
         self.net = net
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Features of images in [0, 1] under the pytorch-fid convention (any size; resized here)."""
         x = F.interpolate(images, size=(FID_SIZE, FID_SIZE), mode="bilinear", align_corners=False)
-        x = 2 * x - 1
+        return self.features(2 * x - 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 2048) features of network inputs already at 299x299 and normalised (see `prepare_image`)."""
         n = self.net
         for layer in (n.Conv2d_1a_3x3, n.Conv2d_2a_3x3, n.Conv2d_2b_3x3, n.maxpool1, n.Conv2d_3b_1x1,
                       n.Conv2d_4a_3x3, n.maxpool2, n.Mixed_5b, n.Mixed_5c, n.Mixed_5d, n.Mixed_6a, n.Mixed_6b,
@@ -113,12 +131,65 @@ def load_inception(checkpoint: str | Path, device: str | torch.device = "cpu") -
     return model.eval().to(torch.device(device))
 
 
-@torch.no_grad()
-def inception_features(model: FIDInception, images: Sequence[Any], device: str | torch.device = "cpu") -> np.ndarray:
-    """(N, 2048) float64 features of PIL images (each resized on its own, so sizes may differ)."""
-    from meissonic_cli.model.vq import images_to_tensor
+def file_digest(path: str | Path) -> str:
+    """'sha256:<hex>' of a file (the Inception weights' identity in report.json)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
 
-    rows = [model(images_to_tensor([im]).to(device)).double().cpu() for im in images]
+
+def prepare_image(image: Any, mode: str = "pytorch-fid") -> torch.Tensor:
+    """(3, 299, 299) float32 network input for a PIL image under `mode` (see the module docstring)."""
+    from PIL import Image
+
+    arr = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    if mode == "clean":
+        channels = [np.asarray(Image.fromarray(arr[:, :, c].astype(np.float32), mode="F")
+                               .resize((FID_SIZE, FID_SIZE), resample=Image.BICUBIC)).clip(0, 255)
+                    for c in range(3)]
+        x = torch.from_numpy(np.stack(channels).astype(np.float32))
+        return (x - 128) / 128
+    if mode != "pytorch-fid":
+        raise InputError(f"--fid-mode must be one of {', '.join(FID_MODES)}, got {mode!r}")
+    x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)[None]
+    x = F.interpolate(x, size=(FID_SIZE, FID_SIZE), mode="bilinear", align_corners=False)[0]
+    return 2 * x - 1
+
+
+def _prepared_batches(sources: Sequence[Any], load: Callable[[Any], Any], mode: str, batch_size: int,
+                      pool: ThreadPoolExecutor) -> Iterator[torch.Tensor]:
+    """Batches of prepared inputs; the next batch is decoded and resized while the current one runs."""
+    def submit(chunk: Sequence[Any]) -> list[Any]:
+        return [pool.submit(lambda s: prepare_image(load(s), mode), src) for src in chunk]
+
+    pending = submit(sources[:batch_size])
+    for start in range(0, len(sources), batch_size):
+        upcoming = submit(sources[start + batch_size:start + 2 * batch_size])
+        yield torch.stack([f.result() for f in pending])
+        pending = upcoming
+
+
+@torch.inference_mode()
+def inception_features(model: FIDInception, images: Sequence[Any], device: str | torch.device = "cpu", *,
+                       mode: str = "pytorch-fid", batch_size: int = 32, load: Callable[[Any], Any] = lambda x: x,
+                       on_batch: Callable[[int], None] = lambda n: None) -> np.ndarray:
+    """(N, 2048) float64 features of `images` (PIL images, or anything `load` turns into one).
+
+    Inputs go through the network `batch_size` at a time in channels-last layout (oneDNN's fast
+    convolution path on CPU); `on_batch(n)` is called after each batch (progress bars).
+    """
+    if batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
+    dev = torch.device(device)
+    model = model.to(memory_format=torch.channels_last)
+    rows = []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for batch in _prepared_batches(list(images), load, mode, batch_size, pool):
+            x = batch.to(dev).contiguous(memory_format=torch.channels_last)
+            rows.append(model.features(x).double().cpu())
+            on_batch(len(batch))
     return torch.cat(rows).numpy() if rows else np.zeros((0, FEATURE_DIM))
 
 
@@ -177,5 +248,5 @@ def load_reference_stats(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise InputError(f"{path}: expected a .npz with 'mu' and 'sigma' (pytorch-fid statistics): {err}") from None
 
 
-__all__ = ["FEATURE_DIM", "FIDInception", "feature_stats", "fid_from_features", "frechet_distance", "inception_features",
-           "load_inception", "load_reference_stats"]
+__all__ = ["FEATURE_DIM", "FID_MODES", "FIDInception", "RESIZE_RULES", "feature_stats", "file_digest", "fid_from_features", "frechet_distance", "inception_features",
+           "load_inception", "load_reference_stats", "prepare_image"]

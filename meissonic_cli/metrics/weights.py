@@ -53,6 +53,23 @@ WEIGHTS: dict[str, WeightSpec] = {
                                 "pt_inception-2015-12-05-6726825d.pth"),
 }
 SUITE_WEIGHTS = {"clip": "clip", "hps": "hps", "dino": "dino", "fid": "inception"}
+# --hps-version -> the checkpoint published for it in xswu/HPSv2 (the same open_clip ViT-H-14, other weights).
+HPS_FILES = {"2.0": "HPS_v2_compressed.pt", "2.1": "HPS_v2.1_compressed.pt"}
+
+
+def hps_spec(version: str) -> WeightSpec:
+    """The HPS checkpoint of `version` ('2.0' or '2.1')."""
+    name = HPS_FILES[version]
+    return dataclasses.replace(WEIGHTS["hps"], metric=f"HPS v{version} (--suite hps --hps-version {version})",
+                               filename=name, hub=("xswu/HPSv2", name))
+
+
+def check_hps_name(path: Path, version: str) -> None:
+    """A checkpoint named as another version's published file is a mix-up: say so before loading."""
+    for other, name in HPS_FILES.items():
+        if path.name == name and other != version:
+            raise ConfigError(f"--hps-checkpoint {path} is the published HPS v{other} checkpoint but --hps-version is "
+                              f"{version}; pass --hps-version {other}, or the {HPS_FILES[version]} file")
 # --weights-config keys that name an architecture rather than a file.
 MODEL_KEYS = ("clip_model", "hps_model", "dino_model")
 
@@ -133,10 +150,12 @@ def resolve_weights(cfg: "EvalConfig") -> tuple[dict[str, Path], dict[str, str]]
         key = SUITE_WEIGHTS.get(suite)
         if key is None:
             continue
-        spec = WEIGHTS[key]
+        spec = hps_spec(cfg.hps_version) if key == "hps" else WEIGHTS[key]
         value = flags[key] or from_file.get(key)
         if value and Path(value).expanduser().is_file():
             found[key] = Path(value).expanduser()
+            if key == "hps":
+                check_hps_name(found[key], cfg.hps_version)
             continue
         if cfg.allow_download and not value:
             found[key] = _download(spec)
@@ -150,4 +169,5 @@ def resolve_weights(cfg: "EvalConfig") -> tuple[dict[str, Path], dict[str, str]]
     return found, models
 
 
-__all__ = ["MODEL_KEYS", "SUITE_WEIGHTS", "WEIGHTS", "WeightSpec", "resolve_weights"]
+__all__ = ["HPS_FILES", "MODEL_KEYS", "SUITE_WEIGHTS", "WEIGHTS", "WeightSpec", "check_hps_name", "hps_spec",
+           "resolve_weights"]

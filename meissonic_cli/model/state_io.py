@@ -24,7 +24,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -168,21 +168,24 @@ def read_weights(folder: str | os.PathLike, weights: str, index: str | None = No
 _ADVICE = re.compile(r"weights_only", re.IGNORECASE)
 
 
-def read_torch_file(path: str | os.PathLike) -> Any:
+def read_torch_file(path: str | os.PathLike, safe_globals: Sequence[type] = ()) -> Any:
     """A `torch.save` file read with the weights-only unpickler (tensors and plain containers only).
 
     A file that asks the unpickler to build anything else (which is how a pickle runs code) is
     refused without running it; the message never suggests turning the safe loader off.
+    `safe_globals` adds plain-data classes a known checkpoint layout holds (e.g. DINO's
+    `argparse.Namespace`), for this one read only.
     """
     import pickle
 
     path = Path(path)
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ModelFormatError(f"{path} does not exist") from None
     except pickle.UnpicklingError as err:
-        culprit = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        culprit = re.search(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)", str(err))
         what = f" (it asks for {culprit.group(1)})" if culprit else ""
         raise ModelFormatError(
             f"{path}: holds objects other than tensors and plain values{what}; refused without loading it. "
