@@ -2,9 +2,10 @@
 normalisation or a misplaced clamp changes the number (an image compared with itself scores 1 under any
 preprocessing, and a count of values says nothing about them).
 
-- CLIP-T per image: torchmetrics' convention, 100 x max(cos(image, text), 0), with the image and text
-  embedded here by open_clip's own model and transform on the same weights; the prompts are chosen so
-  that some cosines are positive (scale matters) and some negative (the clamp matters).
+- CLIP-T: torchmetrics' `CLIPScore` convention, 100 x cos(image, text) per image and the set's mean
+  clamped at 0, with the image and text embedded here by open_clip's own model and transform on the same
+  weights; the prompts are chosen so that some cosines are positive and some negative (where a per-image
+  clamp and a clamp of the mean give different numbers).
 - DINO: cosine of CLS features of two *different* images, with the DINO evaluation preprocessing written
   out here in PIL + numpy (short side to 256/224 of the crop, bicubic; centre crop; ImageNet mean/std).
 """
@@ -35,7 +36,7 @@ def scored(weights, tmp_path_factory):  # noqa: F811 (the fixture imported above
     for i, (prompt, colour) in enumerate(zip(PROMPTS, colours)):
         _write(out, f"e{i}", _image(colour, seed=i), prompt=prompt, source=str(src))
     report = run_eval(_cfg(out, weights, ["clip", "dino"]), progress=False)
-    return out, src, {r["file"]: r for r in report["per_image"]}
+    return out, src, {r["file"]: r for r in report["per_image"]}, report["metrics"]
 
 
 def _open_clip_reference(weights, out):  # noqa: F811
@@ -54,15 +55,19 @@ def _open_clip_reference(weights, out):  # noqa: F811
     return cosines
 
 
-def test_clip_t_is_100_times_the_cosine_clamped_at_zero_per_image(scored, weights):  # noqa: F811
-    out, _, rows = scored
+def test_clip_t_is_100_times_the_cosine_and_the_set_mean_is_clamped_at_zero(scored, weights):  # noqa: F811
+    out, _, rows, metrics = scored
     cosines = _open_clip_reference(weights, out)
     positive = [f for f, c in cosines.items() if c > 0.02]
     negative = [f for f, c in cosines.items() if c < -0.02]
-    # The inputs must tell a wrong scale and a missing clamp apart, or the test would prove nothing.
+    # The inputs must tell a wrong scale and a misplaced clamp apart, or the test would prove nothing.
     assert positive and negative, cosines
     for name, cos in cosines.items():
-        assert rows[name]["clip_t"] == pytest.approx(100.0 * max(cos, 0.0), abs=1e-3), name
+        assert rows[name]["clip_t"] == pytest.approx(100.0 * cos, abs=1e-3), name
+    mean = 100.0 * sum(cosines.values()) / len(cosines)
+    clamped_per_image = 100.0 * sum(max(c, 0.0) for c in cosines.values()) / len(cosines)
+    assert abs(max(mean, 0.0) - clamped_per_image) > 0.1  # the two conventions differ on these inputs
+    assert metrics["clip_t"]["mean"] == pytest.approx(max(mean, 0.0), abs=1e-3)
 
 
 def _dino_pixels(path, size: int) -> torch.Tensor:
@@ -82,7 +87,7 @@ def _dino_pixels(path, size: int) -> torch.Tensor:
 def test_dino_similarity_of_different_images_matches_features_computed_here(scored, weights):  # noqa: F811
     from timm.models.vision_transformer import VisionTransformer
 
-    out, src, rows = scored
+    out, src, rows, _ = scored
     net = VisionTransformer(num_classes=0, **TINY_DINO).eval()
     net.load_state_dict(torch.load(weights["dino"], weights_only=True))
     size = TINY_DINO["img_size"]
