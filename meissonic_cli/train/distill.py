@@ -122,6 +122,12 @@ class DistillTrainer(Trainer):
         codes = self.info.get("codebook_size")
         self.num_codes = int(codes) if codes is not None and int(codes) < self.model_config.codebook_size else None
 
+    def _check_text_features(self) -> None:
+        if not self.online_text and self._text_encoder_folder() is None:
+            raise ConfigError("distill needs the empty prompt's text features (the unconditional half of every target): "
+                              "give --text-encoder (the encoder tokenize used), or a --teacher/--init folder with text_encoder/")
+        super()._check_text_features()
+
     def _needs_empty_prompt_encoder(self) -> bool:
         # The unconditional half of every guided target is the empty prompt's.
         return not self.online_text
