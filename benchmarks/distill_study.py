@@ -223,7 +223,7 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     students = [r for r in rows if r["setting"].startswith("student")]
     if ref is None or not students:
         return ["the teacher at 16 guided steps or the student was not run"]
-    for budget, verdict_of in ((8, "reached"), (16, "not worse")):
+    for budget, (yes, no) in ((8, ("reached", "NOT reached")), (16, ("not worse", "WORSE"))):
         fits = [r for r in students if r["evaluations"] <= budget]
         if not fits:
             out.append(f"no student cell with <= {budget} evaluations")
@@ -232,7 +232,7 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
         ok = best["overall"] >= ref["overall"]
         out.append(f"student with <= {budget} evaluations: best {best['setting']} at {best['steps']} steps, overall "
                    f"{best['overall']:.3f} vs teacher official 16 steps (32 evaluations) {ref['overall']:.3f}: "
-                   f"{verdict_of if ok else 'NOT ' + verdict_of} ({best['overall'] - ref['overall']:+.3f})")
+                   f"{yes if ok else no} ({best['overall'] - ref['overall']:+.3f})")
     return out
 
 

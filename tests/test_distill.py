@@ -218,6 +218,20 @@ def test_resume_is_bit_identical_and_checkpoints_are_guidance_models(tmp_path, t
         pipe(prompts, negative_prompt="blurry", steps=2, guidance_scale=3.0, output_type="codes", height=GRID * 16)
 
 
+def test_lora_distillation_adapts_the_guidance_embedding_too(tmp_path, tiny_model_dir):
+    data = make_token_dataset(tmp_path / "data", shards=1, per_shard=4)
+    result = distill(_cfg(tmp_path, data, tiny_model_dir, lora_rank=2, max_steps=2, checkpoint_every=2))
+    ckpt = result.last_checkpoint
+    from meissonic_cli.model.lora import read_lora_file
+
+    names = set(read_lora_file(ckpt / "lora" / "adapters.safetensors"))
+    assert "time_text_embed.guidance_embedder.linear_2.lora_B.weight" in names
+    merged = MeissonicTransformer.from_pretrained(ckpt)
+    assert merged.config.guidance_embeds and merged.time_text_embed.guidance_embedder.linear_2.weight.abs().sum() > 0
+    teacher = load_state_dict_files(tiny_model_dir / "transformer")
+    assert torch.equal(merged.state_dict()["mlm_layer.conv2.weight"], teacher["mlm_layer.conv2.weight"])  # frozen base
+
+
 def test_sample_tokens_with_a_student_runs_the_sampler_options(tmp_path, tiny_model_dir):
     from meissonic_cli.sample.samplers import SamplerOptions
 
