@@ -32,6 +32,7 @@ _COMMAND_MODULES = [
     "download",
     "tokenize",
     "train",
+    "distill",
     "sample",
     "edit",
     "eval",

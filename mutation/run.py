@@ -65,12 +65,12 @@ MODULES: dict[str, tuple[list[str], list[str], str | None, list[str]]] = {
                ["tests/test_curate.py", "tests/test_curate_schemas.py", "tests/test_curate_steps.py",
                 "tests/test_behaviour_guards.py::test_curate_min_width_and_min_height_keep_rows_exactly_on_the_threshold"],
                None, []),
-    "pipeline": (["meissonic_cli/sample/pipeline.py"],
+    "pipeline": (["meissonic_cli/sample/pipeline.py", "meissonic_cli/sample/guidance.py"],
                  ["tests/test_pipeline.py", "tests/test_behaviour_guards.py", "tests/test_samplers.py",
                   "tests/test_pipeline_guards.py"], None,
                  [f"meissonic_cli.sample.pipeline.x_{f}__mutmut_*" for f in
-                  ("exact_logits", "masked_logits", "guidance_batch", "sample_tokens", "_check_init_tokens",
-                   "check_token_temperature")]
+                  ("exact_logits", "masked_logits", "sample_tokens", "_check_init_tokens", "check_token_temperature")]
+                 + [f"meissonic_cli.sample.guidance.x_{f}__mutmut_*" for f in ("guidance_batch", "check_negative_prompts")]
                  + [f"meissonic_cli.sample.pipeline.xǁMeissonicPipelineǁ{f}__mutmut_*" for f in
                     ("__call__", "logits", "_prompt_inputs", "_micro_conds", "_num_codes")]),
     "edit": (["meissonic_cli/sample/edit.py"], ["tests/test_edit.py", "tests/test_parity_edit.py",

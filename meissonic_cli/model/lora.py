@@ -1,4 +1,6 @@
-"""Low-rank adapters (LoRA) on the transformer's linear layers: training them, and applying adapter files.
+"""Low-rank adapters (LoRA) on the transformer's linear layers: training them, and applying adapter files
+(in a guidance-distilled student also on its guidance embedding, which has to learn from zero:
+`meissonic distill --lora-rank`).
 
 Each adapted `nn.Linear` computes `W x + b + scaling * B (A x)` with A `(r, in)` drawn like a
 linear layer's weight and B `(out, r)` zero, so training starts from the unchanged model.
@@ -28,7 +30,8 @@ from meissonic_cli.errors import ModelFormatError
 
 # Every attention projection of the MMDiT blocks (image and text streams) and of the single blocks.
 # The single blocks' proj_out mixes attention and MLP outputs, so it is left alone.
-ATTENTION_PROJECTIONS = re.compile(r"(^|\.)attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$")
+ATTENTION_PROJECTIONS = re.compile(r"(^|\.)attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)$"
+                                   r"|(^|\.)time_text_embed\.guidance_embedder\.linear_[12]$")
 
 
 class LoRAAdapter(nn.Module):

@@ -8,6 +8,9 @@ What this module implements (paper sections 2.2-2.3; numerics of the official `T
   ("Decomp.") after them.
 - Conditioning: pooled text embedding + sinusoids of the five micro-conditions (`cond_embed`), plus
   the masking-rate ("timestep") sinusoid, summed into one vector `temb` that modulates every block.
+  With `guidance_embeds` (a guidance-distilled student, `meissonic distill`) the guidance scale g adds
+  `time_text_embed.guidance_embedder(sinusoid(g*1000))` to it, as diffusers'
+  `CombinedTimestepGuidanceTextProjEmbeddings` does (FLUX-dev); its last layer starts at zero.
 - N multi-modal blocks (joint text+image attention with separate weights per stream, AdaLN-Zero
   modulation, per-head QK RMSNorm), then 2N single-modal blocks (parallel attention + MLP).
 - 3-axis rotary position embedding over (0, row, col) ids; text ids are zero.
@@ -72,7 +75,9 @@ class TransformerConfig:
     num_attention_heads: int = field(8, help="Number of attention heads; hidden width = heads x head dim.")
     joint_attention_dim: int = field(1024, help="Width of the text-encoder hidden states fed as the text sequence.")
     pooled_projection_dim: int = field(1024, help="Width of the pooled text embedding; must equal the hidden width (as in the official model).")
-    guidance_embeds: bool = field(False, help="Flux guidance embedding; the Meissonic checkpoints do not use it and it must be false.")
+    guidance_embeds: bool = field(
+        False, help="Guidance embedding (as FLUX-dev): the guidance scale is an input added to the timestep embedding, so one "
+        "forward gives guided logits. Off in the released model; on in a `meissonic distill` student.")
     axes_dims_rope: tuple[int, int, int] = field((16, 56, 56), help="Rotary channels per id axis (0, row, col); must sum to the head dim.")
     vocab_size: int = field(8256, help="Token embedding rows: the codebook, spare ids and, last, the mask token.")
     codebook_size: int = field(8192, help="Number of VQ codes, i.e. the number of output logits per position.")
@@ -96,8 +101,6 @@ class TransformerConfig:
         problems = []
         if self.patch_size != 1:
             problems.append(f"patch_size must be 1, got {self.patch_size}")
-        if self.guidance_embeds:
-            problems.append("guidance_embeds=true is not supported by Meissonic models")
         if self.pooled_projection_dim != self.inner_dim:
             problems.append(
                 f"pooled_projection_dim ({self.pooled_projection_dim}) must equal num_attention_heads*attention_head_dim "
@@ -288,10 +291,17 @@ class _TwoLayerMLP(nn.Module):
 
 
 class _TimeTextEmbed(nn.Module):
-    def __init__(self, dim: int, pooled_dim: int):
+    def __init__(self, dim: int, pooled_dim: int, guidance: bool = False):
         super().__init__()
         self.timestep_embedder = _TwoLayerMLP(TIME_PROJ_DIM, dim)
         self.text_embedder = _TwoLayerMLP(pooled_dim, dim)
+        if guidance:
+            # diffusers' guidance_embedder (a TimestepEmbedding over sinusoid(g*1000)). Built last so the other
+            # layers draw the same initial weights as without it; its output layer starts at zero, so a
+            # student initialised from a teacher starts as the teacher's conditional model.
+            self.guidance_embedder = _TwoLayerMLP(TIME_PROJ_DIM, dim)
+            nn.init.zeros_(self.guidance_embedder.linear_2.weight)
+            nn.init.zeros_(self.guidance_embedder.linear_2.bias)
 
 
 class _Modulation(nn.Module):
@@ -525,7 +535,7 @@ class MeissonicTransformer(nn.Module):
         self.config = config
         d, heads, hd = config.inner_dim, config.num_attention_heads, config.attention_head_dim
         self.gradient_checkpointing = False
-        self.time_text_embed = _TimeTextEmbed(d, config.pooled_projection_dim)
+        self.time_text_embed = _TimeTextEmbed(d, config.pooled_projection_dim, config.guidance_embeds)
         self.context_embedder = nn.Linear(config.joint_attention_dim, d)
         self.transformer_blocks = nn.ModuleList([DoubleStreamBlock(d, heads, hd) for _ in range(config.num_layers)])
         self.single_transformer_blocks = nn.ModuleList([SingleStreamBlock(d, heads, hd) for _ in range(config.num_single_layers)])
@@ -567,6 +577,25 @@ class MeissonicTransformer(nn.Module):
         proj = timestep_sinusoid(t.to(torch.float32) * 1000)
         return self.time_text_embed.timestep_embedder(proj.to(self.dtype))
 
+    def guidance_embedding(self, guidance: Any, batch: int) -> torch.Tensor:
+        """guidance_embedder(sinusoid(g*1000)), (B or 1, D), for a guidance-embedded model (`guidance_embeds`).
+
+        `guidance` is the guidance scale g: a number, or a (B,) or (1,) tensor. As the timestep, it is
+        multiplied by 1000 in float32 before the sinusoid (diffusers' FLUX convention).
+        """
+        if not self.config.guidance_embeds:
+            raise InputError("this transformer has no guidance embedding (guidance_embeds is false): pass guidance=None "
+                             "and run classifier-free guidance with two forwards")
+        g = torch.as_tensor(guidance, dtype=torch.float32, device=self.device)
+        if g.dim() == 0:
+            g = g.view(1)
+        if g.dim() != 1 or g.shape[0] not in (1, batch):
+            raise InputError(f"guidance must be one number or ({batch},) scales, got shape {tuple(g.shape)}")
+        if not bool(torch.isfinite(g).all()):
+            raise InputError("guidance scales must be finite")
+        proj = timestep_sinusoid(g * 1000)
+        return self.time_text_embed.guidance_embedder(proj.to(self.dtype))
+
     # -- conditioning (step-invariant) --------------------------------------------------------
 
     def prepare_conditioning(
@@ -577,11 +606,14 @@ class MeissonicTransformer(nn.Module):
         grid_hw: tuple[int, int],
         img_ids: Optional[torch.Tensor] = None,
         txt_ids: Optional[torch.Tensor] = None,
+        guidance: Any = None,
     ) -> Conditioning:
         """Everything of a forward pass that does not depend on the tokens or the timestep.
 
         grid_hw is the token grid (H, W). img_ids/txt_ids default to `image_ids(H, W, config)` and
         zeros; explicit ids follow the official convention ((N, 3), or (B, N, 3) of which [0] is used).
+        `guidance` (a guidance-embedded model only, where it is required): the guidance scale, one
+        number or one per row; its embedding is step-invariant, so it is held in `pooled_temb`.
         """
         cfg = self.config
         grid_h, grid_w = int(grid_hw[0]), int(grid_hw[1])
@@ -603,6 +635,11 @@ class MeissonicTransformer(nn.Module):
         micro = timestep_sinusoid(micro_conds.to(device).flatten(), MICRO_COND_DIM).reshape(b, -1)
         cond = self.cond_embed(torch.cat([pooled_projections.to(device, dtype), micro.to(dtype)], dim=1))
         pooled_temb = self.time_text_embed.text_embedder(cond)
+        if cfg.guidance_embeds or guidance is not None:
+            if guidance is None:
+                raise InputError("this transformer is guidance-distilled (guidance_embeds): give the guidance scale "
+                                 "(guidance=...), e.g. the --guidance-scale a sampler uses")
+            pooled_temb = pooled_temb + self.guidance_embedding(guidance, b)
 
         h, w = self.compressed_grid(grid_h, grid_w)
         if img_ids is None:
@@ -635,18 +672,21 @@ class MeissonicTransformer(nn.Module):
         img_ids: Optional[torch.Tensor] = None,
         txt_ids: Optional[torch.Tensor] = None,
         micro_conds: Optional[torch.Tensor] = None,
+        guidance: Any = None,
     ) -> torch.Tensor:
         """Logits (B, codebook_size, H, W) for token ids (B, H, W), with the official call signature.
 
         `timestep` is (B,) or (1,) and is multiplied by 1000 inside; `micro_conds` is required (the
-        keyword default only keeps the official argument order).
+        keyword default only keeps the official argument order). `guidance`: the guidance scale of
+        a guidance-embedded model (required there, refused otherwise).
         """
         if micro_conds is None:
             raise InputError("micro_conds (B, 5) = [orig_width, orig_height, crop_top, crop_left, score] is required")
         if hidden_states.dim() != 3:
             raise InputError(f"hidden_states must be token ids (B, H, W), got shape {tuple(hidden_states.shape)}")
         cond = self.prepare_conditioning(
-            encoder_hidden_states, pooled_projections, micro_conds, tuple(hidden_states.shape[1:]), img_ids, txt_ids
+            encoder_hidden_states, pooled_projections, micro_conds, tuple(hidden_states.shape[1:]), img_ids, txt_ids,
+            guidance=guidance,
         )
         return self.forward_cached(hidden_states, timestep, cond)
 

@@ -52,6 +52,9 @@ The sampling loop (`sample_tokens`):
 The timestep passed to the transformer is the scheduler's t as a (1,) int64 tensor, as in the
 official pipeline (the model multiplies it by 1000).
 
+A guidance-distilled model (`guidance_embeds`, from `meissonic distill`) runs ONE forward per step with
+`guidance_scale` fed to its embedding; only the empty negative prompt is supported (`guidance.py`).
+
 `exact=True` runs the official loop instead (`exact_logits`): the full forward (conditioning
 recomputed, logits for every position) and the official `scheduler.step`, whose random draws cover
 every position. Given the same seed and device it reproduces the official sampler's tokens up to
@@ -79,6 +82,7 @@ from meissonic_cli.model.lora import apply_lora
 from meissonic_cli.model.scheduler import SCHEDULER_CONFIG_NAME, MaskGITScheduler
 from meissonic_cli.model.transformer import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, Conditioning, MeissonicTransformer
 from meissonic_cli.sample.call_args import OUTPUT_TYPES, check_output_type, one_of, prompt_list, repeat_per_prompt, wrap_output
+from meissonic_cli.sample.guidance import check_negative_prompts, embeds_guidance, guidance_batch
 from meissonic_cli.sample.samplers import run_sampler_loop, uses_sampler_loop
 
 DTYPES = dtype_table()
@@ -157,7 +161,9 @@ def exact_logits(transformer: MeissonicTransformer, tokens: torch.Tensor, timest
                  pooled: torch.Tensor, micro_conds: torch.Tensor, guidance_scale: Optional[float] = None) -> torch.Tensor:
     """Logits (B, K, H, W) as the official pipeline computes them: the full forward, with guidance
     `uncond + s*(cond - uncond)` when guidance_scale is given (text/pooled/micro_conds then hold
-    2B rows, [uncond, cond])."""
+    2B rows, [uncond, cond]); a guidance-embedded transformer: one forward, guidance_scale its input."""
+    if embeds_guidance(transformer):
+        return transformer(tokens, text, pooled, timestep, micro_conds=micro_conds, guidance=guidance_scale)
     if guidance_scale is None:
         return transformer(tokens, text, pooled, timestep, micro_conds=micro_conds)
     uncond, cond = transformer(torch.cat([tokens, tokens]), text, pooled, timestep, micro_conds=micro_conds).chunk(2)
@@ -167,7 +173,8 @@ def exact_logits(transformer: MeissonicTransformer, tokens: torch.Tensor, timest
 def masked_logits(transformer: MeissonicTransformer, tokens: torch.Tensor, timestep: torch.Tensor, cond: Conditioning,
                   positions: torch.Tensor, guidance_scale: Optional[float] = None) -> torch.Tensor:
     """The fast loop's logits (B, M, K) at positions (B, M): `exact_logits` gathered there, computed
-    with the conditioning prepared once (`cond`, 2B rows [uncond, cond] when guidance_scale is given)."""
+    with the conditioning prepared once (`cond`, 2B rows [uncond, cond] when guidance_scale is given;
+    a guidance-embedded transformer's `cond` holds the scale and guidance_scale is None)."""
     if guidance_scale is None:
         return transformer.forward_cached(tokens, timestep, cond, positions=positions)
     uncond, guided = transformer.forward_cached(tokens, timestep, cond, positions=positions, head="hidden").chunk(2)
@@ -185,18 +192,6 @@ def check_token_temperature(value: float) -> float:
     if not (math.isfinite(t) and t > 0):
         raise InputError(f"token temperature must be a number > 0 (1 = the official sampler), got {value!r}")
     return t
-
-
-def guidance_batch(text: torch.Tensor, pooled: torch.Tensor, micro_conds: torch.Tensor,
-                   negative_text: Optional[torch.Tensor], negative_pooled: Optional[torch.Tensor],
-                   guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(text, pooled, micro_conds) as the transformer runs them: [uncond, cond] (2B rows) when
-    guidance_scale > 1, else the prompts' own (B rows)."""
-    if guidance_scale <= 1.0:
-        return text, pooled, micro_conds
-    if negative_text is None or negative_pooled is None:
-        raise InputError("guidance_scale > 1 needs negative_text and negative_pooled (the negative prompt's features)")
-    return torch.cat([negative_text, text]), torch.cat([negative_pooled, pooled]), torch.cat([micro_conds, micro_conds])
 
 
 def _check_init_tokens(init_tokens: torch.Tensor, b: int, grid_hw: tuple[int, int],
@@ -256,13 +251,15 @@ def sample_tokens(
     b = text.shape[0]
     grid_h, grid_w = int(grid_hw[0]), int(grid_hw[1])
     seq_len = grid_h * grid_w
-    guided = guidance_scale > 1.0
+    embedded = embeds_guidance(transformer)  # one forward over the prompts' rows, the scale fed to the embedding
+    guided = guidance_scale > 1.0 and not embedded
     device = transformer.device
     per_row = isinstance(generator, (list, tuple))
     token_temperature = check_token_temperature(token_temperature)
     if per_row and len(generator) != b:
         raise InputError(f"{len(generator)} generators for a batch of {b}")
-    all_text, all_pooled, all_micro = guidance_batch(text, pooled, micro_conds, negative_text, negative_pooled, guidance_scale)
+    all_text, all_pooled, all_micro = guidance_batch(text, pooled, micro_conds, negative_text, negative_pooled,
+                                                     guidance_scale, embedded)
     mask_id = scheduler.config.mask_token_id
     if init_tokens is None:
         latents = torch.full((b, grid_h, grid_w), mask_id, dtype=torch.long, device=device)
@@ -290,7 +287,7 @@ def sample_tokens(
             # The official loop: every step recomputes the conditioning and the logits of every position.
             for i, t in list(enumerate(scheduler.timesteps))[int(first_step):]:
                 logits = limit(exact_logits(transformer, latents, t.view(1).long(), all_text, all_pooled, all_micro,
-                                            guidance_scale if guided else None), 1)
+                                            guidance_scale if guided or embedded else None), 1)
                 if per_row:
                     latents = torch.cat([scheduler.step(logits[r:r + 1], t, latents[r:r + 1], generator[r],
                                                         starting_mask_ratio=ratio).prev_sample for r in range(b)])
@@ -300,7 +297,8 @@ def sample_tokens(
                     callback(i + 1, steps)
             return latents
 
-        cond = transformer.prepare_conditioning(all_text, all_pooled, all_micro, (grid_h, grid_w))
+        cond = transformer.prepare_conditioning(all_text, all_pooled, all_micro, (grid_h, grid_w),
+                                                guidance=float(guidance_scale) if embedded else None)
         if init_tokens is None:
             positions = torch.arange(seq_len, device=device).expand(b, seq_len)
         else:
@@ -542,10 +540,12 @@ class MeissonicPipeline:
                                                                         width, height, micro_conds)
         if positions is None:
             positions = torch.arange(grid[0] * grid[1], device=self.device).expand(len(prompts), -1)
-        guided = guidance_scale > 1.0
+        embedded = embeds_guidance(self.transformer)
+        guided = guidance_scale > 1.0 and not embedded
         with torch.inference_mode():
             cond = self.transformer.prepare_conditioning(
-                *guidance_batch(text, pooled, micro, neg_text, neg_pooled, guidance_scale), grid)
+                *guidance_batch(text, pooled, micro, neg_text, neg_pooled, guidance_scale, embedded), grid,
+                guidance=float(guidance_scale) if embedded else None)
             out = masked_logits(self.transformer, tokens, torch.tensor([int(timestep)], device=self.device), cond,
                                 positions.to(self.device), float(guidance_scale) if guided else None)
         num_codes = self._num_codes()
@@ -572,9 +572,10 @@ class MeissonicPipeline:
         if len(negatives) != b:
             raise InputError(f"{len(negatives)} negative prompts for {b} prompts; give one, or one per prompt")
         micro = self._micro_conds(micro_conds, b, width, height)
+        check_negative_prompts(negatives, self.transformer)
         text, pooled = self.encode_prompts(prompts)
         neg_text = neg_pooled = None
-        if guidance_scale > 1.0:
+        if guidance_scale > 1.0 and not embeds_guidance(self.transformer):
             neg_text, neg_pooled = self.encode_prompts(negatives)
         return text, pooled, neg_text, neg_pooled, micro
 

@@ -24,6 +24,7 @@ from meissonic_cli.model.transformer import (
 from meissonic_cli.train.config import TrainConfig
 
 COMPRESSION_PREFIXES = ("down_block.", "up_block.")
+GUIDANCE_PREFIX = "time_text_embed.guidance_embedder."
 
 
 def resolve_model_config(cfg: TrainConfig) -> TransformerConfig:
@@ -44,6 +45,9 @@ def resolve_model_config(cfg: TrainConfig) -> TransformerConfig:
     if cfg.feature_compression != "auto":
         on = cfg.feature_compression == "on"
         config = dataclasses.replace(config, downsample=on, upsample=on)
+    if getattr(cfg, "guidance_embeds", False):
+        # A guidance-distillation student (train/distill.py): the teacher's architecture plus the guidance embedding.
+        config = dataclasses.replace(config, guidance_embeds=True)
     return config.validate()
 
 
@@ -62,13 +66,17 @@ def load_init_weights(model: MeissonicTransformer, folder: str | Path, variant: 
     compression keys that start fresh.
 
     The only keys allowed to be missing are the feature compression layers, and only when `model`
-    has them and the source was built without them (paper stage 3: 512 -> 1024).
+    has them and the source was built without them (paper stage 3: 512 -> 1024), and the guidance
+    embedding when `model` has one and the source has not (a distillation student: it keeps its
+    zero-output initialisation).
     """
     tdir = transformer_folder(folder)
     source_config = TransformerConfig.from_json(tdir / CONFIG_NAME)
     state = load_state_dict_files(tdir, variant)
     adds_compression = model.config.downsample and not source_config.downsample
     allow = tuple(f"{prefix}*" for prefix in COMPRESSION_PREFIXES) if adds_compression else ()
+    if model.config.guidance_embeds and not source_config.guidance_embeds:
+        allow += (f"{GUIDANCE_PREFIX}*",)
     load_state_into(model, state, f"--init weights in {tdir}", allow_missing=allow, what="the transformer config",
                     assign=False)
     return [k for k in model.state_dict() if k.startswith(COMPRESSION_PREFIXES) and k not in state] if adds_compression else []
@@ -85,9 +93,11 @@ class MaskedImageModel(nn.Module):
 
     def forward(self, tokens: torch.Tensor, timestep: torch.Tensor, micro: torch.Tensor, img_ids: torch.Tensor,
                 txt_ids: torch.Tensor, text: torch.Tensor | None = None, pooled: torch.Tensor | None = None,
-                token_ids: torch.Tensor | None = None) -> torch.Tensor:
+                token_ids: torch.Tensor | None = None, guidance: torch.Tensor | None = None) -> torch.Tensor:
         if token_ids is not None:
             text, pooled = self.text_encoder(token_ids)
+        if guidance is not None:  # a guidance-distillation student (train/distill.py)
+            return self.transformer(tokens, text, pooled, timestep, img_ids, txt_ids, micro, guidance=guidance)
         return self.transformer(tokens, text, pooled, timestep, img_ids, txt_ids, micro)
 
 

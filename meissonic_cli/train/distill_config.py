@@ -1,0 +1,128 @@
+"""`DistillConfig`: every knob of `meissonic distill` (the `TrainConfig` fields plus the teacher and the
+objective), documented once; `load_distill_config` layers defaults, a YAML recipe and flags. No torch
+import here, so the command's `--help` stays fast. The loop is `train/distill.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from meissonic_cli.config import Problems, field, flag_of, update_from_dict
+from meissonic_cli.errors import ConfigError
+from meissonic_cli.train.config import PRECISIONS, TrainConfig, apply_overrides, read_yaml_mapping
+
+LOSSES = ("kl", "ce")
+TIMESTEP_MODES = ("sampler", "train")
+MAX_GUIDANCE = 100.0
+# Fields of the teacher and the student that must agree: the tokens, the code grid, the text features.
+PAIRED_FIELDS = ("vocab_size", "codebook_size", "downsample", "upsample", "joint_attention_dim", "pooled_projection_dim")
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    """`TrainConfig` plus the teacher and the distillation objective (the student is `--init`, by default the teacher)."""
+
+    teacher: str = field("", help="Teacher model folder (released layout, or its transformer/ folder) whose classifier-free-"
+                         "guided logits the student learns; frozen, in eval mode. --init (the student's start) defaults to it.")
+    guidance_min: float = field(1.0, help="Smallest guidance scale drawn per sample (uniformly in [--guidance-min, --guidance-max]).")
+    guidance_max: float = field(10.0, help="Largest guidance scale drawn per sample; sample the student within the range it learned.")
+    distill_loss: str = field("kl", help="kl: KL(teacher || student) of the guided distributions at the masked positions (0 "
+                              "when they agree); ce: the soft-target cross-entropy (same gradients, plus the teacher's entropy).")
+    distill_timesteps: str = field(
+        "sampler", help="sampler: masking states and timesteps as a sampling run of --distill-steps steps visits them (the "
+        "sampler passes the step index as timestep); train: the trainer's masking rate r = cos(pi/2 u) and timestep r*1000.")
+    distill_steps: str = field("4,8,16,32,48", help="Comma-separated step counts whose sampling states --distill-timesteps "
+                               "sampler draws from (one count per sample, uniformly).")
+    teacher_precision: str = field("fp32", help="Dtype of the teacher's weights: fp32, bf16 or fp16 (lower precision is "
+                                   "faster on GPUs; the targets are computed in float32 from its logits).")
+
+    @property
+    def guidance_embeds(self) -> bool:
+        """The student has a guidance embedding (`masked_model.resolve_model_config` reads this)."""
+        return True
+
+    @property
+    def step_counts(self) -> list[int]:
+        return [int(x) for x in str(self.distill_steps).split(",") if x.strip()]
+
+    def validate(self) -> "DistillConfig":
+        p = Problems()
+
+        def flag(name: str) -> str:
+            return flag_of(DistillConfig, name)
+
+        p.check(bool(self.teacher), f"{flag('teacher')} is required (the model folder whose guided logits the student learns)")
+        if self.teacher and not self.init:
+            self.init = self.teacher
+        for name in ("guidance_min", "guidance_max"):
+            value = getattr(self, name)
+            p.check(isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= MAX_GUIDANCE,
+                    f"{flag(name)} must be a guidance scale in [0, {MAX_GUIDANCE:g}], got {value!r}")
+        p.check(not (self.guidance_min > self.guidance_max),
+                f"{flag('guidance_min')} ({self.guidance_min}) must not exceed {flag('guidance_max')} ({self.guidance_max})")
+        p.check(self.distill_loss in LOSSES, f"{flag('distill_loss')} must be one of {', '.join(LOSSES)}, got {self.distill_loss!r}")
+        p.check(self.distill_timesteps in TIMESTEP_MODES,
+                f"{flag('distill_timesteps')} must be one of {', '.join(TIMESTEP_MODES)}, got {self.distill_timesteps!r}")
+        try:
+            counts = self.step_counts
+        except ValueError:
+            counts = []
+        p.check(bool(counts) and all(1 <= n <= 1000 for n in counts),
+                f"{flag('distill_steps')} must be comma-separated step counts in 1..1000, got {self.distill_steps!r}")
+        p.check(self.teacher_precision in PRECISIONS,
+                f"{flag('teacher_precision')} must be one of {', '.join(PRECISIONS)}, got {self.teacher_precision!r}")
+        p.check(not self.train_text_encoder, "--train-text-encoder is not supported by distill: teacher and student read the "
+                "same text features")
+        p.raise_if_any()
+        super().validate()
+        return self
+
+
+_DISTILL_ONLY = tuple(f.name for f in dataclasses.fields(DistillConfig)
+                      if f.name not in {g.name for g in dataclasses.fields(TrainConfig)})
+
+
+def _coerce_own(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """The distill-only fields of `values` with YAML's types made right (numbers as floats, step lists as text)."""
+    out, problems = {}, []
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name in ("guidance_min", "guidance_max"):
+            try:
+                if isinstance(value, bool):
+                    raise TypeError
+                value = float(value)
+            except (TypeError, ValueError):
+                problems.append(f"{source}: {key} should be a number, got {value!r}")
+                continue
+        elif name == "distill_steps" and isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        elif not isinstance(value, str):
+            problems.append(f"{source}: {key} should be text, got {value!r}")
+            continue
+        out[name] = value
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
+def load_distill_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> DistillConfig:
+    """Defaults, then the YAML recipe at `path`, then `overrides` (field name -> value); not yet validated."""
+    cfg = DistillConfig()
+    layers = ([(read_yaml_mapping(path), str(path))] if path else []) + ([(overrides, "command line")] if overrides else [])
+    names = {f.name for f in dataclasses.fields(DistillConfig)}
+    for values, source in layers:
+        unknown = sorted(k for k in values if k.replace("-", "_") not in names)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; run `meissonic distill --help` for the fields")
+        own = {k: v for k, v in values.items() if k.replace("-", "_") in _DISTILL_ONLY}
+        cfg = apply_overrides(cfg, {k: v for k, v in values.items() if k not in own}, source)
+        cfg = update_from_dict(cfg, _coerce_own(own, source), source)
+    return cfg
+
+
+__all__ = ["LOSSES", "PAIRED_FIELDS", "TIMESTEP_MODES", "DistillConfig", "load_distill_config"]
