@@ -49,6 +49,11 @@ PROMISES: dict[str, list[str]] = {
                                  "tests/test_behaviour_guards.py::test_no_decay_for_parameters_named_embedding_and_frozen_ones_do_not_stop_the_walk"],
     "TrainConfig.checkpoint_every": ["tests/test_help_promises.py::test_checkpoint_every_n_steps_and_always_at_the_end"],
     "TrainConfig.nan_patience": ["tests/test_train.py::test_nan_guard_skips_bad_steps_then_reloads_the_last_checkpoint"],
+    "TrainConfig.ema_warmup": ["tests/test_train_logging.py::test_ema_equals_diffusers_ema_model_after_n_steps",
+                               "tests/test_train_logging.py::test_a_checkpoint_from_before_warm_up_resumes_with_constant_decay"],
+    "TrainConfig.report_to": ["tests/test_train_logging.py::test_wandb_offline_run_is_written_and_resumed_under_the_same_id"],
+    "command distill": ["tests/test_distill.py::test_resume_is_bit_identical_and_checkpoints_are_guidance_models",
+                        "tests/test_distill.py::test_lora_distillation_adapts_the_guidance_embedding_too"],
     "command download": ["tests/test_download.py::test_download_end_to_end_then_resume"],
     "command tokenize": ["tests/test_tokenize.py::test_resume_skips_complete_and_redoes_partial",
                          "tests/test_multinode.py::test_tokenize_under_two_node_torchrun_splits_input_shards_by_global_rank"],
@@ -69,9 +74,12 @@ def promises_in_help() -> dict[str, str]:
         module = importlib.import_module(info.name)
         for _, cls in inspect.getmembers(module, inspect.isclass):
             if dataclasses.is_dataclass(cls) and cls.__module__ == module.__name__:
+                # A field a config inherits unchanged is its base's promise (DistillConfig <- TrainConfig).
+                inherited = {(f.name, f.metadata.get("help")) for base in cls.__mro__[1:]
+                             if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
                 for f in dataclasses.fields(cls):
                     text = f.metadata.get("help", "")
-                    if text and PROMISE_WORDS.search(text):
+                    if text and PROMISE_WORDS.search(text) and (f.name, text) not in inherited:
                         found[f"{cls.__name__}.{f.name}"] = text
     for command in app.registered_commands:
         text = command.callback.__doc__ or ""

@@ -36,7 +36,7 @@ from meissonic_cli.model.transformer import CONFIG_NAME, MeissonicTransformer, T
 from meissonic_cli.train.distill_config import LOSSES, PAIRED_FIELDS, DistillConfig, load_distill_config
 from meissonic_cli.train.distributed import DistEnv, init_distributed
 from meissonic_cli.train.masked_model import resolve_model_config
-from meissonic_cli.train.objective import IGNORE_INDEX, Batch, mask_tokens, sample_masking_rates
+from meissonic_cli.train.objective import IGNORE_INDEX, Batch, mask_tokens, masked_token_stats, sample_masking_rates
 from meissonic_cli.train.trainer import Trainer, TrainResult
 
 # ----------------------------------------------------------------------------------------------
@@ -165,6 +165,8 @@ class DistillTrainer(Trainer):
             logits = self.wrapped(inputs, timesteps, micro, self.img_ids, self.txt_ids, text=text, pooled=pooled,
                                   guidance=scales.to(dev))
         loss = distillation_loss(logits, target, labels.to(dev), cfg.distill_loss, self.num_codes)
+        # The curves (accuracy against the true tokens, cross-entropy per mask-rate bucket) as `train` logs them.
+        self.last_token_stats = masked_token_stats(logits, labels.to(dev))
         return loss, rates.mean()
 
 
