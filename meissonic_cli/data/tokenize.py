@@ -28,7 +28,6 @@ group is needed.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -61,8 +60,9 @@ from meissonic_cli.data.shards import (
 from meissonic_cli.data.sources import IMAGE_EXTS, RawSample, WorkUnit, discover_units  # noqa: F401 (re-exported)
 from meissonic_cli.device import DTYPE_NAMES, resolve_device
 from meissonic_cli.errors import ConfigError
+from meissonic_cli.imaging import load_rgb8
 from meissonic_cli.progress import key_value_table, make_progress
-from meissonic_cli.safety import MAX_RESOLUTION, MAX_SEED, check_pixels, image_errors
+from meissonic_cli.safety import MAX_RESOLUTION, MAX_SEED
 
 if TYPE_CHECKING:  # numpy is imported where used: `meissonic --help` imports this module
     import numpy as np
@@ -221,7 +221,6 @@ def crop_offsets(size: tuple[int, int], resolution: int, random_crop: bool, rng:
 def prepare_image(raw: RawSample, cfg: TokenizeConfig) -> Prepared:
     """Decode, resize, crop and compute micro-conditions; raises on undecodable images."""
     import numpy as np
-    from PIL import Image, ImageOps
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
@@ -230,11 +229,7 @@ def prepare_image(raw: RawSample, cfg: TokenizeConfig) -> Prepared:
     data = raw.load() if raw.image is None and raw.load is not None else raw.image
     if not data:
         raise ValueError("empty image")
-    with image_errors(f"image of sample {raw.key}"), Image.open(io.BytesIO(data)) as opened:
-        check_pixels(opened, f"image of sample {raw.key}")
-        opened.load()
-        image = ImageOps.exif_transpose(opened)
-        image = image.convert("RGB") if image.mode != "RGB" else image.copy()
+    image = load_rgb8(bytes(data), f"image of sample {raw.key}")
     orig_w, orig_h, from_image = original_size(raw.meta, image.size)
     r = cfg.resolution
     resized = TF.resize(image, r, interpolation=InterpolationMode.BILINEAR)
