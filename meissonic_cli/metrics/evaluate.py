@@ -144,7 +144,7 @@ class EvalConfig:
                                  help="Sampler settings for --prompts (the `sample` command's settings).")
 
     def validate(self) -> "EvalConfig":
-        p = Problems()
+        p = Problems(self)
         unknown = [s for s in self.suites if s not in SUITES]
         p.check(bool(self.suites) and not unknown,
                 f"--suite must list some of {', '.join(SUITES)}, got {','.join(self.suites) or 'nothing'}")

@@ -154,7 +154,7 @@ class EditConfig:
                                  help="Sampler settings (steps, cfg, seed, negative prompt, temperature, device, dtype).")
 
     def validate(self) -> "EditConfig":
-        p = Problems()
+        p = Problems(self)
         p.check(bool(self.model), "--model is required (a released-layout model folder)")
         p.check((self.cases is None) != (self.image is None),
                 "give --image (with --prompt) for one edit, or --cases FILE.jsonl for a batch, not both")

@@ -122,7 +122,7 @@ class SampleConfig:
 
     def validate(self) -> "SampleConfig":
         self.apply_preset()
-        p = Problems()
+        p = Problems(self)
         p.check(bool(self.model), "--model is required (a model folder, e.g. one made by `huggingface-cli download "
                                   "MeissonFlow/Meissonic --local-dir DIR`)")
         p.check(bool(self.prompt) != bool(self.prompts), "give --prompt (repeatable) or --prompts FILE, not both and "

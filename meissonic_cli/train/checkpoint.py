@@ -370,10 +370,10 @@ def read_data_cursors(checkpoint: Path) -> dict[str, Any]:
 
 def read_saved_config(checkpoint: Path) -> dict[str, Any]:
     """The `train_config.yaml` of the run that wrote `checkpoint` (empty if absent)."""
-    import yaml
+    from meissonic_cli.readers import read_yaml_mapping
 
     file = Path(checkpoint) / CONFIG_FILE
-    return (yaml.safe_load(file.read_text()) or {}) if file.is_file() else {}
+    return read_yaml_mapping(file, "checkpoint run config", error=ModelFormatError) if file.is_file() else {}
 
 
 def find_resume_checkpoint(output: Path, cfg: Any, model_config: TransformerConfig) -> Path | None:

@@ -129,7 +129,7 @@ class TrainConfig:
         return self.resolution // self.vq_factor
 
     def validate(self) -> "TrainConfig":
-        p = Problems()
+        p = Problems(self)
 
         def flag(name: str) -> str:
             return flag_of(TrainConfig, name)
@@ -218,7 +218,7 @@ def _coerce_types(values: dict[str, Any], source: str) -> dict[str, Any]:
                     value = [value]
                 if not isinstance(value, list):
                     raise ValueError
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             problems.append(f"{source}: {key} should be a {kind}, got {value!r}")
             continue
         out[key] = value
@@ -247,17 +247,10 @@ def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] 
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    import yaml
+    """The recipe's mapping of field: value (`readers.read_yaml_mapping`: safe tags, bounded aliases, text keys)."""
+    from meissonic_cli.readers import read_yaml_mapping as read_mapping
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"config file {path} does not exist; see pipelines/ for the recipes")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise InputError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"config file {path} cannot be read as UTF-8 text ({err})") from None
-    if not isinstance(values, dict):
-        raise InputError(f"config file {path} must hold a mapping of field: value, got {type(values).__name__}")
-    return values
+    return read_mapping(path, "config file")
