@@ -116,6 +116,11 @@ def read_json_object(path: str | os.PathLike, missing: Optional[str] = None,
 MAX_NUMBER = 1e12  # no setting of this toolkit means anything beyond this magnitude
 MIN_MAGNITUDE = 1e-30  # a non-zero float smaller than this overflows whatever it divides (1e-320)
 MAX_SEED = 2**63 - 1  # the one seed range: 0 ..= MAX_SEED (torch, numpy and random all take it)
+# Shared ranges of settings that size work or scale logits (the `bounds` of those fields).
+MAX_STEPS = 10_000  # sampling steps (the paper samples 48-64)
+MAX_BATCH = 65_536  # items per forward pass
+MAX_GUIDANCE = 1_000.0  # classifier-free guidance scale (the paper uses 9)
+MAX_SCORE = 1_000.0  # the score micro-condition (aesthetic scores are 0-10)
 
 
 def number_kind(f: dataclasses.Field) -> Optional[str]:
@@ -171,6 +176,8 @@ def number_problems(cfg: Any, source: str = "") -> list[str]:
     for f in dataclasses.fields(cfg):
         kind = number_kind(f)
         value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):  # e.g. edit's sampler settings
+            out += number_problems(value, source)
         if kind is None or value is None:
             continue
         where = f"{source}: {f.name}" if source else f.metadata.get("flag", "--" + f.name.replace("_", "-")).split("/")[0]

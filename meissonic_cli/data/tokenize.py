@@ -40,7 +40,7 @@ from dataclasses import field as dc_field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from meissonic_cli.config import Problems, field
+from meissonic_cli.config import MAX_BATCH, MAX_SCORE, Problems, field
 from meissonic_cli.data.inputs import check_output_parent
 from meissonic_cli.data.shards import (
     DATASET_INFO,
@@ -97,8 +97,8 @@ class TokenizeConfig:
                                             "D=1024), pooled (pooled only), none (train encodes captions online).")
     score_key: str = field("aesthetic", help="Metadata key (case-insensitive) of the aesthetic/preference score "
                                              "micro-condition.")
-    score: float = field(6.0, help="Score micro-condition for samples whose metadata has none (the pipeline default).")
-    batch_size: int = field(32, help="Images encoded per forward pass.")
+    score: float = field(6.0, bounds=(-MAX_SCORE, MAX_SCORE), help="Score micro-condition for samples whose metadata has none (the pipeline default).")
+    batch_size: int = field(32, bounds=(1, MAX_BATCH), help="Images encoded per forward pass.")
     device: str = field("auto", help="Device: auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, cuda, cuda:N.")
     dtype: str = field("fp32", help="Text encoder precision: fp32, bf16 or fp16. The VQ stays in fp32 when its config "
                                     "sets force_upcast (the released one does).")

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from meissonic_cli.atomic import write_text
-from meissonic_cli.config import Problems, field, read_json_object
+from meissonic_cli.config import MAX_BATCH, MAX_STEPS, Problems, field, read_json_object
 from meissonic_cli.errors import ConfigError, InputError, OutputExistsError
 from meissonic_cli.metrics.report import (  # noqa: F401  (re-exported: evaluate is the suite's entry point)
     GRID_TILE,
@@ -136,8 +136,8 @@ class EvalConfig:
     device: str = field("auto", help="Device for the metric networks: auto, cpu, cuda, cuda:N.")
     overwrite: bool = field(False, help="Replace report.json, report.md and grid.png of an existing report in --out "
                                         "(default: refuse).")
-    batch_size: int = field(16, help="Images per batch through the metric networks.")
-    images_per_prompt: int = field(1, help="With --prompts: images sampled per prompt (seeds differ).")
+    batch_size: int = field(16, bounds=(1, MAX_BATCH), help="Images per batch through the metric networks.")
+    images_per_prompt: int = field(1, bounds=(1, MAX_STEPS), help="With --prompts: images sampled per prompt (seeds differ).")
     grid: int = field(16, help="Images shown in the report's grid.png (0: no grid).", flag="--grid-size",
                       aliases=("--grid",))
     sample: SampleConfig = field(default_factory=SampleConfig,

@@ -62,7 +62,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from meissonic_cli.atomic import atomic_write, write_json
 from meissonic_cli.config import Problems, field
 from meissonic_cli.errors import InputError, OutputExistsError
 from meissonic_cli.progress import key_value_table, make_progress
@@ -87,11 +86,12 @@ from meissonic_cli.sample.outputs import (
     check_case_limits,
     check_output_folder,
     check_replaceable,
+    is_done,
     make_output_folder,
     model_identity,
     other_model,
-    png_mark,
     read_done_sidecar,
+    write_output,
 )
 from meissonic_cli.sample.sample import (
     OFFICIAL_RESOLUTION,
@@ -411,10 +411,6 @@ class EditRunResult:
 
 
 
-def _is_done(out: Path, case: EditCase) -> bool:
-    return (out / f"{case.stem}.png").is_file() and (out / f"{case.stem}.json").is_file()
-
-
 def _check_done_matches(out: Path, case: EditCase, model: Optional[dict[str, Any]] = None) -> None:
     path = out / f"{case.stem}.json"
     done = read_done_sidecar(path)
@@ -474,11 +470,11 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
         raise OutputExistsError(f"--out {out} is a file; give a folder")
     check_output_folder(out)
     model_id = None
-    if any(_is_done(out, case) for case in cases):
+    if any((out / f"{c.stem}.png").is_file() and (out / f"{c.stem}.json").is_file() for c in cases):
         model_id = model_identity(pipeline, cfg.model, cfg.sample.allow_download)
     todo = []
     for case in cases:
-        if _is_done(out, case):
+        if is_done(out / f"{case.stem}.png", out / f"{case.stem}.json", model_id, notify):
             _check_done_matches(out, case, model_id)
         else:
             _precheck(case)
@@ -522,8 +518,7 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
                 "model": model_label, "model_digest": model_id["model_digest"], "seconds": round(seconds, 4),
                 **case.extra,
             }
-            atomic_write(png, lambda p, im=edited.image, m=meta: im.save(p, format="PNG", pnginfo=png_mark(m)))
-            write_json(side, meta)
+            write_output(png, side, edited.image, meta)
             result.written.append(png)
             result.masked_tokens.append(edited.masked)
             result.seconds += seconds

@@ -48,6 +48,7 @@ from meissonic_cli.data.shards import DataCursor, ShardStream, list_token_shards
 from meissonic_cli.errors import ConfigError, InputError, MeissonicError
 from meissonic_cli.model.lora import LoRA
 from meissonic_cli.model.transformer import MeissonicTransformer, image_ids
+from meissonic_cli.safety import derive_seed
 from meissonic_cli.train import checkpoint as ckpt
 from meissonic_cli.train.config import TrainConfig
 from meissonic_cli.train.distributed import DistEnv, full_state_options, gradient_sync, init_distributed, wrap_model
@@ -183,8 +184,9 @@ class Trainer:
         self.ema = EMA(ema_named, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
         # ---- per-rank randomness: masking, condition dropout
-        self.generator = torch.Generator().manual_seed(cfg.seed * 100_003 + self.env.rank)
-        self._seed_everything(cfg.seed * 100_003 + self.env.rank)
+        rank_seed = derive_seed(cfg.seed * 100_003, self.env.rank)  # in the one seed range for every --seed
+        self.generator = torch.Generator().manual_seed(rank_seed)
+        self._seed_everything(rank_seed)
         self.grid = cfg.grid
         self.img_ids = image_ids(self.grid, self.grid, self.model_config, device=self.device)
         self.txt_ids = torch.zeros(self.context_length, 3, device=self.device)
