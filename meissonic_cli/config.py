@@ -89,7 +89,8 @@ def parse_resolution(value: Any, flag: str = "--resolution") -> Optional[tuple[i
 
 
 def read_json_object(path: str | os.PathLike, missing: Optional[str] = None,
-                     error: type[MeissonicError] = ModelFormatError, hint: str = "") -> dict[str, Any]:
+                     error: type[MeissonicError] = ModelFormatError, hint: str = "",
+                     schema: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The JSON object stored in `path` (a config file), or `error` naming the file when it is
     missing (message `missing`, default "PATH not found"), not valid JSON or not a JSON object;
     `hint` (e.g. which command writes the file) ends the last two messages."""
@@ -104,7 +105,7 @@ def read_json_object(path: str | os.PathLike, missing: Optional[str] = None,
     except (UnicodeDecodeError, OSError) as err:
         raise error(f"{path}: not valid JSON ({err}){tail}") from None
     try:
-        return check_shape(parse_json(text, str(path), error), str(path), error=error)
+        return check_shape(parse_json(text, str(path), error), str(path), schema, error=error)
     except MeissonicError as err:
         raise error(f"{err}{tail}") from None
 

@@ -21,6 +21,9 @@ from typing import Any, Iterable, Optional
 
 from meissonic_cli.errors import InputError, MeissonicError
 
+# What `eval` reads from a sample/edit sidecar (keys it may lack; these types when present).
+SIDECAR_SCHEMA: dict[str, Any] = {"prompt": (str, None), "category": (str, None), "source": (str, None),
+                                  "source_prompt": (str, None), "file": str}
 MAX_YAML_NODES = 100_000  # a recipe is a few dozen nodes; aliases may not expand past this
 MAX_FILE_BYTES = 64 * 2**20  # a settings/stats/sidecar file larger than this is not one of ours
 

@@ -231,7 +231,9 @@ def load_items(folder: str | os.PathLike) -> list[EvalItem]:
             if path.name != GRID_NAME:
                 items.append(EvalItem(path))
             continue
-        meta = read_json_object(sidecar, error=InputError, hint="sidecars are written by `sample`/`edit`")
+        from meissonic_cli.readers import SIDECAR_SCHEMA
+
+        meta = read_json_object(sidecar, error=InputError, hint="sidecars are written by `sample`/`edit`", schema=SIDECAR_SCHEMA)
         prompt = meta.get("prompt") if isinstance(meta.get("prompt"), str) else None
         category = meta.get("category") if isinstance(meta.get("category"), str) else None
         source = _resolve_source(meta["source"], sidecar) if meta.get("source") else None
