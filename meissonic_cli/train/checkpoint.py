@@ -458,7 +458,7 @@ def find_resume_checkpoint(output: Path, cfg: Any, model_config: TransformerConf
             raise OutputExistsError(f"{output} holds another run's metrics; pass --resume auto or choose a new --out")
         return None
     if cfg.resume == "auto":
-        path = None
+        path, damage = None, ""
         for _, candidate in reversed(existing):  # the newest checkpoint that holds what its manifest claims
             try:
                 path = verify_checkpoint(candidate)
@@ -466,9 +466,10 @@ def find_resume_checkpoint(output: Path, cfg: Any, model_config: TransformerConf
             except ModelFormatError as err:
                 import sys
 
+                damage = damage or str(err)
                 print(f"Warning: {err}; not resuming from it", file=sys.stderr)
         if path is None and existing:
-            raise ModelFormatError(f"every checkpoint in {output} is damaged; nothing to resume from: start a new --out")
+            raise ModelFormatError(f"no intact checkpoint to resume from ({damage}); start a new --out")
     else:
         path = verify_checkpoint(check_checkpoint_dir(cfg.resume))
     if path is None:
