@@ -133,8 +133,9 @@ def parse_yaml(text: str, where: str, error: type[MeissonicError] = InputError) 
     """The YAML value in `text` (safe tags only), refusing alias bombs, deep nesting and non-text keys."""
     import yaml
 
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # reading the stream can already fail (control characters)
         node = loader.get_single_node()
         if node is None:
             return None
@@ -148,7 +149,8 @@ def parse_yaml(text: str, where: str, error: type[MeissonicError] = InputError) 
     except RecursionError:
         raise error(f"{where}: YAML nested too deep") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     _check_keys(data, where, error)
     return data
 

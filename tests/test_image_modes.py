@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from meissonic_cli.imaging import load_rgb8, to_rgb8
-
 RNG = np.random.default_rng(0)
 H, W = 6, 10
 
@@ -78,6 +76,8 @@ MODES = ["I;16", "I;16B", "I;16L", "I", "I-8bit", "F", "F-255", "L", "1", "LA", 
 
 @pytest.mark.parametrize("mode", MODES)
 def test_every_mode_maps_its_real_range_to_8_bit_rgb(mode: str) -> None:
+    from meissonic_cli.imaging import to_rgb8
+
     image, reference = _case(mode)
     out = to_rgb8(image)
     assert out.mode == "RGB" and out.size == (W, H)
@@ -117,6 +117,8 @@ PAIRS = {"16-bit": _sixteen_bit_pair, "exif": _rotated_pair}
 
 @pytest.mark.parametrize("pair", PAIRS)
 def test_shared_loader_reads_pairs_alike(pair: str, tmp_path: Path) -> None:
+    from meissonic_cli.imaging import load_rgb8
+
     a, b = PAIRS[pair](tmp_path)
     assert np.array_equal(np.asarray(load_rgb8(a, "a")), np.asarray(load_rgb8(b, "b")))
     assert np.array_equal(np.asarray(load_rgb8(a.read_bytes(), "a")), np.asarray(load_rgb8(b, "b")))
@@ -153,6 +155,8 @@ def test_eval_reads_pairs_alike(pair: str, tmp_path: Path) -> None:
 
 
 def test_sixteen_bit_is_not_clipped_to_white(tmp_path: Path) -> None:
+    from meissonic_cli.imaging import load_rgb8
+
     wide, _ = _sixteen_bit_pair(tmp_path)
     mean = np.asarray(load_rgb8(wide, "wide")).mean()
     assert 100 < mean < 155, mean
