@@ -140,8 +140,8 @@ def _bad_input_cases(tiny_model_dir: Path, tmp: Path) -> list[tuple[list[str], s
         ([*model, "--prompt", "a cat", "--prompts", str(empty)], "not both"),
         ([*model, "--prompt", "a cat", "--steps", "0"], "--steps must be >= 1"),
         ([*model, "--prompt", "a cat", "--token-temperature", "0"], "--token-temperature must be > 0"),
-        # The finished image in --out was made with other settings: refuse rather than mix.
-        ([*model, "--prompt", "a cat"], "00000-a-cat.json in"),
+        # --out holds an image of that name that is not a verified output of ours: refuse rather than replace.
+        ([*model, "--prompt", "a cat"], "00000-a-cat.png exists and was not written by this command"),
     ]
 
 
@@ -150,7 +150,9 @@ def test_bad_input_fails_with_one_line_and_keeps_out(tiny_model_dir: Path, tmp_p
     for args, message in _bad_input_cases(tiny_model_dir, tmp_path):
         extra = [x for flag, value in (("--steps", "2"), ("--device", "cpu"), ("--resolution", "32"))
                  if flag not in args for x in (flag, value)]
-        res = _run(*args, *extra, "--out", str(guarded_out))
+        # (the missing weights are reported for an empty --out; guarded_out is refused before the model loads)
+        out = tmp_path / "fresh" if "no_weights" in " ".join(args) else guarded_out
+        res = _run(*args, *extra, "--out", str(out))
         assert res.exit_code == 1, (args, _error_text(res))
         lines = [line for line in res.output.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("Error: "), (args, res.output)

@@ -313,7 +313,10 @@ def _check_output_dir(out: Path, info: dict[str, Any]) -> dict[str, Any] | None:
 
     existing = out / DATASET_INFO
     if existing.is_file():
-        old = read_json_object(existing, "token dataset settings", DATASET_SCHEMA, error=ConfigError)
+        try:
+            old = read_json_object(existing, "token dataset settings", DATASET_SCHEMA, error=ConfigError)
+        except ConfigError as err:
+            raise ConfigError(f"{err}; choose a new --out") from None
         diffs = [f"{k} {old.get(k)!r} -> {info[k]!r}" for k in _SETTINGS_THAT_MUST_MATCH if old.get(k) != info[k]]
         if diffs:
             raise ConfigError(

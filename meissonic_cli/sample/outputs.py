@@ -95,9 +95,16 @@ def is_done(png: Path, sidecar: Path, model: Optional[dict[str, Any]] = None,
     if not (png.is_file() and sidecar.is_file()):
         return False
     problem = done_problem(png, sidecar, model)
-    if problem and notify is not None:
-        notify(f"Warning: {problem}; redoing it")
+    if problem and notify is not None and is_ours(sidecar) and _names(sidecar, png):
+        notify(f"Warning: {problem}; redoing it")  # (files we did not write are refused, not redone)
     return problem is None
+
+
+def _names(sidecar: Path, png: Path) -> bool:
+    try:
+        return json.loads(sidecar.read_text(encoding="utf-8")).get("file") == png.name
+    except Exception:  # unreadable: it names nothing
+        return False
 
 
 def read_done_sidecar(path: Path) -> dict[str, Any]:
