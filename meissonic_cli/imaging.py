@@ -80,7 +80,7 @@ def load_rgb8(source: "str | os.PathLike | bytes", what: str, size: Optional[tup
     from meissonic_cli.safety import check_pixels, image_errors
 
     if not isinstance(source, bytes) and not os.path.isfile(source):
-        raise InputError(f"{what} not found: {source}")
+        raise InputError(f"{what} not found")
     with image_errors(what):
         try:
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:

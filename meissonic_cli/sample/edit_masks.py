@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 
 def load_image(path: Path, what: str = "image") -> "Image.Image":
     """An RGB PIL image (upright, 8-bit by its real range: `meissonic_cli.imaging`), or InputError naming the file."""
+    if not Path(path).is_file():
+        raise InputError(f"{what} not found: {path}")
     return load_rgb8(path, f"{what} {path}")
 
 
@@ -27,6 +29,8 @@ def open_resized(path: Path, size: tuple[int, int], what: str = "image") -> "Ima
     its own mode with PIL's default filter (NEAREST for modes 1 and P, BICUBIC otherwise, on
     premultiplied alpha), unless it already has that size, then converted to RGB (alpha dropped).
     Like every image read, it is first turned upright and wide modes are made 8-bit by their range."""
+    if not Path(path).is_file():
+        raise InputError(f"{what} not found: {path}")
     return load_rgb8(path, f"{what} {path}", size=tuple(size))
 
 
