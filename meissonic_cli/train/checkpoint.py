@@ -458,18 +458,19 @@ def find_resume_checkpoint(output: Path, cfg: Any, model_config: TransformerConf
             raise OutputExistsError(f"{output} holds another run's metrics; pass --resume auto or choose a new --out")
         return None
     if cfg.resume == "auto":
-        path, damage = None, ""
+        path, damaged = None, []
         for _, candidate in reversed(existing):  # the newest checkpoint that holds what its manifest claims
             try:
                 path = verify_checkpoint(candidate)
                 break
             except ModelFormatError as err:
-                import sys
+                damaged.append(str(err))
+        if path is None and damaged:
+            raise ModelFormatError(f"no intact checkpoint to resume from ({damaged[0]}); start a new --out")
+        for damage in damaged:
+            import sys
 
-                damage = damage or str(err)
-                print(f"Warning: {err}; not resuming from it", file=sys.stderr)
-        if path is None and existing:
-            raise ModelFormatError(f"no intact checkpoint to resume from ({damage}); start a new --out")
+            print(f"Warning: {damage}; not resuming from it, but from {path.name}", file=sys.stderr)
     else:
         path = verify_checkpoint(check_checkpoint_dir(cfg.resume))
     if path is None:
