@@ -15,7 +15,6 @@ from test_bad_input import edit_args, image_shards
 from typer.testing import CliRunner
 
 from meissonic_cli.cli import app
-from meissonic_cli.sample.outputs import done_problem
 
 
 def _ok(args: list[str]):
@@ -102,6 +101,8 @@ def test_damaged_sample_is_redone(damage: str, tmp_path: Path, tiny_model_dir: P
     result = _ok(_sample_args(tiny_model_dir, out, "--grid"))
     assert _pixels(first.read_bytes()) == _pixels(good), result.output  # redone: the same image again
     assert json.loads(sidecar.read_text()).get("model_digest"), "the redone sidecar records the model"
+    from meissonic_cli.sample.outputs import done_problem
+
     assert done_problem(first, sidecar) is None
 
 
@@ -124,6 +125,8 @@ def test_damaged_edit_is_redone(damage: str, tmp_path: Path, tiny_model_dir: Pat
     result = _ok(args)
     assert _pixels(done[0].read_bytes()) == _pixels(good), result.output
     assert json.loads(sidecar.read_text()).get("model_digest")
+    from meissonic_cli.sample.outputs import done_problem
+
     assert done_problem(done[0], sidecar) is None
 
 
