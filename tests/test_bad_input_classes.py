@@ -186,6 +186,9 @@ CASES: list[Case] = [
     C(4, "tokenize-rerun-refused-keeps-dataset-json", lambda ws, m: tokenized(ws, m) + ["--text-features", "pooled"],
       model=True),
     C(4, "tokenize-rerun-relative-input", _relative_rerun, model=True, ok=True),
+    C(4, "tokenize-rerun-other-input-keeps-dataset-json", lambda ws, m: (tokenized(ws, m), [
+        "tokenize", str(image_shards(ws / "sh2", keys=("000000007",))), "-o", str(ws / "tok"), "--model", str(m),
+        "--resolution", "64", "--device", "cpu"])[-1], model=True, expect="input changed"),
     # ---- 6. structured files of the wrong shape
     C(6, "train-dataset-json-list", lambda ws, m: (tokens(ws), write(ws / "data" / "dataset.json", "[1, 2]"),
                                                    train_args(ws, data=ws / "data"))[-1], expect="dataset.json"),
@@ -288,3 +291,21 @@ def test_derived_seeds_stay_in_range(tmp_path: Path, model: Path) -> None:
 def test_table_covers_every_class() -> None:
     assert {c.id.split("-")[0] for c in CASES} == {"c1", "c2", "c4", "c6", "c7"}
     assert len({c.id for c in CASES}) == len(CASES)
+
+
+def test_finished_dataset_reruns_without_writing(tmp_path: Path, model: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 one_thread) -> None:
+    """Class 4: a finished token dataset reruns on a read-only disk: nothing is written, not even dataset.json."""
+    import os
+
+    args = tokenized(tmp_path, model)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "tok").iterdir()}
+
+    def read_only(*a, **kw):
+        raise OSError(30, "Read-only file system", str(a[0]) if a else "")
+
+    monkeypatch.setattr(os, "replace", read_only)
+    monkeypatch.setattr(os, "rename", read_only)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "tok").iterdir()} == stamps
