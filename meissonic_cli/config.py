@@ -7,7 +7,6 @@ text for `--help` (`help_of`), so every field is documented exactly once.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from pathlib import Path
@@ -19,7 +18,7 @@ from meissonic_cli.errors import ConfigError, InputError, MeissonicError, ModelF
 def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any = dataclasses.MISSING,
           flag: str | None = None, short: str | None = None, aliases: tuple[str, ...] | list[str] = (),
           also: tuple[str, ...] | list[str] = (), hidden: bool = False, cli: bool = True,
-          panel: str | None = None) -> Any:
+          panel: str | None = None, bounds: tuple[float, float] | None = None) -> Any:
     """A dataclass field with its help text and how the CLI exposes it (see `commands/_options.py`).
 
     - `flag`: the option's name (default `--field-name`); a boolean's off switch may follow a slash
@@ -30,6 +29,8 @@ def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any
     - `hidden`: a working flag left out of `--help`.
     - `cli=False`: not a flag at all (set by code or by a config file only).
     - `panel`: the `--help` section the flag is listed under.
+    - `bounds`: (low, high), the range of a number field, inclusive (see `number_problems`; without
+      it an int/float field gets `MAX_NUMBER`, a seed field the one seed range).
     """
     meta: dict[str, Any] = {"help": help}
     if flag:
@@ -46,6 +47,8 @@ def field(default: Any = dataclasses.MISSING, *, help: str, default_factory: Any
         meta["cli"] = False
     if panel:
         meta["panel"] = panel
+    if bounds is not None:
+        meta["bounds"] = tuple(bounds)
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -86,28 +89,114 @@ def parse_resolution(value: Any, flag: str = "--resolution") -> Optional[tuple[i
 
 
 def read_json_object(path: str | os.PathLike, missing: Optional[str] = None,
-                     error: type[MeissonicError] = ModelFormatError, hint: str = "") -> dict[str, Any]:
+                     error: type[MeissonicError] = ModelFormatError, hint: str = "",
+                     schema: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The JSON object stored in `path` (a config file), or `error` naming the file when it is
     missing (message `missing`, default "PATH not found"), not valid JSON or not a JSON object;
     `hint` (e.g. which command writes the file) ends the last two messages."""
+    from meissonic_cli.readers import check_shape, parse_json
+
     path = Path(path)
     if not path.is_file():
         raise error(missing or f"{path} not found")
     tail = f"; {hint}" if hint else ""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError) as err:
         raise error(f"{path}: not valid JSON ({err}){tail}") from None
-    if not isinstance(data, dict):
-        raise error(f"{path}: expected a JSON object, got {type(data).__name__}{tail}")
-    return data
+    try:
+        return check_shape(parse_json(text, str(path), error), str(path), schema, error=error)
+    except MeissonicError as err:
+        raise error(f"{err}{tail}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Numbers: the one range check every int/float setting passes (flags, YAML recipes, JSONL lines,
+# a model folder's config.json), before any work starts.
+
+MAX_NUMBER = 1e12  # no setting of this toolkit means anything beyond this magnitude
+MIN_MAGNITUDE = 1e-30  # a non-zero float smaller than this overflows whatever it divides (1e-320)
+MAX_SEED = 2**63 - 1  # the one seed range: 0 ..= MAX_SEED (torch, numpy and random all take it)
+# Shared ranges of settings that size work or scale logits (the `bounds` of those fields).
+MAX_STEPS = 10_000  # sampling steps (the paper samples 48-64)
+MAX_BATCH = 65_536  # items per forward pass
+MAX_GUIDANCE = 1_000.0  # classifier-free guidance scale (the paper uses 9)
+MAX_SCORE = 1_000.0  # the score micro-condition (aesthetic scores are 0-10)
+
+
+def number_kind(f: dataclasses.Field) -> Optional[str]:
+    """'int' or 'float' when dataclass field `f` holds a number (optionally None), else None."""
+    text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    parts = {p.strip() for p in text.replace("Optional[", "").replace("]", "").split("|")} - {"None"}
+    return parts.pop() if len(parts) == 1 and parts <= {"int", "float"} else None
+
+
+def bounds_of(cls: type, name: str) -> tuple[float, float]:
+    """The inclusive range of number field `name` of config dataclass `cls`."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            if "bounds" in f.metadata:
+                return f.metadata["bounds"]
+            if name == "seed" or name.endswith("_seed"):
+                return (0, MAX_SEED)
+            return (-MAX_NUMBER, MAX_NUMBER)
+    raise KeyError(name)
+
+
+def number_problem(value: Any, where: str, kind: str, bounds: tuple[float, float]) -> Optional[str]:
+    """Why `value` is not a usable `kind` ('int'/'float') number in `bounds` (None when it is)."""
+    import math
+
+    low, high = bounds
+    span = f"between {low:g} and {high:g}" if kind == "float" else f"between {int(low)} and {int(high)}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "int" and not isinstance(value, int)):
+        return f"{where} must be {'a whole number' if kind == 'int' else 'a number'} {span}, got {value!r}"
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where} must be a finite number {span}, got {value!r}"
+    if not low <= value <= high:
+        return f"{where} must be {span}, got {value!r}"
+    if kind == "float" and value != 0 and abs(value) < MIN_MAGNITUDE:
+        return f"{where} {value!r} is too close to 0 to compute with; use 0 or a magnitude of at least {MIN_MAGNITUDE:g}"
+    return None
+
+
+def check_number(value: Any, where: str, cls: type, name: str) -> Any:
+    """`value` when it is a usable value of number field `name` of `cls` (e.g. a JSONL line's `cfg`
+    checked by SampleConfig's `cfg` range), else `InputError` naming `where`."""
+    kind = next(number_kind(f) for f in dataclasses.fields(cls) if f.name == name) or "float"
+    problem = number_problem(value, where, kind, bounds_of(cls, name))
+    if problem:
+        raise InputError(problem)
+    return value
+
+
+def number_problems(cfg: Any, source: str = "") -> list[str]:
+    """Every int/float field of dataclass `cfg` that is not a finite number in its range, by flag
+    (or `source: name` for files such as config.json)."""
+    out = []
+    for f in dataclasses.fields(cfg):
+        kind = number_kind(f)
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):  # e.g. edit's sampler settings
+            out += number_problems(value, source)
+        if kind is None or value is None:
+            continue
+        where = f"{source}: {f.name}" if source else f.metadata.get("flag", "--" + f.name.replace("_", "-")).split("/")[0]
+        problem = number_problem(value, where, kind, bounds_of(type(cfg), f.name))
+        if problem:
+            out.append(problem)
+    return out
 
 
 class Problems:
-    """Collects validation problems so a config reports all of them at once."""
+    """Collects validation problems so a config reports all of them at once. Given the config, it
+    first refuses the config's bad numbers (`number_problems`), all of them in one error."""
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: Any = None, source: str = "") -> None:
         self.items: list[str] = []
+        bad = number_problems(cfg, source) if cfg is not None else []
+        if bad:  # refused at once: the config's other checks compute with these numbers
+            raise ConfigError(bad)
 
     def check(self, ok: bool, message: str) -> None:
         if not ok:

@@ -34,9 +34,11 @@ MEMBER_ENV = "MEISSONIC_MAX_MEMBER_BYTES"
 DEFAULT_MAX_MEMBER_BYTES = 256 * 2**20
 COMPRESSED_ENV = "MEISSONIC_ALLOW_COMPRESSED_TARS"
 DEFAULT_URL_SCHEMES = ("http", "https")
-# Seeds go to torch / numpy / random: torch takes < 2**64, numpy < 2**32 per word; derived seeds
-# (seed + index) must stay in range too, hence the margin.
+# Seeds go to torch / numpy / random: 0 ..= MAX_SEED everywhere (config.MAX_SEED); derived seeds
+# (seed + index) wrap around inside that range (`derive_seed`).
 MAX_SEED = 2**63 - 1
+PARAMETERS_ENV = "MEISSONIC_MAX_PARAMETERS"
+DEFAULT_MAX_PARAMETERS = 20_000_000_000  # 20x the released 1B model: 80 GB of fp32 weights
 
 
 def _env_int(name: str, default: int, low: int = 1) -> int:
@@ -167,12 +169,36 @@ def is_inside(root: str | os.PathLike, path: str | os.PathLike) -> bool:
 
 
 def check_seed(seed: Any, where: str, count: int = 1) -> int:
-    """`seed` as an int when `seed .. seed + count - 1` all fit the random generators (0 <= s < 2**63)."""
+    """`seed` as an int when it is in the one seed range 0 ..= MAX_SEED (the seeds derived from it for
+    `count` items wrap around inside the range: `derive_seed`)."""
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise InputError(f"{where}: seed must be a whole number, got {seed!r}")
-    if seed < 0 or seed + max(count, 1) - 1 > MAX_SEED:
-        raise InputError(f"{where}: seed {seed} is out of range; use 0 to {MAX_SEED - max(count, 1) + 1}")
+    if not 0 <= seed <= MAX_SEED:
+        raise InputError(f"{where}: seed {seed} is out of range; use 0 to {MAX_SEED}")
     return seed
+
+
+def derive_seed(seed: int, offset: int) -> int:
+    """The seed of item `offset` of a run seeded `seed`: seed + offset, wrapped into 0 ..= MAX_SEED."""
+    return (int(seed) + int(offset)) % (MAX_SEED + 1)
+
+
+def max_parameters() -> int:
+    """The largest model (parameters) a config may describe: `MEISSONIC_MAX_PARAMETERS` or 20 billion."""
+    return _env_int(PARAMETERS_ENV, DEFAULT_MAX_PARAMETERS)
+
+
+def check_parameter_count(count: int, what: str) -> int:
+    """Refuse (`ModelFormatError`) a model whose estimated parameter count is over `max_parameters()`,
+    before anything is allocated."""
+    from meissonic_cli.errors import ModelFormatError
+
+    limit = max_parameters()
+    if count > limit:
+        raise ModelFormatError(f"{what} describes about {count:.3g} parameters ({count * 4 / 1e9:.3g} GB in fp32), "
+                               f"over the limit of {limit:,}; set {PARAMETERS_ENV} to a larger number if the model "
+                               "is real")
+    return count
 
 
 def finite(value: Any, where: str) -> float:
@@ -260,7 +286,7 @@ def read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Any, limit:
     return f.read(limit + 1) if f is not None else b""
 
 
-__all__ = ["DEFAULT_URL_SCHEMES", "MAX_RESOLUTION", "MAX_SEED", "check_pixels", "check_resolution", "check_seed",
+__all__ = ["DEFAULT_URL_SCHEMES", "MAX_RESOLUTION", "MAX_SEED", "check_parameter_count", "derive_seed", "check_pixels", "check_resolution", "check_seed",
            "compression_of", "configure_pil", "finite", "image_errors", "is_inside", "max_image_pixels",
            "max_member_bytes", "open_image", "open_tar_stream", "parse_schemes", "read_member", "safe_output_name",
            "url_scheme"]

@@ -19,7 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "meissonic_cli"
-HELPERS = {"config", "errors", "atomic", "progress", "device", "safety", "textfiles", "__init__", "__version__"}
+HELPERS = {"config", "errors", "atomic", "progress", "device", "safety", "textfiles", "imaging", "readers", "__init__",
+           "__version__"}
 RANK = {"helpers": 0, "model": 1, "data": 2, "sample": 2, "train": 3, "metrics": 4, "shapes": 5, "commands": 6, "cli": 6,
         "__main__": 6}
 PEERS_THAT_MUST_NOT_MIX = {("data", "sample"), ("sample", "data")}

@@ -216,7 +216,7 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, model_dir, source):
         (["--image", str(source), "--mode", "edit", "--strength", "1.5"], "--strength must be in (0, 1]"),
         (["--image", str(source), "--mode", "outpaint", "--target", "32x32"], "smaller than"),
         (["--image", str(source), "--mode", "paint"], "unknown mode"),
-        (["--image", str(source), "--box", "0,0,8,8", "--token-temperature", "-1"], "--token-temperature must be > 0"),
+        (["--image", str(source), "--box", "0,0,8,8", "--token-temperature", "-1"], "--token-temperature must be between 0.001 and 1000"),
     ]
     for extra, needle in cases:
         result = runner.invoke(app, base + extra + ["--out", str(out)])

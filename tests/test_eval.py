@@ -281,7 +281,7 @@ def test_bad_inputs_fail_with_one_clear_line(tmp_path, edits, weights):
     (plain / "p1.json").write_text(json.dumps({"prompt": "x"}))
     result = runner.invoke(app, ["eval", "--images", str(plain), "--clip-model", str(weights["clip_model"]),
                                  "--clip-checkpoint", str(weights["clip"]), "--device", "cpu"])
-    assert result.exit_code == 1 and "p1.png: cannot read the image" in result.output
+    assert result.exit_code == 1 and "p1.png cannot be read as an image" in result.output
     # A checkpoint of the wrong architecture is named, not a shape traceback.
     with pytest.raises(ModelFormatError, match="tensor shapes do not match|tensor\\(s\\) missing"):
         load_clip("ViT-B-32", weights["clip"])

@@ -309,10 +309,11 @@ def _failing_app(exc: BaseException) -> typer.Typer:
 @pytest.mark.parametrize("exc, text", [
     (PermissionError(13, "Permission denied", "/data/x.json"), "/data/x.json: Permission denied"),
     (OSError(30, "Read-only file system", "/ro/out"), "/ro/out: Read-only file system"),
-    (OverflowError("cannot convert float infinity to integer"), "OverflowError: cannot convert float infinity"),
-    (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "UnicodeDecodeError"),
+    (OverflowError("cannot convert float infinity to integer"),
+     "internal error (OverflowError): cannot convert float infinity"),
+    (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "internal error (UnicodeDecodeError)"),
     (RuntimeError("Weights only load failed. Re-running with weights_only=False will likely succeed; bad"),
-     "RuntimeError: Weights only load failed."),
+     "internal error (RuntimeError): Weights only load failed."),
 ])
 def test_unexpected_errors_become_one_line(exc: BaseException, text: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("MEISSONIC_DEBUG", raising=False)

@@ -111,8 +111,8 @@ def guarded_out(tmp_path: Path) -> Path:
     """An --out folder that already holds a finished image, a sidecar and an unrelated file."""
     out = tmp_path / "out"
     out.mkdir()
-    (out / "00000-a-cat.png").write_bytes(b"not really a png")
-    (out / "00000-a-cat.json").write_text(json.dumps({"prompt": "a cat", "steps": 1}))
+    (out / "00000-a-dog.png").write_bytes(b"not really a png")
+    (out / "00000-a-dog.json").write_text(json.dumps({"prompt": "a dog", "steps": 1}))
     (out / "notes.txt").write_text("keep me")
     return out
 
@@ -138,10 +138,10 @@ def _bad_input_cases(tiny_model_dir: Path, tmp: Path) -> list[tuple[list[str], s
         ([*model, "--prompt", "a cat", "--dtype", "fp8"], "unknown --dtype 'fp8'"),
         ([*model, "--prompt", "a cat", "--device", "tpu"], "unknown device 'tpu'"),
         ([*model, "--prompt", "a cat", "--prompts", str(empty)], "not both"),
-        ([*model, "--prompt", "a cat", "--steps", "0"], "--steps must be >= 1"),
-        ([*model, "--prompt", "a cat", "--token-temperature", "0"], "--token-temperature must be > 0"),
-        # The finished image in --out was made with other settings: refuse rather than mix.
-        ([*model, "--prompt", "a cat"], "00000-a-cat.json in"),
+        ([*model, "--prompt", "a cat", "--steps", "0"], "--steps must be between 1 and 10000"),
+        ([*model, "--prompt", "a cat", "--token-temperature", "0"], "--token-temperature must be between 0.001 and 1000"),
+        # --out holds an image of that name that is not a verified output of ours: refuse rather than replace.
+        ([*model, "--prompt", "a dog"], "00000-a-dog.png exists and was not written by this command"),
     ]
 
 

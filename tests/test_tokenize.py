@@ -93,7 +93,7 @@ def test_image_folder_end_to_end(image_folder, model_dir, tmp_path):
     stats = [read_shard_stats(p) for p in shards]
     assert sum(s["count"] for s in stats) == 5 and sum(s["failed"] for s in stats) == 1
     failure = [f for s in stats for f in s["failures"]][0]
-    assert failure["key"] == "broken" and failure["error"].startswith(("OSError", "UnidentifiedImageError"))
+    assert failure["key"] == "broken" and "cannot be read as an image" in failure["error"]
 
     info = read_dataset_info(out)
     assert info["grid"] == [2, 2] and info["text_features"] == "full" and info["text_dim"] == 32

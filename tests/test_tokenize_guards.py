@@ -146,7 +146,7 @@ def test_cli_run_without_workers_summary_and_stats(white_folder, white_vq, tmp_p
     stats = [read_shard_stats(p) for p in list_token_shards(out)]
     assert all(st["resolution"] == R and st["text_features"] == "none" for st in stats)
     failure = stats[2]["failures"][0]
-    assert failure["key"] == "zz_garbage" and failure["error"].startswith("UnidentifiedImageError")
+    assert failure["key"] == "zz_garbage" and failure["error"].startswith("InputError") and "cannot identify image file" in failure["error"]
     assert "BytesIO" not in failure["error"] and " 0x" not in failure["error"]  # no Python object address
     assert f"zz_garbage: {failure['error']}" in flat
 
@@ -217,7 +217,7 @@ def test_reusing_out_for_another_input_or_a_broken_dataset_json(white_folder, wh
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "dataset.json").write_text("{not json")
-    with pytest.raises(ConfigError, match=r"dataset.json is not valid JSON; choose a new --out"):
+    with pytest.raises(ConfigError, match=r"dataset.json: not valid JSON .*; choose a new --out"):
         run(white_folder, broken)
     assert [p.name for p in broken.iterdir()] == ["dataset.json"]
 

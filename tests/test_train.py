@@ -570,6 +570,8 @@ def test_a_pickle_payload_in_a_checkpoint_is_never_run_on_resume(tmp_path, finis
     else:
         torch.save({"step": 2, "optimizer": {}, "scheduler": {}, "evil": _RunsCode(str(marker))}, step / "trainer_state.pt")
         expect = "refused without loading it"
+    # A hostile checkpoint comes without a manifest (or with one that matches): the loaders must refuse it.
+    (step / "checkpoint.json").unlink(missing_ok=True)
     before = tree_digest(run)
     result = _invoke("--data", str(data), "--out", str(run), "--arch", "tiny", "--resolution", "64", "--device", "cpu",
                      "--batch-size", "4", "--cond-dropout", "0", "--max-steps", "4", "--resume", "auto")

@@ -65,7 +65,8 @@ DEBUG_ENV = "MEISSONIC_DEBUG"
 
 def unexpected_message(err: BaseException) -> str:
     """One line for an error no library check caught: the file and the system's reason for an
-    OSError, else the exception, plus how to get the traceback."""
+    OSError (the machine's state: disk, permissions), else `internal error (Type): ... please report
+    this`: an exception that reaches here is a bug, and its line must not read as a handled error."""
     hint = f"(set {DEBUG_ENV}=1 for the traceback)"
     if isinstance(err, MemoryError):
         return f"out of memory; use smaller inputs or settings {hint}"
@@ -76,4 +77,4 @@ def unexpected_message(err: BaseException) -> str:
     text = " ".join(str(err).split())
     # torch's unpickling errors advise `weights_only=False`, which would run code from the file: never repeat it.
     text = re.sub(r"[^.;]*weights_only=False[^.;]*[.;]?", "", text).strip()
-    return f"{type(err).__name__}: {text or 'unexpected error'} {hint}"
+    return f"internal error ({type(err).__name__}): {text or 'no message'} - please report this {hint}"

@@ -43,7 +43,7 @@ class SynthConfig:
     size: int = field(64, help="Image side for --folder-images.")
 
     def validate(self) -> "SynthConfig":
-        p = Problems()
+        p = Problems(self)
         p.check(bool(self.out), "--out is required (the folder to write the source to)")
         p.check(self.rows >= 1, f"--rows must be >= 1, got {self.rows}")
         p.check(1 <= self.files <= max(self.rows, 1), f"--files must be between 1 and --rows ({self.rows}), got {self.files}")

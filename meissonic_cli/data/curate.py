@@ -195,7 +195,7 @@ class CurateConfig:
         return dataclasses.replace(self, **values)
 
     def validate(self) -> None:
-        p = Problems()
+        p = Problems(self)
         f = lambda name: flag_of(CurateConfig, name)  # noqa: E731
         p.check(bool(self.inputs), "give at least one input parquet file, directory or glob")
         p.check(self.dry_run or bool(self.output), f"{f('output')} is required (or use {f('dry_run')})")

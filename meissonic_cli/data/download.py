@@ -125,7 +125,7 @@ class DownloadConfig:
         return tuple(dict.fromkeys(DEFAULT_URL_SCHEMES + parse_schemes(self.allow_schemes)))
 
     def validate(self) -> None:
-        p = Problems()
+        p = Problems(self)
         f = lambda name: flag_of(DownloadConfig, name)  # noqa: E731
         p.check(bool(self.inputs), "give at least one input parquet file, directory or glob")
         p.check(bool(self.output), f"{f('output')} is required")

@@ -29,9 +29,10 @@ the member name up to the first dot of its base name, so keys contain no dots):
 or `none`), `text_dim` (D), `pooled_dim` (P), `context_length`, `codebook_size`,
 `downsample_factor`, `crop` and `models` (what produced the codes and the text features).
 
-A shard's stats file holds `count` (samples written), `failed` and `failures` (per-sample errors:
-key and reason), `bytes` (tar size) and `source` (the input it came from), plus counters
-from the tokenizer.
+A shard's stats file holds `count` (samples written), `members` (tar members written), `failed` and
+`failures` (per-sample errors: key and reason), `bytes` (tar size) and `source` (the input it came
+from), plus counters from the tokenizer. The stats file is a claim: `verify_shard` checks the tar's
+size and member count against it before a rerun skips the shard or training reads it.
 
 Reading: `list_token_shards` lists complete shards in order; `read_token_shard(path, start)`
 iterates one shard from a sample offset; `ShardStream` is the reader everything else uses (training,
@@ -50,6 +51,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from meissonic_cli.atomic import write_json
 from meissonic_cli.errors import InputError
+from meissonic_cli.readers import INT
 from meissonic_cli.safety import open_tar_stream, read_member
 
 if TYPE_CHECKING:  # numpy is imported where used: `meissonic --help` imports this module
@@ -120,6 +122,7 @@ class TokenShardWriter:
         self.path = self.directory / shard_name(index)
         self.source = source
         self.count = 0
+        self.members = 0
         self.failures: list[dict[str, str]] = []
         self._tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
         self._file = open(self._tmp, "wb")
@@ -153,6 +156,7 @@ class TokenShardWriter:
         if sample.pooled is not None:
             obj["pooled.npy"] = _npy(np.asarray(sample.pooled, dtype=np.float16))
         self._tar.write(obj)
+        self.members += len(obj) - 1  # every field but __key__ is one member
         self._keys.add(sample.key)
         self.count += 1
 
@@ -171,6 +175,7 @@ class TokenShardWriter:
             "shard": self.path.name,
             "source": self.source,
             "count": self.count,
+            "members": self.members,
             "failed": len(self.failures),
             "failures": self.failures,
             "bytes": self.path.stat().st_size,
@@ -219,7 +224,8 @@ def _missing_hint(directory: Path) -> str:
 
 
 def list_token_shards(directory: str | Path) -> list[Path]:
-    """Complete shards (those with a stats file) of a token dataset, sorted by name."""
+    """Complete shards (those with a stats file) of a token dataset, sorted by name; a shard that does
+    not hold what its stats file claims (`verify_shard`) is an error naming it."""
     directory = Path(directory)
     if not directory.is_dir():
         raise InputError(f"token dataset {directory} does not exist; {_missing_hint(directory)}")
@@ -228,20 +234,37 @@ def list_token_shards(directory: str | Path) -> list[Path]:
         raise InputError(
             f"no complete token shards (tokens-NNNNN.tar with its .stats.json) in {directory}; {_missing_hint(directory)}"
         )
+    for shard in shards:
+        damage = verify_shard(shard)
+        if damage:
+            raise InputError(f"{directory}: {damage}; rerun `meissonic tokenize` with the same settings to redo it")
     return shards
 
 
+# The shapes of the two JSON files of a token dataset (`readers.check_shape`).
+DATASET_SCHEMA: dict[str, Any] = {
+    "format": str, "version": INT, "resolution": INT, "grid": list, "downsample_factor": INT, "codebook_size": INT,
+    "text_features": str, "text_dim": (INT, None), "pooled_dim": (INT, None), "context_length": INT,
+    "crop": str, "models": dict, "micro_conditions": list, "input": str, "input_kind": str,
+}
+STATS_SCHEMA: dict[str, Any] = {"shard": str, "source": (str, None), "count": INT, "members": INT, "failed": INT,
+                                "failures": list, "bytes": INT, "input_fingerprint": (str, None)}
+
+
 def read_dataset_info(directory: str | Path) -> dict[str, Any]:
-    """The token dataset's `dataset.json`."""
+    """The token dataset's `dataset.json`, its shape checked (`DATASET_SCHEMA`)."""
+    from meissonic_cli.readers import read_json_object
+
     path = Path(directory) / DATASET_INFO
     if not path.is_file():
         raise InputError(f"{path} not found: not a token dataset; {_missing_hint(Path(directory))}")
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}: not valid JSON ({err}); rerun `meissonic tokenize`") from None
+    info = read_json_object(path, "token dataset settings", DATASET_SCHEMA, required=("format",))
     if info.get("format") != FORMAT_NAME:
         raise InputError(f"{path}: format is {info.get('format')!r}, expected {FORMAT_NAME!r}")
+    grid = info.get("grid")
+    if grid is not None and not (len(grid) == 2 and all(isinstance(g, int) and not isinstance(g, bool) and 0 < g
+                                                        for g in grid)):
+        raise InputError(f"{path}: 'grid' must be [height, width] in codes, got {grid!r}")
     return info
 
 
@@ -251,14 +274,37 @@ def write_dataset_info(directory: str | Path, info: dict[str, Any]) -> None:
 
 
 def read_shard_stats(shard: str | Path) -> dict[str, Any]:
-    """The stats file of a complete shard."""
+    """The stats file of a complete shard, its shape checked (`STATS_SCHEMA`)."""
+    from meissonic_cli.readers import read_json_object
+
     path = stats_path(shard)
+    if not path.is_file():
+        raise InputError(f"{shard} is incomplete (no {path.name}); rerun `meissonic tokenize` to finish it")
+    return read_json_object(path, "shard stats", STATS_SCHEMA, required=("count", "bytes"))
+
+
+def verify_shard(shard: str | Path) -> str | None:
+    """Why the complete-looking `shard` does not hold what its stats file claims (None when it does):
+    the tar's size must equal `bytes`, and its members `members` (or, for stats without it, its
+    samples `count`). A tar that ends early or is cut fails one of the two."""
+    shard = Path(shard)
+    stats = read_shard_stats(shard)
+    size = shard.stat().st_size
+    if size != stats["bytes"]:
+        return f"{shard.name} is {size:,} bytes, its stats file records {stats['bytes']:,}"
+    members, keys = 0, set()
     try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{shard} is incomplete (no {path.name}); rerun `meissonic tokenize` to finish it") from None
-    except json.JSONDecodeError as err:
-        raise InputError(f"{path}: not valid JSON ({err})") from None
+        with tarfile.open(shard, "r:") as tar:
+            for member in tar:
+                members += 1
+                keys.add(split_member_name(member.name)[0])
+    except (tarfile.TarError, EOFError, OSError) as err:
+        return f"{shard.name} is not a readable tar ({err})"
+    if "members" in stats and members != stats["members"]:
+        return f"{shard.name} holds {members} members, its stats file records {stats['members']}"
+    if len(keys) != stats["count"]:
+        return f"{shard.name} holds {len(keys)} samples, its stats file records {stats['count']}"
+    return None
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -478,6 +524,7 @@ __all__ = [
     "TokenSample",
     "TokenShardWriter",
     "is_complete",
+    "verify_shard",
     "iter_tar_groups",
     "decode_sample",
     "list_token_shards",

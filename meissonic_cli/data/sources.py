@@ -127,7 +127,8 @@ def discover_units(input_path: str, shard_size: int = 1000, *, image_col: str | 
     from meissonic_cli.data.tables import TABLE_SUFFIXES, is_table
 
     if _is_glob(input_path):
-        tars = sorted(Path(p) for p in glob(input_path) if p.endswith(".tar"))
+        # Resolved: a shard's recorded source is the same whatever path or working directory named it.
+        tars = sorted(Path(p).resolve() for p in glob(input_path) if p.endswith(".tar"))
         if not tars:
             raise InputError(f"no .tar files match {input_path}; run `meissonic download` first")
     else:
@@ -135,6 +136,7 @@ def discover_units(input_path: str, shard_size: int = 1000, *, image_col: str | 
         if not path.exists():
             raise InputError(f"input {path} does not exist; give image shards from `meissonic download`, an image "
                              "folder or a table of image paths and captions")
+        path = path.resolve()
         if is_table(path):
             return "table", _table_units(path, shard_size, image_col, caption_col, url_timeout)
         if path.is_file():

@@ -29,12 +29,11 @@ group is needed.
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import math
 import os
 import random
 import re
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,10 +41,11 @@ from dataclasses import field as dc_field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
 
-from meissonic_cli.config import Problems, field
+from meissonic_cli.config import MAX_BATCH, MAX_SCORE, Problems, field
 from meissonic_cli.data.inputs import check_output_parent
 from meissonic_cli.data.shards import (
     DATASET_INFO,
+    DATASET_SCHEMA,
     FORMAT_NAME,
     FORMAT_VERSION,
     MICRO_FIELDS,
@@ -57,14 +57,16 @@ from meissonic_cli.data.shards import (
     remove_stale_temp_files,
     shard_name,
     stats_path,
+    verify_shard,
     write_dataset_info,
 )
 from meissonic_cli.data.sources import IMAGE_EXTS, RawSample, WorkUnit, discover_units  # noqa: F401 (re-exported)
 from meissonic_cli.device import DTYPE_NAMES, resolve_device
 from meissonic_cli.errors import ConfigError
+from meissonic_cli.imaging import load_rgb8
 from meissonic_cli.model.hub import ALLOW_DOWNLOAD_HELP, VARIANT_HELP, VARIANTS, model_variant, resolve_model_folder
 from meissonic_cli.progress import key_value_table, make_progress
-from meissonic_cli.safety import MAX_RESOLUTION, MAX_SEED, check_pixels, image_errors
+from meissonic_cli.safety import MAX_RESOLUTION, MAX_SEED
 
 if TYPE_CHECKING:  # numpy is imported where used: `meissonic --help` imports this module
     import numpy as np
@@ -100,8 +102,8 @@ class TokenizeConfig:
                                             "D=1024), pooled (pooled only), none (train encodes captions online).")
     score_key: str = field("aesthetic", help="Metadata key (case-insensitive) of the aesthetic/preference score "
                                              "micro-condition.")
-    score: float = field(6.0, help="Score micro-condition for samples whose metadata has none (the pipeline default).")
-    batch_size: int = field(32, help="Images encoded per forward pass.")
+    score: float = field(6.0, bounds=(-MAX_SCORE, MAX_SCORE), help="Score micro-condition for samples whose metadata has none (the pipeline default).")
+    batch_size: int = field(32, bounds=(1, MAX_BATCH), help="Images encoded per forward pass.")
     device: str = field("auto", help="Device: auto (cuda:LOCAL_RANK when CUDA is available, else cpu), cpu, cuda, cuda:N.")
     dtype: str = field("fp32", help="Text encoder precision: fp32, bf16 or fp16. The VQ stays in fp32 when its config "
                                     "sets force_upcast (the released one does).")
@@ -117,7 +119,7 @@ class TokenizeConfig:
                                           "for many URLs run `meissonic download` first).")
 
     def validate(self) -> "TokenizeConfig":
-        p = Problems()
+        p = Problems(self)
         p.check(bool(self.input), "--input is required (image shards or an image folder)")
         p.check(bool(self.out), "--out is required (the token shard directory)")
         p.check(0 < self.resolution <= MAX_RESOLUTION,
@@ -227,7 +229,6 @@ def crop_offsets(size: tuple[int, int], resolution: int, random_crop: bool, rng:
 def prepare_image(raw: RawSample, cfg: TokenizeConfig) -> Prepared:
     """Decode, resize, crop and compute micro-conditions; raises on undecodable images."""
     import numpy as np
-    from PIL import Image, ImageOps
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
@@ -236,11 +237,7 @@ def prepare_image(raw: RawSample, cfg: TokenizeConfig) -> Prepared:
     data = raw.load() if raw.image is None and raw.load is not None else raw.image
     if not data:
         raise ValueError("empty image")
-    with image_errors(f"image of sample {raw.key}"), Image.open(io.BytesIO(data)) as opened:
-        check_pixels(opened, f"image of sample {raw.key}")
-        opened.load()
-        image = ImageOps.exif_transpose(opened)
-        image = image.convert("RGB") if image.mode != "RGB" else image.copy()
+    image = load_rgb8(bytes(data), f"image of sample {raw.key}")
     orig_w, orig_h, from_image = original_size(raw.meta, image.size)
     r = cfg.resolution
     resized = TF.resize(image, r, interpolation=InterpolationMode.BILINEAR)
@@ -316,21 +313,67 @@ def _dataset_info(cfg: TokenizeConfig, vq: Any, text: Any | None) -> dict[str, A
     }
 
 
-def _check_output_dir(out: Path, info: dict[str, Any]) -> None:
+def _check_output_dir(out: Path, info: dict[str, Any]) -> dict[str, Any] | None:
+    """The `dataset.json` already in `out` (None when there is none), refusing one made with other
+    settings and a folder that is not a token dataset. Reads only."""
+    from meissonic_cli.readers import read_json_object
+
     existing = out / DATASET_INFO
     if existing.is_file():
         try:
-            old = json.loads(existing.read_text())
-        except json.JSONDecodeError:
-            raise ConfigError(f"{existing} is not valid JSON; choose a new --out") from None
+            old = read_json_object(existing, "token dataset settings", DATASET_SCHEMA, error=ConfigError)
+        except ConfigError as err:
+            raise ConfigError(f"{err}; choose a new --out") from None
         diffs = [f"{k} {old.get(k)!r} -> {info[k]!r}" for k in _SETTINGS_THAT_MUST_MATCH if old.get(k) != info[k]]
         if diffs:
             raise ConfigError(
                 f"--out {out} holds a token dataset made with other settings ({'; '.join(diffs)}); "
                 "rerun with the same settings to resume, or choose a new --out"
             )
-    elif out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
+        return old
+    if out.is_dir() and any(p for p in out.iterdir() if not p.name.startswith(".")):
         raise ConfigError(f"--out {out} exists and is not a token dataset (no {DATASET_INFO}); choose an empty or new directory")
+    return None
+
+
+def _plan_units(out: Path, units: list[WorkUnit]) -> tuple[list[WorkUnit], int, list[tuple[Path, str]]]:
+    """(units to run, complete shards skipped, damaged shards to redo with why). A complete shard made
+    from another input stops the run; one that does not hold what its stats file claims is redone.
+    Reads only: the run writes nothing before every shard has been checked."""
+    todo, skipped, damaged = [], 0, []
+    for unit in units:
+        path = out / shard_name(unit.index)
+        if not is_complete(path):
+            todo.append(unit)
+            continue
+        done = read_shard_stats(path)
+        done_source = done.get("source")
+        if done_source not in (None, "", unit.source) and not _same_source(done_source, unit.source):
+            raise ConfigError(
+                f"{path.name} was made from {done_source}, but this input maps {unit.source} to it; "
+                "the input changed since the last run: use a new --out"
+            )
+        if unit.fingerprint and done.get("input_fingerprint") not in (None, unit.fingerprint):
+            raise ConfigError(f"{path.name} was made from other files or rows than {unit.source} holds now; the "
+                              "input changed since the last run: use a new --out")
+        why = verify_shard(path)
+        if why:
+            damaged.append((path, why))
+            todo.append(unit)
+        else:
+            skipped += 1
+    return todo, skipped, damaged
+
+
+def _same_source(recorded: str, now: str) -> bool:
+    """Whether two recorded sources ('PATH' or 'PATH [a:b]') name the same input once resolved (an
+    older run may have recorded a path relative to its working directory)."""
+    def split(text: str) -> tuple[str, str]:
+        m = re.fullmatch(r"(.*?)( \[\d+:\d+\])?", text)
+        return (m.group(1), m.group(2) or "") if m else (text, "")
+
+    (a, ra), (b, rb) = split(str(recorded)), split(str(now))
+    return ra == rb and Path(a).resolve() == Path(b).resolve()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -433,31 +476,20 @@ def tokenize(cfg: TokenizeConfig, rank: int | None = None, world_size: int | Non
     if vq.codebook_size > 65536:
         raise ConfigError(f"the VQ has {vq.codebook_size} codes; token shards store uint16 codes (at most 65536)")
     info = _dataset_info(cfg, vq, text)
-    _check_output_dir(out, info)
-    out.mkdir(parents=True, exist_ok=True)
-    write_dataset_info(out, {**info, "input": str(cfg.input), "input_kind": kind})
-
+    existing = _check_output_dir(out, info)
     mine = units[rank::world_size]
     grid = (cfg.resolution // f, cfg.resolution // f)
     result = TokenizeResult(out, rank, world_size, cfg.text_features, cfg.resolution, grid, str(device), cfg.dtype,
                             shards_assigned=len(mine))
-    todo = []
-    for unit in mine:
-        path = out / shard_name(unit.index)
-        if is_complete(path):
-            done = read_shard_stats(path)
-            done_source = done.get("source")
-            if done_source not in (None, "", unit.source):
-                raise ConfigError(
-                    f"{path.name} was made from {done_source}, but this input maps {unit.source} to it; "
-                    "the input changed since the last run: use a new --out"
-                )
-            if unit.fingerprint and done.get("input_fingerprint") not in (None, unit.fingerprint):
-                raise ConfigError(f"{path.name} was made from other files or rows than {unit.source} holds now; the "
-                                  "input changed since the last run: use a new --out")
-            result.shards_skipped += 1
-        else:
-            todo.append(unit)
+    todo, result.shards_skipped, damaged = _plan_units(out, mine)
+
+    # Everything is checked: only now is anything written (a finished dataset reruns with no write).
+    if existing is None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_dataset_info(out, {**info, "input": os.path.abspath(cfg.input), "input_kind": kind})
+    for path, why in damaged:
+        print(f"Warning: {why}; redoing it", file=sys.stderr)
+        stats_path(path).unlink(missing_ok=True)  # the shard is incomplete until it is rewritten
 
     progress = make_progress(show_progress and rank == 0, unit="images")
     total_images = sum(u.expected or 0 for u in todo) if all(u.expected is not None for u in todo) else None

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from meissonic_cli.atomic import write_text
-from meissonic_cli.config import Problems, field, read_json_object
+from meissonic_cli.config import MAX_BATCH, MAX_STEPS, Problems, field, read_json_object
 from meissonic_cli.errors import ConfigError, InputError, OutputExistsError
 from meissonic_cli.metrics.images import IMAGE_SUFFIXES, scored_images
 from meissonic_cli.metrics.report import (  # noqa: F401  (re-exported: evaluate is the suite's entry point)
@@ -156,9 +156,9 @@ class EvalConfig:
     device: str = field("auto", help="Device for the metric networks: auto, cpu, cuda, cuda:N.")
     overwrite: bool = field(False, help="Replace report.json, report.md and grid.png of an existing report in --out "
                                         "(default: refuse).")
-    batch_size: int = field(32, help="Images per batch through the metric networks (FID, CLIP, HPS, DINO); "
-                                     "does not change a score.")
-    images_per_prompt: int = field(1, help="With --prompts: images sampled per prompt (seeds differ).")
+    batch_size: int = field(32, bounds=(1, MAX_BATCH), help="Images per batch through the metric networks (FID, CLIP, "
+                                                            "HPS, DINO); does not change a score.")
+    images_per_prompt: int = field(1, bounds=(1, MAX_STEPS), help="With --prompts: images sampled per prompt (seeds differ).")
     grid: int = field(16, help="Images shown in the report's grid.png (0: no grid).", flag="--grid-size",
                       aliases=("--grid",))
     sample: SampleConfig = field(default_factory=SampleConfig,
@@ -167,7 +167,7 @@ class EvalConfig:
     def validate(self) -> "EvalConfig":
         from meissonic_cli.metrics.fid import FID_MODES  # torch: not at import time (keeps --help fast)
 
-        p = Problems()
+        p = Problems(self)
         unknown = [s for s in self.suites if s not in SUITES]
         p.check(bool(self.suites) and not unknown,
                 f"--suite must list some of {', '.join(SUITES)}, got {','.join(self.suites) or 'nothing'}")
@@ -249,7 +249,9 @@ def load_items(folder: str | os.PathLike) -> list[EvalItem]:
         if not sidecar.is_file():
             items.append(EvalItem(path))
             continue
-        meta = read_json_object(sidecar, error=InputError, hint="sidecars are written by `sample`/`edit`")
+        from meissonic_cli.readers import SIDECAR_SCHEMA
+
+        meta = read_json_object(sidecar, error=InputError, hint="sidecars are written by `sample`/`edit`", schema=SIDECAR_SCHEMA)
         prompt = meta.get("prompt") if isinstance(meta.get("prompt"), str) else None
         category = meta.get("category") if isinstance(meta.get("category"), str) else None
         source = _resolve_source(meta["source"], sidecar) if meta.get("source") else None

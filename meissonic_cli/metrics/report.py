@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from meissonic_cli.atomic import atomic_write
-from meissonic_cli.errors import InputError
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -33,17 +32,11 @@ HPS_CATEGORIES = ("anime", "concept-art", "paintings", "photo")
 
 
 def open_rgb(path: Path) -> Any:
-    """The image at `path` as RGB, or an InputError naming the file."""
-    from PIL import Image, UnidentifiedImageError
+    """The image at `path` as RGB (upright, 8-bit by its real range: `meissonic_cli.imaging`), or an
+    InputError naming the file."""
+    from meissonic_cli.imaging import load_rgb8
 
-    from meissonic_cli.safety import check_pixels, image_errors
-
-    with image_errors(str(path)):
-        try:
-            with Image.open(path) as im:
-                return check_pixels(im, str(path)).convert("RGB")
-        except (UnidentifiedImageError, OSError) as err:
-            raise InputError(f"{path}: cannot read the image ({err})") from None
+    return load_rgb8(path, str(path))
 
 
 def summarize_metrics(rows: Sequence[dict[str, Any]], labels: Optional[dict[str, str]] = None) -> dict[str, dict[str, Any]]:

@@ -9,7 +9,6 @@ location (never when HF_HUB_OFFLINE is set).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,16 +78,10 @@ def _read_weights_config(path: Path) -> dict[str, str]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"--weights-config {path}: cannot be read as UTF-8 text ({err})") from None
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
+    from meissonic_cli.readers import parse_json, parse_yaml
 
-            data = yaml.safe_load(text)
-    except Exception as err:  # yaml and json raise different types; both mean a malformed file
-        raise ConfigError(f"--weights-config {path}: cannot parse ({str(err).splitlines()[0]})") from None
-    data = data or {}
+    parse = parse_json if path.suffix.lower() == ".json" else parse_yaml  # bounded aliases, text keys
+    data = parse(text, f"--weights-config {path}", ConfigError) or {}
     allowed = set(WEIGHTS) | set(MODEL_KEYS)
     if not isinstance(data, dict) or set(map(str, data)) - allowed:
         extra = sorted(set(map(str, data)) - allowed) if isinstance(data, dict) else []

@@ -92,6 +92,14 @@ class TransformerConfig:
         """Hidden width D = heads x head dim."""
         return self.num_attention_heads * self.attention_head_dim
 
+    def estimated_parameters(self) -> int:
+        """The parameter count from the config alone (within a few percent at full size), so a config
+        claiming an absurd model is refused before anything is allocated: per joint block 36 D^2,
+        per single block 15 D^2, plus the token embedding, logits, text projection and compression."""
+        d = self.inner_dim
+        blocks = 36 * d * d * self.num_layers + 15 * d * d * self.num_single_layers
+        return blocks + (self.vocab_size + self.codebook_size + self.joint_attention_dim + 4 * d) * d
+
     @property
     def mask_token_id(self) -> int:
         """The id of the mask token: the last embedding row."""
@@ -117,6 +125,10 @@ class TransformerConfig:
         for name in ("num_layers", "num_single_layers", "attention_head_dim", "num_attention_heads", "joint_attention_dim", "codebook_size"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
+        if not problems:
+            from meissonic_cli.safety import check_parameter_count
+
+            check_parameter_count(self.estimated_parameters(), "transformer config")
         if problems:
             raise ConfigError(problems)
         return self

@@ -62,7 +62,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from meissonic_cli.atomic import atomic_write, write_json
 from meissonic_cli.config import Problems, field
 from meissonic_cli.errors import InputError, OutputExistsError
 from meissonic_cli.progress import key_value_table, make_progress
@@ -87,11 +86,12 @@ from meissonic_cli.sample.outputs import (
     check_case_limits,
     check_output_folder,
     check_replaceable,
+    is_done,
     make_output_folder,
     model_identity,
     other_model,
-    png_mark,
     read_done_sidecar,
+    write_output,
 )
 from meissonic_cli.sample.sample import (
     OFFICIAL_RESOLUTION,
@@ -157,7 +157,7 @@ class EditConfig:
                                  help="Sampler settings (steps, cfg, seed, negative prompt, temperature, device, dtype).")
 
     def validate(self) -> "EditConfig":
-        p = Problems()
+        p = Problems(self)
         p.check(bool(self.model), "--model is required (a released-layout model folder or a cached hub id)")
         p.check((self.cases is None) != (self.image is None),
                 "give --image (with --prompt) for one edit, or --cases FILE.jsonl for a batch, not both")
@@ -427,10 +427,6 @@ def _run_identity(cfg: EditConfig, pipeline: Any) -> dict[str, Any]:
             "variant": cfg.sample.variant}
 
 
-def _is_done(out: Path, case: EditCase) -> bool:
-    return (out / f"{case.stem}.png").is_file() and (out / f"{case.stem}.json").is_file()
-
-
 def _check_done_matches(out: Path, case: EditCase, model: Optional[dict[str, Any]] = None,
                         run: Optional[dict[str, Any]] = None) -> None:
     path = out / f"{case.stem}.json"
@@ -493,12 +489,12 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
         raise OutputExistsError(f"--out {out} is a file; give a folder")
     check_output_folder(out)
     model_id = None
-    if any(_is_done(out, case) for case in cases):
+    if any((out / f"{c.stem}.png").is_file() and (out / f"{c.stem}.json").is_file() for c in cases):
         model_id = model_identity(pipeline, cfg.model, cfg.sample.allow_download, lora=cfg.sample.lora)
     run = _run_identity(cfg, pipeline)
     todo = []
     for case in cases:
-        if _is_done(out, case):
+        if is_done(out / f"{case.stem}.png", out / f"{case.stem}.json", model_id, notify):
             _check_done_matches(out, case, model_id, run)
         else:
             _precheck(case)
@@ -548,8 +544,7 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
                 "seconds": round(seconds, 4),
                 **case.extra,
             }
-            atomic_write(png, lambda p, im=edited.image, m=meta: im.save(p, format="PNG", pnginfo=png_mark(m)))
-            write_json(side, meta)
+            write_output(png, side, edited.image, meta)
             result.written.append(png)
             result.masked_tokens.append(edited.masked)
             result.seconds += seconds

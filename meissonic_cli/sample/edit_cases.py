@@ -3,12 +3,13 @@ line, or a JSON list such as the official inpaint.py `cases.json`); see `meisson
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from meissonic_cli.errors import InputError
+from meissonic_cli.readers import parse_json
+from meissonic_cli.safety import derive_seed
 from meissonic_cli.sample.sample import parse_resolution, parse_temperature
 from meissonic_cli.textfiles import STDIN, jsonl_lines, read_text
 
@@ -77,20 +78,16 @@ def _case_rows(path: Path, text: str) -> list[tuple[str, Any]]:
     means none); the older JSONL key `remask` maps to `edit_rule`."""
     rows: list[tuple[str, Any]] = []
     if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise InputError(f"--cases {path}: not valid JSON ({err.msg} at line {err.lineno}); expected a list of "
-                             f"{{input, mask, prompt, negative_prompts}} objects or one JSON object per line") from None
+        items = parse_json(text, f"--cases {path}")
+        if not isinstance(items, list):
+            raise InputError(f"--cases {path}: expected a list of {{input, mask, prompt, negative_prompts}} objects or "
+                             "one JSON object per line")
         rows = [(f"{path} case {number}", item) for number, item in enumerate(items, start=1)]
     else:
         for number, line in enumerate(jsonl_lines(text), start=1):
             if not line.strip():
                 continue
-            try:
-                rows.append((f"{path} line {number}", json.loads(line)))
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path} line {number}: not valid JSON ({err.msg})") from None
+            rows.append((f"{path} line {number}", parse_json(line, f"{path} line {number}")))
     out = []
     for where, row in rows:
         if isinstance(row, dict):
@@ -140,7 +137,7 @@ def read_cases(cfg: EditConfig) -> list[EditCase]:
                 target=parse_size(row["target"], "target") if row.get("target") is not None else None,
                 strength=float(row.get("strength", cfg.strength)), edit_rule=str(row.get("edit_rule", cfg.edit_rule)),
                 dilate=int(row.get("dilate", cfg.dilate)), blend=int(row.get("blend", cfg.blend)),
-                seed=int(row.get("seed", s.seed + len(cases))),
+                seed=int(row["seed"]) if "seed" in row else derive_seed(s.seed, len(cases)),
                 negative_prompt=str(row.get("negative_prompt", s.negative_prompt)),
                 steps=int(row.get("steps", s.steps)), cfg=float(row.get("cfg", s.cfg)),
                 name=str(row["name"]) if row.get("name") else None, resolution=parse_resolution(cfg.resolution),

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from meissonic_cli.errors import InputError
-from meissonic_cli.safety import check_pixels, image_errors
+from meissonic_cli.imaging import load_rgb8
+from meissonic_cli.safety import image_errors
 
 if TYPE_CHECKING:
     import numpy as np
@@ -16,38 +17,21 @@ if TYPE_CHECKING:
     from PIL import Image
 
 
-
 def load_image(path: Path, what: str = "image") -> "Image.Image":
-    """An RGB PIL image, or InputError naming the file."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
+    """An RGB PIL image (upright, 8-bit by its real range: `meissonic_cli.imaging`), or InputError naming the file."""
+    if not Path(path).is_file():
         raise InputError(f"{what} not found: {path}")
-    with image_errors(f"{what} {path}"):
-        try:
-            with Image.open(path) as im:
-                return check_pixels(im, f"{what} {path}").convert("RGB")
-        except (UnidentifiedImageError, OSError) as err:
-            raise InputError(f"{what} {path} cannot be read as an image ({err})") from None
+    return load_rgb8(path, f"{what} {path}")
 
 
 def open_resized(path: Path, size: tuple[int, int], what: str = "image") -> "Image.Image":
     """An image file as the official inpaint.py loads it at working size `size` = (W, H): resized in
     its own mode with PIL's default filter (NEAREST for modes 1 and P, BICUBIC otherwise, on
-    premultiplied alpha), unless it already has that size, then converted to RGB (alpha dropped)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
+    premultiplied alpha), unless it already has that size, then converted to RGB (alpha dropped).
+    Like every image read, it is first turned upright and wide modes are made 8-bit by their range."""
+    if not Path(path).is_file():
         raise InputError(f"{what} not found: {path}")
-    with image_errors(f"{what} {path}"):
-        try:
-            with Image.open(path) as im:
-                im = check_pixels(im, f"{what} {path}")
-                if im.size != tuple(size):
-                    im = im.resize(tuple(size))
-                return im.convert("RGB")
-        except (UnidentifiedImageError, OSError) as err:
-            raise InputError(f"{what} {path} cannot be read as an image ({err})") from None
+    return load_rgb8(path, f"{what} {path}", size=tuple(size))
 
 
 def load_mask(path: Path, size: tuple[int, int]) -> "Image.Image":

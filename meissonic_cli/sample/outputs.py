@@ -10,6 +10,7 @@ model's images as its own. Sidecars older than the digest are compared by folder
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -55,6 +56,79 @@ def check_not_adapter_only(root: Path) -> None:
         base = "BASE"
     raise InputError(f"{root} holds a LoRA adapter alone (a checkpoint trained without --save-merged), not a model: "
                      f"sample it on its base model with --model {base} --lora {Path(root) / 'lora'}")
+
+
+PNG_DIGEST = "png_sha256"  # the sidecar's record of its PNG's bytes
+
+
+def write_output(png: Path, sidecar: Path, image: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write `image` as `png` (marked as ours, atomically), then `sidecar` last: `meta` plus the PNG's
+    sha256, which `done_problem` checks before a rerun skips the image. Returns the sidecar's content."""
+    import hashlib
+    import io
+
+    from meissonic_cli.atomic import write_bytes, write_json
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=png_mark(meta))
+    data = buf.getvalue()
+    write_bytes(png, data)
+    meta = {**meta, PNG_DIGEST: hashlib.sha256(data).hexdigest()}
+    write_json(sidecar, meta)
+    return meta
+
+
+def done_problem(png: Path, sidecar: Path, model: Optional[dict[str, Any]] = None) -> Optional[str]:
+    """Why a finished-looking output (PNG and sidecar both present) is not done, None when it is: the
+    sidecar must be our JSON object naming this PNG, record the model's digest when this run's model
+    has one, and the PNG must match the recorded sha256 (older sidecars: decode to the recorded size)."""
+    import hashlib
+
+    from meissonic_cli.readers import read_json
+
+    try:
+        done = read_json(sidecar, "sidecar")
+    except InputError as err:
+        return str(err)
+    if not (isinstance(done, dict) and done.get("file") == png.name):
+        return f"{sidecar.name} is not the sidecar of {png.name}"
+    if model is not None and model.get("model_digest") and not done.get("model_digest"):
+        return f"{sidecar.name} does not record which model made {png.name}"
+    data = png.read_bytes()
+    if done.get(PNG_DIGEST):
+        if hashlib.sha256(data).hexdigest() != done[PNG_DIGEST]:
+            return f"{png.name} does not match the digest its sidecar records (damaged after it was written)"
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            size = im.size
+    except Exception as err:  # noqa: BLE001 (any decoder error means the file is damaged)
+        return f"{png.name} does not decode ({type(err).__name__})"
+    if [done.get("width"), done.get("height")] != list(size) and "width" in done:
+        return f"{png.name} is {size[0]}x{size[1]}, its sidecar records {done.get('width')}x{done.get('height')}"
+    return None
+
+
+def is_done(png: Path, sidecar: Path, model: Optional[dict[str, Any]] = None,
+            notify: Optional[Any] = None) -> bool:
+    """Whether the output `png` + `sidecar` is finished and intact (`done_problem`); a damaged one is
+    reported through `notify` (one line) and counts as not done, so the run redoes it."""
+    if not (png.is_file() and sidecar.is_file()):
+        return False
+    problem = done_problem(png, sidecar, model)
+    if problem and notify is not None and is_ours(sidecar) and _names(sidecar, png):
+        notify(f"Warning: {problem}; redoing it")  # (files we did not write are refused, not redone)
+    return problem is None
+
+
+def _names(sidecar: Path, png: Path) -> bool:
+    try:
+        return json.loads(sidecar.read_text(encoding="utf-8")).get("file") == png.name
+    except Exception:  # unreadable: it names nothing
+        return False
 
 
 def read_done_sidecar(path: Path) -> dict[str, Any]:
@@ -127,8 +201,13 @@ def is_ours(path: Path) -> bool:
         if path.suffix.lower() == ".png":
             from PIL import Image
 
-            with Image.open(path) as im:
-                return MARK_KEY in getattr(im, "text", {})
+            try:
+                with Image.open(path) as im:
+                    return MARK_KEY in getattr(im, "text", {})
+            except Exception:  # a damaged PNG is ours when our sidecar beside it names it
+                side = path.with_suffix(".json")
+                data = json.loads(side.read_text(encoding="utf-8"))
+                return isinstance(data, dict) and data.get("file") == path.name and "seed" in data
         data = json.loads(path.read_text(encoding="utf-8"))
         return isinstance(data, dict) and "file" in data and "seed" in data
     except Exception:  # unreadable: not ours, whatever went wrong
@@ -165,8 +244,12 @@ def check_case_limits(case: Any, at: str = "") -> None:
     strength/cfg, a seed the generators take, sizes under the limits (see `meissonic_cli.safety`)."""
     if case.name is not None:
         safe_output_name(case.name, f"{at}'name'" if at else "--name")
+    from meissonic_cli.config import check_number
+    from meissonic_cli.sample.sample import SampleConfig
+
     finite(case.strength, f"{at}strength" if at else "--strength")
-    finite(case.cfg, f"{at}cfg" if at else "--guidance-scale")
+    check_number(case.cfg, f"{at}cfg" if at else "--guidance-scale", SampleConfig, "cfg")
+    check_number(case.steps, f"{at}steps" if at else "--steps", SampleConfig, "steps")
     check_seed(case.seed, f"{at}seed" if at else "--seed")
     for flag, size in (("--resolution", case.resolution), ("--target", case.target)):
         if size is not None:
@@ -177,4 +260,4 @@ def check_case_limits(case: Any, at: str = "") -> None:
         raise InputError(f"{at}--box {','.join(map(str, case.box))} lies far outside any image")
 
 
-__all__ = ["check_case_limits", "check_output_folder", "check_replaceable", "is_ours", "png_mark", "write_grid", "make_output_folder", "model_identity", "other_model"]
+__all__ = ["done_problem", "is_done", "write_output", "check_case_limits", "check_output_folder", "check_replaceable", "is_ours", "png_mark", "write_grid", "make_output_folder", "model_identity", "other_model"]

@@ -16,15 +16,14 @@ without a .txt/.jsonl ending):
   `steps`, `cfg`; missing fields take the command's values. Blank lines are skipped; any other
   malformed line stops the run naming its line number. Lines are split on \\n only, so a JSON string
   may hold U+2028/U+2029/U+0085.
-Seeds: image i gets `seed + i` unless its jsonl line gives one. With `--images-per-prompt N`, prompt p
-gives images p*N .. p*N+N-1 (so names stay stable), image p*N+j seeded `seed + p*N + j`, or the jsonl
-line's seed + j.
+Seeds: image i gets `seed + i` (wrapped into 0..2**63-1) unless its jsonl line gives one. With
+`--images-per-prompt N`, prompt p gives images p*N .. p*N+N-1 (so names stay stable), image p*N+j seeded
+`seed + p*N + j`, or the jsonl line's seed + j.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import time
@@ -32,12 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from meissonic_cli.atomic import atomic_write, write_json
-from meissonic_cli.config import Problems, field, parse_resolution
+from meissonic_cli.config import MAX_BATCH, MAX_GUIDANCE, MAX_STEPS, Problems, check_number, field, parse_resolution
 from meissonic_cli.errors import InputError, ModelFormatError, OutputExistsError
 from meissonic_cli.model.hub import ALLOW_DOWNLOAD_HELP, VARIANT_HELP, VARIANTS
 from meissonic_cli.progress import key_value_table, make_progress
-from meissonic_cli.safety import MAX_SEED, check_seed
+from meissonic_cli.readers import parse_json
+from meissonic_cli.safety import MAX_SEED, check_seed, derive_seed
 from meissonic_cli.sample.outputs import other_model, read_done_sidecar
 from meissonic_cli.textfiles import jsonl_lines, read_text, text_format, txt_lines
 
@@ -79,20 +78,20 @@ class SampleConfig:
     out: str = field("samples", help="Output folder: one PNG and one JSON sidecar per image; a rerun skips images "
                                      "already written.", short="-o")
     negative_prompt: str = field("", help="Negative prompt for classifier-free guidance (jsonl lines may override it).")
-    steps: int = field(48, help="Decoding steps.")
-    cfg: float = field(9.0, help="Classifier-free guidance scale; guidance runs when it is > 1.", flag="--guidance-scale",
+    steps: int = field(48, bounds=(1, MAX_STEPS), help="Decoding steps.")
+    cfg: float = field(9.0, bounds=(0, MAX_GUIDANCE), help="Classifier-free guidance scale; guidance runs when it is > 1.", flag="--guidance-scale",
                        also=("--cfg",))
     resolution: Optional[str] = field(None, help="Image size: 1024 (square) or WxH, a multiple of the VQ factor (x2 "
                                                  "with compression). Default: 1024 for the compressing (1024px) model, "
                                                  "512 otherwise, at the released VQ factor 16.")
     seed: int = field(0, help="Base seed: image i gets seed + i (unless its jsonl line sets one).")
-    batch_size: int = field(1, help="Images sampled together (same steps and cfg).")
+    batch_size: int = field(1, bounds=(1, MAX_BATCH), help="Images sampled together (same steps and cfg).")
     device: str = field("auto", help="auto, cpu, cuda, cuda:N or mps.")
     dtype: str = field("fp32", help="Transformer weights and activations: fp32, bf16 or fp16 (the text encoder and "
                                     "the VQ run in fp32).")
     temperature: str = field("2,0", help="Gumbel temperature annealed over the steps: 'start,end', or one number tau "
                                          "for tau..0.01.")
-    token_temperature: float = field(1.0, help="Divides the logits before each token draw: 1 is the official sampler; "
+    token_temperature: float = field(1.0, bounds=(1e-3, 1e3), help="Divides the logits before each token draw: 1 is the official sampler; "
                                                "below 1 (e.g. 0.25) draws closer to each position's most likely codes, "
                                                "which helps small or briefly trained models.")
     order: str = field("confidence", help="Which masked positions each step reveals: confidence (the official "
@@ -104,7 +103,7 @@ class SampleConfig:
     differential: float = field(0.0, help="Differential sampling: this fraction of the masked positions, those whose "
                                           "prediction moved least since the last step, draw from the change of their "
                                           "distribution; 0 = off, 0.75 = the paper's (arXiv 2411.10781).")
-    cache_refresh: int = field(0, help="Feature cache: a full forward every N steps, and between them only the "
+    cache_refresh: int = field(0, bounds=(0, MAX_STEPS), help="Feature cache: a full forward every N steps, and between them only the "
                                        "positions masked at the last full one are recomputed (keys/values of the rest "
                                        "reused); 0 = off. Approximate: see `meissonic_cli.sample.cache`.")
     grid: bool = field(False, help="Also write grid.png: every image of the prompt list with its prompt.")
@@ -147,7 +146,7 @@ class SampleConfig:
 
     def validate(self) -> "SampleConfig":
         self.apply_preset()
-        p = Problems()
+        p = Problems(self)
         p.check(bool(self.model), "--model is required (a model folder, or a hub id such as MeissonFlow/Meissonic "
                                   "after `hf download MeissonFlow/Meissonic`)")
         p.check(self.variant in (None, *VARIANTS), f"unknown --variant {self.variant!r}; use {' or '.join(VARIANTS)}")
@@ -289,7 +288,7 @@ def read_prompts(cfg: SampleConfig) -> list[PromptItem]:
             cfg_scale: Optional[float] = None) -> None:
         for j in range(cfg.images_per_prompt):
             i = len(items)
-            image_seed = check_seed(cfg.seed + i if seed is None else seed + j, "seed (with --images-per-prompt)")
+            image_seed = derive_seed(cfg.seed, i) if seed is None else derive_seed(seed, j)
             items.append(PromptItem(index=cfg.first_index + i, prompt=prompt,
                                     negative_prompt=cfg.negative_prompt if negative is None else negative,
                                     seed=image_seed, steps=cfg.steps if steps is None else steps,
@@ -317,11 +316,7 @@ def read_prompts(cfg: SampleConfig) -> list[PromptItem]:
         if not text:
             continue
         where = f"{path} line {number}"
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{where}: not valid JSON ({err.msg}); expected an object like "
-                             f'{{"prompt": "...", "seed": 1}}') from None
+        row = parse_json(text, where)
         if not isinstance(row, dict):
             raise InputError(f"{where}: expected a JSON object with a \"prompt\", got {type(row).__name__}")
         unknown = sorted(set(row) - set(JSONL_FIELDS))
@@ -334,10 +329,8 @@ def read_prompts(cfg: SampleConfig) -> list[PromptItem]:
             raise InputError(f"{where}: \"prompt\" is empty")
         negative = _check_type(row["negative_prompt"], str, "negative_prompt", where) if "negative_prompt" in row else None
         seed = check_seed(_check_type(row["seed"], int, "seed", where), where) if "seed" in row else None
-        steps = _check_type(row["steps"], int, "steps", where) if "steps" in row else None
-        if steps is not None and steps < 1:
-            raise InputError(f"{where}: \"steps\" must be >= 1, got {steps}")
-        cfg_scale = _check_type(row["cfg"], float, "cfg", where) if "cfg" in row else None
+        steps = check_number(row["steps"], f"{where}: steps", SampleConfig, "steps") if "steps" in row else None
+        cfg_scale = float(check_number(row["cfg"], f"{where}: cfg", SampleConfig, "cfg")) if "cfg" in row else None
         add(prompt, negative, seed, steps, cfg_scale)
     if not items:
         what = "blank lines and # comments are skipped" if suffix == ".txt" else "blank lines are skipped"
@@ -349,8 +342,10 @@ def read_prompts(cfg: SampleConfig) -> list[PromptItem]:
 # Output
 
 
-def _is_done(out: Path, item: PromptItem) -> bool:
-    return (out / f"{item.stem}.png").is_file() and (out / f"{item.stem}.json").is_file()
+def _warn(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)
 
 
 def _sidecar(item: PromptItem, cfg: SampleConfig, width: int, height: int, model: str, seconds: float,
@@ -473,10 +468,11 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None,
     from meissonic_cli.sample.outputs import (
         check_output_folder,
         check_replaceable,
+        is_done,
         make_output_folder,
         model_identity,
-        png_mark,
         write_grid,
+        write_output,
     )
     from meissonic_cli.sample.pipeline import resolve_device, resolve_dtype
 
@@ -486,13 +482,16 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None,
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {out} is a file; give a folder")
     check_output_folder(out)
-    if cfg.grid and not cfg.overwrite and (out / GRID_NAME).exists() and not all(_is_done(out, it) for it in items):
+    model_id = model_identity(pipeline, cfg.model, cfg.allow_download, lora=cfg.lora)
+    # A finished image counts as done only when it is intact and records this model (`outputs.is_done`).
+    done = {it.index: is_done(out / f"{it.stem}.png", out / f"{it.stem}.json", model_id, _warn) for it in items}
+    fresh = [it for it in items if not (out / f"{it.stem}.png").exists()]  # damaged images of ours are redone
+    if cfg.grid and not cfg.overwrite and (out / GRID_NAME).exists() and fresh:
         raise OutputExistsError(f"{out / GRID_NAME} exists; pass --overwrite to replace it or use another --out")
     for item in items:
-        if not _is_done(out, item):
+        if not done[item.index]:
             check_replaceable(out / f"{item.stem}.png", cfg.overwrite)
             check_replaceable(out / f"{item.stem}.json", cfg.overwrite)
-    model_id = model_identity(pipeline, cfg.model, cfg.allow_download, lora=cfg.lora)
     if pipeline is None:
         pipeline = load_pipeline(cfg)
     model_label = model_id["model"]
@@ -503,7 +502,7 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None,
 
     todo = []
     for item in items:
-        if _is_done(out, item):
+        if done[item.index]:
             expected = {**_sidecar(item, cfg, width, height, model_label, 0.0, dtype_name, generator),
                         "lora": model_id["lora"]}
             _check_done_matches(out, item, expected, model_id)
@@ -534,8 +533,7 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None,
                 meta = {**_sidecar(item, cfg, width, height, model_label, seconds / len(batch), dtype_name,
                                    generator),
                         "model_digest": model_id["model_digest"], "lora": model_id["lora"]}
-                atomic_write(png, lambda p, im=image: im.save(p, format="PNG", pnginfo=png_mark(meta)))
-                write_json(side, meta)
+                write_output(png, side, image, meta)
                 result.written.append(png)
             result.seconds += seconds
             result.steps_run += batch[0].steps

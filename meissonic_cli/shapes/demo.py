@@ -135,7 +135,7 @@ class DemoConfig:
                                          "encoder, fitted patch VQ) and stop; pipelines/demo.sh starts with this.")
 
     def validate(self) -> "DemoConfig":
-        p = Problems()
+        p = Problems(self)
         p.check(bool(self.out), "--out is required (the demo's output folder)")
         p.check(self.budget in BUDGETS, f"--budget must be one of {', '.join(BUDGETS)}, got {self.budget!r}")
         p.check(valid_device_name(self.device), f"--device must be one of {DEVICE_CHOICES}, got {self.device!r}")

@@ -20,6 +20,8 @@ A checkpoint directory holds
 - `data_cursor.json`    per rank: epoch, position in that epoch's shard order, shard name and
                         offset of the next sample in it
 - `train_config.yaml`   the resolved TrainConfig of the run that wrote it
+- `checkpoint.json`     written last: size and sha256 of every file above, which `verify_checkpoint`
+                        checks before a run resumes from it (a damaged checkpoint is never resumed)
 - `vqvae/`, `tokenizer/`, `scheduler/`, `model_index.json` (and `text_encoder/` when it is not
                         trained): hard links to the base model's files, so the directory is a whole
                         released-layout model for `meissonic sample --model`
@@ -57,6 +59,7 @@ TRAINER_STATE = "trainer_state.pt"
 TRAINER_FORMAT = 1  # the "format" of trainer_state.pt this version writes and reads
 DATA_CURSOR = "data_cursor.json"
 CONFIG_FILE = "train_config.yaml"
+MANIFEST = "checkpoint.json"
 RNG_DIR = "rng"
 RNG_FORMAT = "meissonic-rng"
 # What a checkpoint borrows from the base model to be a whole released-layout folder.
@@ -298,6 +301,7 @@ def write_checkpoint(final: Path, *, step: int, model_state: dict[str, torch.Ten
     """
     import torch
 
+    check_finite_state(final, {**model_state, **(ema_state or {})})
     with atomic_directory(final) as tmp:
         if merged or lora is None:
             fresh_transformer(model_config, model_state, lora).save_pretrained(tmp / "transformer")
@@ -313,6 +317,7 @@ def write_checkpoint(final: Path, *, step: int, model_state: dict[str, torch.Ten
             write_rng_state(rng_file(tmp, rank), state)
         write_json(tmp / DATA_CURSOR, {"world_size": len(cursors), "ranks": cursors})
         (tmp / CONFIG_FILE).write_text(config_yaml)
+        write_json(tmp / MANIFEST, {"step": step, "files": _file_digests(tmp)})
         complete_model_folder(tmp, base_root)
     return final
 
@@ -330,6 +335,61 @@ def write_lora_dirs(folder: Path, lora: LoRA, model_state: dict[str, torch.Tenso
         if state is not None:
             save_lora(folder / name, lora, lora.named_adapters(state), model=model, base_model=base)
             write_json(folder / name / LORA_MODEL_CONFIG, model_config.to_json_dict())
+
+
+class NonFiniteModelError(ModelFormatError):
+    """The weights to be saved hold NaN or infinity: nothing is written."""
+
+
+def check_finite_state(final: Path, state: dict[str, Any]) -> None:
+    """Refuse to save weights that hold NaN or infinity, naming the last good checkpoint beside `final`."""
+    import torch
+
+    bad = [name for name, t in state.items() if torch.is_tensor(t) and t.is_floating_point()
+           and not bool(torch.isfinite(t).all())]
+    if bad:
+        good = [p for _, p in list_checkpoints(final.parent)]
+        last = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was saved before"
+        raise NonFiniteModelError(
+            f"the weights became non-finite (NaN/inf in {len(bad)} tensors, e.g. {bad[0]}) before {final.name} was "
+            f"written; nothing was saved and {last}. Lower --lr or check the data, then rerun (--resume auto)")
+
+
+def _sha256(path: Path) -> list[Any]:
+    """[size, sha256 hex] of the file at `path`."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return [path.stat().st_size, h.hexdigest()]
+
+
+def _file_digests(folder: Path) -> dict[str, list[Any]]:
+    return {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def verify_checkpoint(path: Path) -> Path:
+    """`path` when every file its `checkpoint.json` lists has the recorded size and sha256 (a checkpoint
+    older than the manifest is taken as it is); else `ModelFormatError` naming the damaged file."""
+    from meissonic_cli.readers import read_json_object
+
+    path = Path(path)
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return path
+    files = read_json_object(manifest, "checkpoint manifest", {"files": dict}, required=("files",),
+                             error=ModelFormatError)["files"]
+    root = path.resolve()
+    for name, recorded in files.items():
+        file = path / name
+        if not (file.is_file() and file.resolve().is_relative_to(root)):
+            raise ModelFormatError(f"checkpoint {path}: {name} is missing (damaged after it was written)")
+        if _sha256(file) != list(recorded):
+            raise ModelFormatError(f"checkpoint {path}: {name} does not match its recorded size and sha256 (damaged "
+                                   "after it was written)")
+    return path
 
 
 def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
@@ -399,10 +459,10 @@ def read_data_cursors(checkpoint: Path) -> dict[str, Any]:
 
 def read_saved_config(checkpoint: Path) -> dict[str, Any]:
     """The `train_config.yaml` of the run that wrote `checkpoint` (empty if absent)."""
-    import yaml
+    from meissonic_cli.readers import read_yaml_mapping
 
     file = Path(checkpoint) / CONFIG_FILE
-    return (yaml.safe_load(file.read_text()) or {}) if file.is_file() else {}
+    return read_yaml_mapping(file, "checkpoint run config", error=ModelFormatError) if file.is_file() else {}
 
 
 def find_resume_checkpoint(output: Path, cfg: Any, model_config: TransformerConfig) -> Path | None:
@@ -426,7 +486,22 @@ def find_resume_checkpoint(output: Path, cfg: Any, model_config: TransformerConf
         if output.is_dir() and (output / "metrics.jsonl").exists():
             raise OutputExistsError(f"{output} holds another run's metrics; pass --resume auto or choose a new --out")
         return None
-    path = (existing[-1][1] if existing else None) if cfg.resume == "auto" else check_checkpoint_dir(cfg.resume)
+    if cfg.resume == "auto":
+        path, damaged = None, []
+        for _, candidate in reversed(existing):  # the newest checkpoint that holds what its manifest claims
+            try:
+                path = verify_checkpoint(candidate)
+                break
+            except ModelFormatError as err:
+                damaged.append(str(err))
+        if path is None and damaged:
+            raise ModelFormatError(f"no intact checkpoint to resume from ({damaged[0]}); start a new --out")
+        for damage in damaged:
+            import sys
+
+            print(f"Warning: {damage}; not resuming from it, but from {path.name}", file=sys.stderr)
+    else:
+        path = verify_checkpoint(check_checkpoint_dir(cfg.resume))
     if path is None:
         return None
     config_file = path / "transformer" / CONFIG_NAME

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meissonic_cli.config import Problems, field, flag_of, update_from_dict
+from meissonic_cli.config import MAX_BATCH, MAX_GUIDANCE, MAX_SCORE, MAX_STEPS, Problems, field, flag_of, update_from_dict
 from meissonic_cli.device import DEVICE_CHOICES, valid_device_name
 from meissonic_cli.errors import ConfigError, InputError
 from meissonic_cli.model.hub import ALLOW_DOWNLOAD_HELP, VARIANT_HELP, VARIANTS
@@ -69,7 +69,7 @@ class TrainConfig:
         "prompt for --cond-dropout. Empty: the encoder tokenize used (dataset.json), else the --init folder's.",
     )
     train_text_encoder: bool = field(False, help="Unfreeze and train the text encoder (paper stage 4); captions are encoded online.")
-    text_encoder_lr: float = field(0.0, help="Learning rate of the text encoder when it is trained; 0 means --lr.")
+    text_encoder_lr: float = field(0.0, bounds=(0, 10), help="Learning rate of the text encoder when it is trained; 0 means --lr.")
 
     # --- objective ----------------------------------------------------------------------------
     min_masking_rate: float = field(0.0, help="Lower clip of the sampled masking rate r = cos(pi/2 u), u ~ U(0,1).")
@@ -81,17 +81,17 @@ class TrainConfig:
         help="Feed each sample's preference score from the shards as the 5th micro-condition (paper stage 4). "
         "Otherwise every sample gets --default-score, the value sampling uses.",
     )
-    default_score: float = field(6.0, help="Score micro-condition used when --score-micro-cond is off (the pipeline's default is 6).")
+    default_score: float = field(6.0, bounds=(-MAX_SCORE, MAX_SCORE), help="Score micro-condition used when --score-micro-cond is off (the pipeline's default is 6).")
 
     # --- optimisation -------------------------------------------------------------------------
-    batch_size: int = field(8, help="Samples per process per micro-step; the global batch is batch_size x grad_accum x processes.")
+    batch_size: int = field(8, bounds=(1, MAX_BATCH), help="Samples per process per micro-step; the global batch is batch_size x grad_accum x processes.")
     grad_accum: int = field(1, help="Micro-steps accumulated into one optimizer step.")
     max_steps: int = field(1000, help="Optimizer steps to train for (a resumed run continues up to this count).")
-    lr: float = field(1e-4, help="Peak learning rate (AdamW).")
+    lr: float = field(1e-4, bounds=(0, 10), help="Peak learning rate (AdamW).")
     lr_schedule: str = field("constant", help="constant (paper stages 1-3) or cosine (decays to --min-lr-ratio x lr at --max-steps).")
     warmup_steps: int = field(0, help="Linear warm-up steps from 0 to --lr (both schedules).")
     min_lr_ratio: float = field(0.0, help="Final learning rate of the cosine schedule as a fraction of --lr.")
-    weight_decay: float = field(0.01, help="AdamW weight decay; never applied to norms, biases or embeddings.")
+    weight_decay: float = field(0.01, bounds=(0, 100), help="AdamW weight decay; never applied to norms, biases or embeddings.")
     adam_beta1: float = field(0.9, help="AdamW beta1.")
     adam_beta2: float = field(0.999, help="AdamW beta2.")
     adam_eps: float = field(1e-8, help="AdamW epsilon.")
@@ -151,8 +151,8 @@ class TrainConfig:
     validation_prompts: list = field(
         default_factory=list, help="Prompt for validation samples (repeat the flag for several).", flag="--validation-prompt"
     )
-    validation_steps: int = field(16, help="Sampling steps for validation images.")
-    validation_cfg: float = field(9.0, help="Classifier-free guidance scale for validation images.")
+    validation_steps: int = field(16, bounds=(1, MAX_STEPS), help="Sampling steps for validation images.")
+    validation_cfg: float = field(9.0, bounds=(0, MAX_GUIDANCE), help="Classifier-free guidance scale for validation images.")
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -166,7 +166,7 @@ class TrainConfig:
         return self.resolution // self.vq_factor
 
     def validate(self) -> "TrainConfig":
-        p = Problems()
+        p = Problems(self)
 
         def flag(name: str) -> str:
             return flag_of(TrainConfig, name)
@@ -267,7 +267,7 @@ def _coerce_types(values: dict[str, Any], source: str) -> dict[str, Any]:
                     value = [value]
                 if not isinstance(value, list):
                     raise ValueError
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             problems.append(f"{source}: {key} should be a {kind}, got {value!r}")
             continue
         out[key] = value
@@ -296,17 +296,10 @@ def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] 
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    import yaml
+    """The recipe's mapping of field: value (`readers.read_yaml_mapping`: safe tags, bounded aliases, text keys)."""
+    from meissonic_cli.readers import read_yaml_mapping as read_mapping
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"config file {path} does not exist; see pipelines/ for the recipes")
-    try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise InputError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"config file {path} cannot be read as UTF-8 text ({err})") from None
-    if not isinstance(values, dict):
-        raise InputError(f"config file {path} must hold a mapping of field: value, got {type(values).__name__}")
-    return values
+    return read_mapping(path, "config file")

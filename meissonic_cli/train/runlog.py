@@ -13,12 +13,39 @@ import math
 import os
 import secrets
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from meissonic_cli.atomic import write_text
 from meissonic_cli.errors import ConfigError
 from meissonic_cli.progress import make_progress
+
+# What a step and a run report (the trainer fills them, this module prints and logs them).
+@dataclass
+class StepStats:
+    loss: float
+    mask_rate: float
+    grad_norm: float
+    lr: float
+    skipped: bool  # no weight update this step
+    bad: bool  # counts towards --nan-patience
+    token_stats: list[float] | None = None  # objective.masked_token_stats summed over micro-steps and ranks
+
+
+@dataclass
+class TrainResult:
+    """What a finished `train` run reports."""
+
+    output: Path
+    start_step: int
+    steps: int
+    losses: dict[int, float]  # step -> loss (mean over ranks and micro-steps)
+    last_checkpoint: Path | None
+    skipped_steps: int
+    reloads: int
+    seconds: float
+    tokens_per_second: float
 
 
 class NullTracker:

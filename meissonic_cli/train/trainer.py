@@ -36,7 +36,6 @@ import math
 import random
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +48,7 @@ from meissonic_cli.data.shards import DataCursor, ShardStream, list_token_shards
 from meissonic_cli.errors import ConfigError, InputError, MeissonicError
 from meissonic_cli.model.lora import LoRA
 from meissonic_cli.model.transformer import MeissonicTransformer, image_ids
+from meissonic_cli.safety import derive_seed
 from meissonic_cli.train import checkpoint as ckpt
 from meissonic_cli.train.config import TrainConfig
 from meissonic_cli.train.curves import MetricsWindow
@@ -74,7 +74,7 @@ from meissonic_cli.train.objective import (
     sample_masking_rates,
 )
 from meissonic_cli.train.optim import build_optimizer, scheduler_state
-from meissonic_cli.train.runlog import RunLog, print_summary
+from meissonic_cli.train.runlog import RunLog, StepStats, TrainResult, print_summary
 
 # A reload that lands on the same checkpoint this many times in a row means the run cannot recover.
 MAX_RELOADS_PER_CHECKPOINT = 3
@@ -86,32 +86,6 @@ class TrainingDivergedError(MeissonicError):
 
 # ----------------------------------------------------------------------------------------------
 # Trainer
-
-
-@dataclass
-class StepStats:
-    loss: float
-    mask_rate: float
-    grad_norm: float
-    lr: float
-    skipped: bool  # no weight update this step
-    bad: bool  # counts towards --nan-patience
-    token_stats: list[float] | None = None  # objective.masked_token_stats summed over micro-steps and ranks
-
-
-@dataclass
-class TrainResult:
-    """What a finished `train` run reports."""
-
-    output: Path
-    start_step: int
-    steps: int
-    losses: dict[int, float]  # step -> loss (mean over ranks and micro-steps)
-    last_checkpoint: Path | None
-    skipped_steps: int
-    reloads: int
-    seconds: float
-    tokens_per_second: float
 
 
 class Trainer:
@@ -189,8 +163,9 @@ class Trainer:
         self.ema = EMA.for_config(ema_named, cfg) if cfg.ema_decay > 0 else None
 
         # ---- per-rank randomness: masking, condition dropout
-        self.generator = torch.Generator().manual_seed(cfg.seed * 100_003 + self.env.rank)
-        self._seed_everything(cfg.seed * 100_003 + self.env.rank)
+        rank_seed = derive_seed(cfg.seed * 100_003, self.env.rank)  # in the one seed range for every --seed
+        self.generator = torch.Generator().manual_seed(rank_seed)
+        self._seed_everything(rank_seed)
         self.grid = cfg.grid
         self.img_ids = image_ids(self.grid, self.grid, self.model_config, device=self.device)
         self.txt_ids = torch.zeros(self.context_length, 3, device=self.device)
