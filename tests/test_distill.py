@@ -224,7 +224,7 @@ def test_lora_distillation_adapts_the_guidance_embedding_too(tmp_path, tiny_mode
     ckpt = result.last_checkpoint
     from meissonic_cli.model.lora import read_lora_file
 
-    names = set(read_lora_file(ckpt / "lora" / "adapters.safetensors"))
+    names = set(read_lora_file(ckpt / "lora"))
     assert "time_text_embed.guidance_embedder.linear_2.lora_B.weight" in names
     merged = MeissonicTransformer.from_pretrained(ckpt)
     assert merged.config.guidance_embeds and merged.time_text_embed.guidance_embedder.linear_2.weight.abs().sum() > 0

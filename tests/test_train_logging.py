@@ -117,6 +117,7 @@ def test_a_checkpoint_from_before_warm_up_resumes_with_constant_decay(ema_run, t
         state = read_torch_file(run / step / TRAINER_STATE)
         del state["ema_schedule"]
         torch.save(state, run / step / TRAINER_STATE)
+        (run / step / "checkpoint.json").unlink()  # nor had checkpoints a manifest then
     trainer = Trainer(cfg_for(tmp_path, ema_run["data"], max_steps=4, checkpoint_every=2, log_every=2, ema_decay=0.9999,
                               resume="auto"))
     seen = []

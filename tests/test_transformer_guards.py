@@ -65,14 +65,14 @@ def test_weight_shapes_read_a_sharded_folder_through_its_index(model: MeissonicT
     assert shapes == {k: (tuple(v.shape), "F32") for k, v in model.state_dict().items()}
 
 
-def test_a_variant_folder_loads_only_with_its_variant(model: MeissonicTransformer, tmp_path: Path) -> None:
+def test_a_variant_only_folder_loads_with_and_without_naming_its_variant(model: MeissonicTransformer,
+                                                                          tmp_path: Path) -> None:
+    # Issue 19: a folder holding only *.fp16.safetensors (as the hub's variant downloads) loads as it is.
     folder = save_pretrained(model, tmp_path / "t")
     (folder / WEIGHTS_NAME).rename(folder / "diffusion_pytorch_model.fp16.safetensors")
-    loaded = from_pretrained(folder, variant="fp16")
-    for k, v in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v), k
-    with pytest.raises(ModelFormatError):
-        from_pretrained(folder)
+    for loaded in (from_pretrained(folder, variant="fp16"), from_pretrained(folder)):
+        for k, v in model.state_dict().items():
+            assert torch.equal(loaded.state_dict()[k], v), k
 
 
 def test_check_state_dict_names_unexpected_and_missing_keys(model: MeissonicTransformer) -> None:

@@ -50,7 +50,7 @@ class DistillConfig(TrainConfig):
         return [int(x) for x in str(self.distill_steps).split(",") if x.strip()]
 
     def validate(self) -> "DistillConfig":
-        p = Problems()
+        p = Problems(self)
 
         def flag(name: str) -> str:
             return flag_of(DistillConfig, name)
@@ -58,6 +58,10 @@ class DistillConfig(TrainConfig):
         p.check(bool(self.teacher), f"{flag('teacher')} is required (the model folder whose guided logits the student learns)")
         if self.teacher and not self.init:
             self.init = self.teacher
+        # A LoRA student's adapters need the guidance embedding its base lacks: its checkpoints are always
+        # whole model folders (the adapters are written beside them in lora/ as for train).
+        if self.lora_rank:
+            self.save_merged = True
         for name in ("guidance_min", "guidance_max"):
             value = getattr(self, name)
             p.check(isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= MAX_GUIDANCE,

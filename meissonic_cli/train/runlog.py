@@ -21,6 +21,7 @@ from meissonic_cli.atomic import write_text
 from meissonic_cli.errors import ConfigError
 from meissonic_cli.progress import make_progress
 
+
 # What a step and a run report (the trainer fills them, this module prints and logs them).
 @dataclass
 class StepStats:
