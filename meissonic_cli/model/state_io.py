@@ -27,8 +27,12 @@ from meissonic_cli.errors import ModelFormatError
 
 
 def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu",
-                     with_metadata: bool = False) -> Any:
-    """The tensors of one safetensors file (and its metadata with `with_metadata`)."""
+                     with_metadata: bool = False, dtype: torch.dtype | None = None) -> Any:
+    """The tensors of one safetensors file (and its metadata with `with_metadata`).
+
+    With `dtype`, each floating-point tensor is cast as it is read, so a float32 file loaded in bf16
+    never holds more than one float32 tensor at a time.
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -37,7 +41,10 @@ def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as fh:
             metadata = fh.metadata() or {}
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+            tensors = {}
+            for key in fh.keys():
+                tensor = fh.get_tensor(key)
+                tensors[key] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
     except Exception as err:  # safetensors raises its own error types (and OSError) for bad headers
         raise ModelFormatError(f"cannot read weights in {path}: not a readable safetensors file ({_first_line(err)})") from None
     return (tensors, metadata) if with_metadata else tensors
@@ -79,11 +86,12 @@ def weight_files(folder: str | os.PathLike, weights: str, index: str | None = No
 
 
 def read_weights(folder: str | os.PathLike, weights: str, index: str | None = None,
-                 device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of a folder's safetensors weights (single file or sharded index)."""
+                 device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's safetensors weights (single file or sharded index); floating-point
+    tensors cast to `dtype` one by one as they are read (see `read_safetensors`)."""
     state: dict[str, torch.Tensor] = {}
     for file in weight_files(folder, weights, index):
-        state.update(read_safetensors(file, device=device))
+        state.update(read_safetensors(file, device=device, dtype=dtype))
     return state
 
 

@@ -856,11 +856,13 @@ def _index_name(variant: Optional[str]) -> str:
     return _weights_name(variant).replace(".safetensors", ".safetensors.index.json")
 
 
-def load_state_dict_files(folder: Path, variant: Optional[str] = None, device: Union[str, torch.device] = "cpu") -> dict[str, torch.Tensor]:
-    """Read the weights of a transformer folder: the single file, else the sharded index (see `state_io`)."""
+def load_state_dict_files(folder: Path, variant: Optional[str] = None, device: Union[str, torch.device] = "cpu",
+                          dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """Read the weights of a transformer folder: the single file, else the sharded index (see `state_io`);
+    with `dtype` each tensor is cast as it is read (no full-precision copy of the model is kept)."""
     from meissonic_cli.model.state_io import read_weights
 
-    return read_weights(folder, _weights_name(variant), _index_name(variant), device=device)
+    return read_weights(folder, _weights_name(variant), _index_name(variant), device=device, dtype=dtype)
 
 
 def weight_shapes(folder: Union[str, Path], variant: Optional[str] = None) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -900,7 +902,7 @@ def from_pretrained(
     tdir = transformer_folder(folder)
     config = TransformerConfig.from_json(tdir / CONFIG_NAME)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    state = load_state_dict_files(tdir, variant, device=device)
+    state = load_state_dict_files(tdir, variant, device=device, dtype=dtype)
     model = build_on_meta(config)
     load_state_into(model, state, f"weights in {tdir}", what="the transformer config", dtype=dtype or "stored")
     return model.eval()

@@ -97,6 +97,7 @@ from meissonic_cli.sample.sample import (
     OFFICIAL_RESOLUTION,
     SampleConfig,
     changed_settings,
+    check_pipeline_quantize,
     slugify,
     text_encoder_label,
 )
@@ -111,7 +112,7 @@ CASE_FIELDS = ("image", "prompt", "mode", "mask", "box", "extend", "target", "st
                "seed", "negative_prompt", "steps", "cfg", "name", "source_prompt", "category")
 # Sidecar fields that must equal the current case's for a finished output to be skipped.
 _MUST_MATCH = ("prompt", "mode", "source", "mask", "box", "extend", "target", "strength", "edit_rule", "dilate", "blend",
-               "seed", "negative_prompt", "steps", "cfg", "token_temperature", "exact", "text_encoder")
+               "seed", "negative_prompt", "steps", "cfg", "token_temperature", "exact", "text_encoder", "quantize")
 
 
 @dataclass
@@ -415,10 +416,11 @@ def _is_done(out: Path, case: EditCase) -> bool:
     return (out / f"{case.stem}.png").is_file() and (out / f"{case.stem}.json").is_file()
 
 
-def _check_done_matches(out: Path, case: EditCase, model: Optional[dict[str, Any]] = None) -> None:
+def _check_done_matches(out: Path, case: EditCase, model: Optional[dict[str, Any]] = None,
+                        quantize: str = "none") -> None:
     path = out / f"{case.stem}.json"
     done = read_done_sidecar(path)
-    expected = case.settings()
+    expected = {**case.settings(), "quantize": quantize}
     differ = changed_settings(done, expected, _MUST_MATCH) + other_model(done, model)
     if differ:
         raise OutputExistsError(f"{path.name} in {out} was made with different {', '.join(differ)}; nothing was "
@@ -479,7 +481,7 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
     todo = []
     for case in cases:
         if _is_done(out, case):
-            _check_done_matches(out, case, model_id)
+            _check_done_matches(out, case, model_id, cfg.sample.quantize)
         else:
             _precheck(case)
             for path in (out / f"{case.stem}.png", out / f"{case.stem}.json"):
@@ -495,7 +497,8 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
     if pipeline is None:
         root = resolve_model_folder(cfg.model, allow_download=cfg.sample.allow_download)
         pipeline = MeissonicPipeline.from_pretrained(root, device=cfg.sample.device, dtype=cfg.sample.dtype,
-                                                     text_encoder=cfg.sample.text_encoder)
+                                                     text_encoder=cfg.sample.text_encoder, quantize=cfg.sample.quantize)
+    check_pipeline_quantize(pipeline, cfg.sample.quantize)
     model_label = model_id["model"]
     for case in todo:
         for note in case_notes(pipeline, case):
@@ -520,7 +523,7 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
                 "temperature": list(case.temperature) if isinstance(case.temperature, tuple) else [case.temperature],
                 "masked_tokens": edited.masked, "total_tokens": int(edited.token_mask.numel()),
                 "model": model_label, "model_digest": model_id["model_digest"], "seconds": round(seconds, 4),
-                **case.extra,
+                "quantize": cfg.sample.quantize, **case.extra,
             }
             atomic_write(png, lambda p, im=edited.image, m=meta: im.save(p, format="PNG", pnginfo=png_mark(m)))
             write_json(side, meta)

@@ -70,6 +70,7 @@ import torch
 
 from meissonic_cli.device import dtype_table, resolve_device, resolve_dtype
 from meissonic_cli.errors import InputError, ModelFormatError
+from meissonic_cli.model.quantize import check_quantize, quantize_transformer
 from meissonic_cli.model.scheduler import SCHEDULER_CONFIG_NAME, MaskGITScheduler
 from meissonic_cli.model.transformer import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, Conditioning, MeissonicTransformer
 from meissonic_cli.sample.samplers import run_sampler_loop, uses_sampler_loop
@@ -376,6 +377,7 @@ class MeissonicPipeline:
         dtype: Union[str, torch.dtype, None] = "fp32",
         allow_download: bool = False,
         text_encoder: Union[str, Path, None] = None,
+        quantize: str = "none",
     ) -> "MeissonicPipeline":
         """Load a released-layout folder (or a cached Hugging Face repo id) onto `device` in `dtype`.
 
@@ -383,12 +385,15 @@ class MeissonicPipeline:
         (`force_upcast`, as the released one does); `dtype` is the transformer's.
         `text_encoder`: another text encoder folder to use (`TextEncoder.for_model`), e.g. the laion
         CLIP-ViT-H-14 CLIPModel folder the official scripts load; prompts keep the model's tokenizer.
+        `quantize`: none, int8, fp8 or int4, weight-only quantization of the transformer's block layers
+        (`model.quantize`); a mode the device cannot run is an InputError before anything loads.
         """
         from meissonic_cli.model.text_encoder import HF_CONFIG, TextEncoder
         from meissonic_cli.model.vq import load_vq
 
         dev = resolve_device(device)
         dt = resolve_dtype(dtype)
+        check_quantize(quantize, dev, dt)
         root = resolve_model_folder(model, allow_download=allow_download)
         if text_encoder is not None:
             _need_one(Path(text_encoder).expanduser(), [HF_CONFIG], "--text-encoder config")
@@ -400,7 +405,10 @@ class MeissonicPipeline:
         # refuse half-precision weights on CPU.
         encoder = TextEncoder.for_model(root, text_encoder and Path(text_encoder).expanduser(),
                                         dtype=torch.float32).to(dev).eval()
-        transformer = MeissonicTransformer.from_pretrained(root, dtype=dt, device=dev)
+        # Quantized: read on the CPU and quantized block by block on the way to the device (see
+        # model.quantize), so the device never holds the full-precision blocks.
+        transformer = MeissonicTransformer.from_pretrained(root, dtype=dt, device="cpu" if quantize != "none" else dev)
+        quantize_transformer(transformer, quantize, device=dev)
         pipe = cls(transformer=transformer, scheduler=scheduler, text_encoder=encoder, vq=vq, model_path=root)
         pipe.check_parts()
         return pipe

@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 from meissonic_cli.atomic import atomic_write, write_json
 from meissonic_cli.config import Problems, field, parse_resolution
 from meissonic_cli.errors import InputError, OutputExistsError
+from meissonic_cli.model.quantize import QUANTIZE_HELP, QUANTIZE_MODES
 from meissonic_cli.progress import key_value_table, make_progress
 from meissonic_cli.safety import MAX_SEED, check_seed
 from meissonic_cli.sample.outputs import other_model, read_done_sidecar
@@ -45,9 +46,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Sidecar fields that must equal the current run's for a done image to be skipped.
 _MUST_MATCH = ("prompt", "negative_prompt", "seed", "steps", "cfg", "resolution", "temperature", "token_temperature",
                "text_encoder",
-               "sampler")
+               "sampler", "quantize")
 # Values of sidecar fields added after the first release, for sidecars written before them (`edit`'s too).
-_SIDECAR_DEFAULTS = {"token_temperature": 1.0, "exact": False}
+_SIDECAR_DEFAULTS = {"token_temperature": 1.0, "exact": False, "quantize": "none"}
 GRID_NAME = "grid.png"
 # Narrower grid tiles are enlarged (see make_grid): 64 px samples would leave room for ~10 characters of caption.
 MIN_GRID_TILE = 160
@@ -74,6 +75,7 @@ class SampleConfig:
     device: str = field("auto", help="auto, cpu, cuda, cuda:N or mps.")
     dtype: str = field("fp32", help="Transformer weights and activations: fp32, bf16 or fp16 (the text encoder and "
                                     "the VQ run in fp32).")
+    quantize: str = field("none", help=QUANTIZE_HELP)
     temperature: str = field("2,0", help="Gumbel temperature annealed over the steps: 'start,end', or one number tau "
                                          "for tau..0.01.")
     token_temperature: float = field(1.0, help="Divides the logits before each token draw: 1 is the official sampler; "
@@ -138,6 +140,8 @@ class SampleConfig:
         from meissonic_cli.sample.pipeline import DTYPES
 
         p.check(self.dtype.lower() in DTYPES, f"unknown --dtype {self.dtype!r}; use fp32, bf16 or fp16")
+        p.check(self.quantize in QUANTIZE_MODES, f"unknown --quantize {self.quantize!r}; use one of "
+                                                 f"{', '.join(QUANTIZE_MODES)}")
         p.raise_if_any()
         return self
 
@@ -319,7 +323,16 @@ def _sidecar(item: PromptItem, cfg: SampleConfig, width: int, height: int, model
         "width": width, "height": height, "temperature": list(_as_list(parse_temperature(cfg.temperature))),
         "token_temperature": cfg.token_temperature,
         "sampler": cfg.sampler_label, "text_encoder": text_encoder_label(cfg.text_encoder), "model": model, "dtype": dtype, "seconds": round(seconds, 4),
+        "quantize": cfg.quantize,
     }
+
+
+def check_pipeline_quantize(pipeline: Any, quantize: str) -> None:
+    """A given pipeline must be quantized as the settings say: the sidecars record the mode."""
+    loaded = getattr(pipeline.transformer, "quantize_mode", "none")
+    if loaded != quantize:
+        raise InputError(f"the pipeline was loaded with quantize={loaded!r} but --quantize is {quantize!r}; load it "
+                         f"with MeissonicPipeline.from_pretrained(..., quantize={quantize!r})")
 
 
 def text_encoder_label(folder: Optional[str]) -> Optional[str]:
@@ -433,7 +446,8 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
     if pipeline is None:
         root = resolve_model_folder(cfg.model, allow_download=cfg.allow_download)
         pipeline = MeissonicPipeline.from_pretrained(root, device=cfg.device, dtype=cfg.dtype,
-                                                     text_encoder=cfg.text_encoder)
+                                                     text_encoder=cfg.text_encoder, quantize=cfg.quantize)
+    check_pipeline_quantize(pipeline, cfg.quantize)
     model_label = model_id["model"]
     width, height = size if size is not None else (pipeline.default_resolution,) * 2
     pipeline.check_resolution(height, width)
