@@ -73,6 +73,7 @@ from meissonic_cli.errors import InputError, ModelFormatError
 from meissonic_cli.model.quantize import check_quantize, quantize_transformer
 from meissonic_cli.model.scheduler import SCHEDULER_CONFIG_NAME, MaskGITScheduler
 from meissonic_cli.model.transformer import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, Conditioning, MeissonicTransformer
+from meissonic_cli.sample.offload import check_offload
 from meissonic_cli.sample.samplers import run_sampler_loop, uses_sampler_loop
 
 HUB_ID = "MeissonFlow/Meissonic"
@@ -368,6 +369,8 @@ class MeissonicPipeline:
     text_encoder: Any  # meissonic_cli.model.text_encoder.TextEncoder
     vq: Any  # meissonic_cli.model.vq.vqgan.VQTokenizer (or what vq.load_vq returns)
     model_path: Optional[Path] = None
+    offloader: Any = None  # sample.offload.Offloader, with --offload model|sequential
+    text_memo: dict = dataclasses.field(default_factory=dict, repr=False)  # prompt -> (text, pooled) on the CPU
 
     @classmethod
     def from_pretrained(
@@ -378,6 +381,7 @@ class MeissonicPipeline:
         allow_download: bool = False,
         text_encoder: Union[str, Path, None] = None,
         quantize: str = "none",
+        offload: str = "none",
     ) -> "MeissonicPipeline":
         """Load a released-layout folder (or a cached Hugging Face repo id) onto `device` in `dtype`.
 
@@ -387,6 +391,8 @@ class MeissonicPipeline:
         CLIP-ViT-H-14 CLIPModel folder the official scripts load; prompts keep the model's tokenizer.
         `quantize`: none, int8, fp8 or int4, weight-only quantization of the transformer's block layers
         (`model.quantize`); a mode the device cannot run is an InputError before anything loads.
+        `offload`: none, model or sequential (`sample.offload`; CUDA only): the parts stay on the CPU
+        and each comes to `device` for its stage.
         """
         from meissonic_cli.model.text_encoder import HF_CONFIG, TextEncoder
         from meissonic_cli.model.vq import load_vq
@@ -394,24 +400,48 @@ class MeissonicPipeline:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype)
         check_quantize(quantize, dev, dt)
+        check_offload(offload, dev)
+        home = dev if offload == "none" else torch.device("cpu")  # where the parts live between stages
         root = resolve_model_folder(model, allow_download=allow_download)
         if text_encoder is not None:
             _need_one(Path(text_encoder).expanduser(), [HF_CONFIG], "--text-encoder config")
         check_model_folder(root, text_encoder=text_encoder is None)
         # Smallest parts first, so a broken folder fails before the transformer's weights are read.
         scheduler = MaskGITScheduler.from_config_dir(root / "scheduler")
-        vq = load_vq(root / "vqvae", dtype=dt).to(dev).eval()
+        vq = load_vq(root / "vqvae", dtype=dt).to(home).eval()
         # The text encoder runs once per call, so float32 costs little; its float32 layer norms also
         # refuse half-precision weights on CPU.
         encoder = TextEncoder.for_model(root, text_encoder and Path(text_encoder).expanduser(),
-                                        dtype=torch.float32).to(dev).eval()
+                                        dtype=torch.float32).to(home).eval()
         # Quantized: read on the CPU and quantized block by block on the way to the device (see
         # model.quantize), so the device never holds the full-precision blocks.
-        transformer = MeissonicTransformer.from_pretrained(root, dtype=dt, device="cpu" if quantize != "none" else dev)
-        quantize_transformer(transformer, quantize, device=dev)
+        transformer = MeissonicTransformer.from_pretrained(root, dtype=dt, device="cpu" if quantize != "none" else home)
+        # int4's packed layout is made on the GPU (torchao has no CPU packing for it).
+        quantize_transformer(transformer, quantize, device=dev if quantize == "int4" else home)
         pipe = cls(transformer=transformer, scheduler=scheduler, text_encoder=encoder, vq=vq, model_path=root)
         pipe.check_parts()
+        if offload != "none":
+            pipe.enable_offload(offload, dev)
         return pipe
+
+    def enable_offload(self, mode: str, device: Any) -> "MeissonicPipeline":
+        """Keep the parts on the CPU and bring each to `device` for its stage (`sample.offload`)."""
+        from meissonic_cli.sample.offload import Offloader
+
+        self.offloader = Offloader({"text_encoder": self.text_encoder, "transformer": self.transformer, "vq": self.vq},
+                                   mode, device)
+        return self
+
+    def remember_prompts(self, prompts: Sequence[str], chunk: int = 64) -> None:
+        """Encode `prompts` now (in chunks, each prompt once) and keep their features on the CPU: later
+        calls with these prompts do not need the text encoder (with offload: it does not come back)."""
+        todo = list(dict.fromkeys(p for p in prompts if p not in self.text_memo))
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            with torch.inference_mode():
+                seq, pooled = self.text_encoder.encode(part)
+            for i, prompt in enumerate(part):
+                self.text_memo[prompt] = (seq[i].cpu(), pooled[i].cpu())
 
     def check_parts(self) -> None:
         """Raise ModelFormatError if the parts do not fit together."""
@@ -434,7 +464,8 @@ class MeissonicPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        """The execution device (with offload the parts sit on the CPU between their stages)."""
+        return self.offloader.device if self.offloader is not None else self.transformer.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -468,6 +499,10 @@ class MeissonicPipeline:
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(text (B, 77, D), pooled (B, P)) in the transformer's dtype."""
+        if prompts and all(p in self.text_memo for p in prompts):
+            seq = torch.stack([self.text_memo[p][0] for p in prompts])
+            pooled = torch.stack([self.text_memo[p][1] for p in prompts])
+            return seq.to(self.device, self.dtype), pooled.to(self.device, self.dtype)
         with torch.inference_mode():
             seq, pooled = self.text_encoder.encode(list(prompts))
         return seq.to(self.device, self.dtype), pooled.to(self.device, self.dtype)

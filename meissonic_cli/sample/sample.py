@@ -32,6 +32,7 @@ from meissonic_cli.errors import InputError, OutputExistsError
 from meissonic_cli.model.quantize import QUANTIZE_HELP, QUANTIZE_MODES
 from meissonic_cli.progress import key_value_table, make_progress
 from meissonic_cli.safety import MAX_SEED, check_seed
+from meissonic_cli.sample.offload import OFFLOAD_HELP, OFFLOAD_MODES
 from meissonic_cli.sample.outputs import other_model, read_done_sidecar
 
 JSONL_FIELDS = ("prompt", "negative_prompt", "seed", "steps", "cfg")
@@ -76,6 +77,7 @@ class SampleConfig:
     dtype: str = field("fp32", help="Transformer weights and activations: fp32, bf16 or fp16 (the text encoder and "
                                     "the VQ run in fp32).")
     quantize: str = field("none", help=QUANTIZE_HELP)
+    offload: str = field("none", help=OFFLOAD_HELP)
     temperature: str = field("2,0", help="Gumbel temperature annealed over the steps: 'start,end', or one number tau "
                                          "for tau..0.01.")
     token_temperature: float = field(1.0, help="Divides the logits before each token draw: 1 is the official sampler; "
@@ -142,6 +144,7 @@ class SampleConfig:
         p.check(self.dtype.lower() in DTYPES, f"unknown --dtype {self.dtype!r}; use fp32, bf16 or fp16")
         p.check(self.quantize in QUANTIZE_MODES, f"unknown --quantize {self.quantize!r}; use one of "
                                                  f"{', '.join(QUANTIZE_MODES)}")
+        p.check(self.offload in OFFLOAD_MODES, f"unknown --offload {self.offload!r}; use one of {', '.join(OFFLOAD_MODES)}")
         p.raise_if_any()
         return self
 
@@ -446,7 +449,8 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
     if pipeline is None:
         root = resolve_model_folder(cfg.model, allow_download=cfg.allow_download)
         pipeline = MeissonicPipeline.from_pretrained(root, device=cfg.device, dtype=cfg.dtype,
-                                                     text_encoder=cfg.text_encoder, quantize=cfg.quantize)
+                                                     text_encoder=cfg.text_encoder, quantize=cfg.quantize,
+                                                     offload=cfg.offload)
     check_pipeline_quantize(pipeline, cfg.quantize)
     model_label = model_id["model"]
     width, height = size if size is not None else (pipeline.default_resolution,) * 2
@@ -463,6 +467,9 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
     result = SampleResult(out_dir=out, model=model_label, device=str(pipeline.device), dtype=dtype_name,
                           resolution=(width, height), skipped=len(items) - len(todo))
     make_output_folder(out)
+    if getattr(pipeline, "offloader", None) is not None and todo:
+        # Every prompt's text features first: the text encoder then never comes back between batches.
+        pipeline.remember_prompts([it.prompt for it in todo] + [it.negative_prompt for it in todo if it.cfg > 1.0])
     with make_progress(progress) as bar:
         images_task = bar.add_task("images", total=len(items), completed=result.skipped)
         steps_task = bar.add_task("steps", total=todo[0].steps, visible=False) if todo else None
