@@ -498,7 +498,7 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
         root = resolve_model_folder(cfg.model, allow_download=cfg.sample.allow_download)
         pipeline = MeissonicPipeline.from_pretrained(root, device=cfg.sample.device, dtype=cfg.sample.dtype,
                                                      text_encoder=cfg.sample.text_encoder, quantize=cfg.sample.quantize,
-                                                     offload=cfg.sample.offload)
+                                                     offload=cfg.sample.offload, compile=cfg.sample.compile)
     check_pipeline_quantize(pipeline, cfg.sample.quantize)
     model_label = model_id["model"]
     for case in todo:

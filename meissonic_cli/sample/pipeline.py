@@ -382,6 +382,7 @@ class MeissonicPipeline:
         text_encoder: Union[str, Path, None] = None,
         quantize: str = "none",
         offload: str = "none",
+        compile: bool = False,
     ) -> "MeissonicPipeline":
         """Load a released-layout folder (or a cached Hugging Face repo id) onto `device` in `dtype`.
 
@@ -392,7 +393,8 @@ class MeissonicPipeline:
         `quantize`: none, int8, fp8 or int4, weight-only quantization of the transformer's block layers
         (`model.quantize`); a mode the device cannot run is an InputError before anything loads.
         `offload`: none, model or sequential (`sample.offload`; CUDA only): the parts stay on the CPU
-        and each comes to `device` for its stage.
+        and each comes to `device` for its stage. `compile`: torch.compile the transformer's blocks
+        (`model.compiled`; not with sequential offload, which moves the blocks at every step).
         """
         from meissonic_cli.model.text_encoder import HF_CONFIG, TextEncoder
         from meissonic_cli.model.vq import load_vq
@@ -400,6 +402,9 @@ class MeissonicPipeline:
         dev = resolve_device(device)
         dt = resolve_dtype(dtype)
         check_quantize(quantize, dev, dt)
+        if compile and offload == "sequential":
+            raise InputError("--compile cannot follow blocks that --offload sequential moves at every step; use "
+                             "--offload model with --compile, or drop --compile")
         check_offload(offload, dev)
         home = dev if offload == "none" else torch.device("cpu")  # where the parts live between stages
         root = resolve_model_folder(model, allow_download=allow_download)
@@ -422,6 +427,10 @@ class MeissonicPipeline:
         pipe.check_parts()
         if offload != "none":
             pipe.enable_offload(offload, dev)
+        if compile:
+            from meissonic_cli.model.compiled import compile_blocks
+
+            compile_blocks(transformer)
         return pipe
 
     def enable_offload(self, mode: str, device: Any) -> "MeissonicPipeline":

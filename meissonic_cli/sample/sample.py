@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 from meissonic_cli.atomic import atomic_write, write_json
 from meissonic_cli.config import Problems, field, parse_resolution
 from meissonic_cli.errors import InputError, OutputExistsError
+from meissonic_cli.model.compiled import COMPILE_HELP
 from meissonic_cli.model.quantize import QUANTIZE_HELP, QUANTIZE_MODES
 from meissonic_cli.progress import key_value_table, make_progress
 from meissonic_cli.safety import MAX_SEED, check_seed
@@ -78,6 +79,7 @@ class SampleConfig:
                                     "the VQ run in fp32).")
     quantize: str = field("none", help=QUANTIZE_HELP)
     offload: str = field("none", help=OFFLOAD_HELP)
+    compile: bool = field(False, help=COMPILE_HELP, flag="--compile/--no-compile")
     temperature: str = field("2,0", help="Gumbel temperature annealed over the steps: 'start,end', or one number tau "
                                          "for tau..0.01.")
     token_temperature: float = field(1.0, help="Divides the logits before each token draw: 1 is the official sampler; "
@@ -450,7 +452,7 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
         root = resolve_model_folder(cfg.model, allow_download=cfg.allow_download)
         pipeline = MeissonicPipeline.from_pretrained(root, device=cfg.device, dtype=cfg.dtype,
                                                      text_encoder=cfg.text_encoder, quantize=cfg.quantize,
-                                                     offload=cfg.offload)
+                                                     offload=cfg.offload, compile=cfg.compile)
     check_pipeline_quantize(pipeline, cfg.quantize)
     model_label = model_id["model"]
     width, height = size if size is not None else (pipeline.default_resolution,) * 2
