@@ -128,3 +128,14 @@ def test_sample_with_a_mode_the_cpu_cannot_run_is_one_error_and_writes_nothing(m
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error:") and f"--quantize {mode} needs" in lines[0]
     assert not out.exists()
+
+
+def test_weights_cast_as_they_are_read_equal_the_stored_ones_cast(tiny_model_dir: Path) -> None:
+    from meissonic_cli.model.state_io import read_safetensors
+
+    file = tiny_model_dir / "transformer" / "diffusion_pytorch_model.safetensors"
+    stored = read_safetensors(file)
+    for dtype in (torch.float32, torch.bfloat16):
+        cast = read_safetensors(file, dtype=dtype)
+        assert cast.keys() == stored.keys()
+        assert all(torch.equal(cast[k], stored[k].to(dtype)) and cast[k].dtype == dtype for k in stored)
