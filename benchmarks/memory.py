@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--out", default=None, help="folder for memory.json and memory.md")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per setting")
+    ap.add_argument("--budget-s", type=float, default=None, help="skip the settings that would start after this")
+    ap.add_argument("--json", action="store_true", help="print one JSON line (rows) instead of the table")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.build:
@@ -157,9 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in names if s not in SETTINGS]
     if unknown:
         ap.error(f"unknown setting(s) {', '.join(unknown)}; use {', '.join(SETTINGS)}")
-    rows = []
+    rows: list[dict[str, Any]] = []
+    started = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     for name in names:
+        if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+            rows.append({"setting": name, **SETTINGS[name], "status": "skipped", "why": "out of the time budget"})
+            continue
         cmd = [sys.executable, __file__, "--child", name, "--model", args.model, "--device", args.device,
                "--resolution", str(args.resolution), "--steps", str(args.steps)]
         try:
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"setting": name, **SETTINGS[name], "status": "failed", "why": f"over {args.timeout:.0f} s"})
         print(json.dumps(rows[-1]), file=sys.stderr)
     table = markdown(rows)
-    print(table)
+    print(json.dumps({"resolution": args.resolution, "steps": args.steps, "rows": rows}) if args.json else table)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

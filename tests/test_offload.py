@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from meissonic_cli.cli import app
 from meissonic_cli.errors import InputError
-from meissonic_cli.sample.offload import Offloader, check_offload
+from meissonic_cli.sample.offload import Offloader, check_offload, enable_offload
 from meissonic_cli.sample.pipeline import MeissonicPipeline
 from meissonic_cli.sample.sample import SampleConfig, run_sample
 
@@ -25,7 +25,7 @@ PARTS = ("text_encoder", "transformer", "vq")
 
 def _offloaded(tiny_model_dir: Path, mode: str) -> tuple[MeissonicPipeline, list[tuple[str, tuple[str, ...]]]]:
     pipe = MeissonicPipeline.from_pretrained(tiny_model_dir, device="cpu", dtype="fp32")
-    pipe.enable_offload(mode, torch.device("cpu"))
+    enable_offload(pipe, mode, torch.device("cpu"))
     uses: list[tuple[str, tuple[str, ...]]] = []  # (part whose layer ran, parts resident then)
     for name in PARTS:
         for module in getattr(pipe, name).modules():
@@ -64,7 +64,7 @@ def test_sequential_streams_each_block_in_for_its_forward(tiny_model_dir: Path) 
             moves.append(f"{id(block)}->{torch.device(args[0]).type}")
             return original(*args, **kwargs)
         block.to = recording
-    pipe.enable_offload("sequential", torch.device("cpu"))
+    enable_offload(pipe, "sequential", torch.device("cpu"))
     codes = pipe(["a red circle"], steps=2, seed=0, height=32, width=32, output_type="codes")
     assert torch.equal(codes, reference)  # placement never changes the numbers
     n_blocks = len(transformer.transformer_blocks) + len(transformer.single_transformer_blocks)

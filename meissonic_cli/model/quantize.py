@@ -3,7 +3,7 @@ fp8 script uses.
 
 What is quantized: every `nn.Linear` inside the transformer's blocks (the double blocks' attention
 q/k/v/out and text-stream projections, both feed-forwards and the AdaLN modulation; the single blocks'
-attention, `proj_mlp`, `proj_out` and modulation): about 97% of the 1B model's weights. What stays in the
+attention, `proj_mlp`, `proj_out` and modulation): 96% of the 1B model's weights. What stays in the
 compute dtype: the token embedding, every norm, the context embedder, the timestep/text/micro-condition
 MLPs, `project_to_hidden`/`project_from_hidden`, the 2x2 (de)compression convolutions and the MLM
 head. On the conformance cases (../shared/conformance) int8 of the block layers moves the logits by

@@ -44,6 +44,65 @@ def check_offload(mode: str, device: "torch.device") -> None:
                          f"{torch.device(device).type} (everything is in CPU memory already): drop --offload")
 
 
+def check_low_vram(quantize: str, offload: str, compile: bool, device: "torch.device", dtype: "torch.dtype") -> Any:
+    """Check the quantize/offload/compile settings for `device` (one InputError); returns where the
+    pipeline's parts live between stages (the CPU with offload, else `device`)."""
+    import torch
+
+    from meissonic_cli.model.quantize import check_quantize
+
+    check_quantize(quantize, device, dtype)
+    if compile and offload == "sequential":
+        raise InputError("--compile cannot follow blocks that --offload sequential moves at every step; use "
+                         "--offload model with --compile, or drop --compile")
+    check_offload(offload, device)
+    return torch.device(device) if offload == "none" else torch.device("cpu")
+
+
+def load_transformer(root: Any, dtype: "torch.dtype", device: Any, home: Any, quantize: str) -> Any:
+    """The transformer of a model folder in `dtype` on `home`, quantized (`model.quantize`)."""
+    from meissonic_cli.model.quantize import quantize_transformer
+    from meissonic_cli.model.transformer import MeissonicTransformer
+
+    # Quantized: read on the CPU and quantized block by block on the way to the device, so the
+    # device never holds the full-precision blocks; int4's packed layout is made on the GPU.
+    transformer = MeissonicTransformer.from_pretrained(root, dtype=dtype, device="cpu" if quantize != "none" else home)
+    quantize_transformer(transformer, quantize, device=device if quantize == "int4" else home)
+    return transformer
+
+
+def place_parts(pipe: Any, offload: str, compile: bool, device: Any) -> Any:
+    """Offload (`enable_offload`) and compile (`model.compiled`) a loaded pipeline as asked; returns it."""
+    if offload != "none":
+        enable_offload(pipe, offload, device)
+    if compile:
+        from meissonic_cli.model.compiled import compile_blocks
+
+        compile_blocks(pipe.transformer)
+    return pipe
+
+
+def enable_offload(pipe: Any, mode: str, device: Any) -> Any:
+    """Keep `pipe`'s parts on the CPU and bring each to `device` for its stage."""
+    pipe.offloader = Offloader({"text_encoder": pipe.text_encoder, "transformer": pipe.transformer, "vq": pipe.vq},
+                               mode, device)
+    return pipe
+
+
+def remember_prompts(pipe: Any, prompts: Any, chunk: int = 64) -> None:
+    """Encode `prompts` now (in chunks, each prompt once) and keep their features on the CPU in
+    `pipe.text_memo`: later calls with these prompts skip the text encoder (with offload it stays out)."""
+    import torch
+
+    todo = list(dict.fromkeys(p for p in prompts if p not in pipe.text_memo))
+    for start in range(0, len(todo), chunk):
+        part = todo[start:start + chunk]
+        with torch.inference_mode():
+            seq, pooled = pipe.text_encoder.encode(part)
+        for i, prompt in enumerate(part):
+            pipe.text_memo[prompt] = (seq[i].cpu(), pooled[i].cpu())
+
+
 class Offloader:
     """Places the pipeline's parts (see the module docstring); `device` is the execution device."""
 
@@ -118,4 +177,5 @@ class Offloader:
         return [stage for stage, _ in self.log]
 
 
-__all__ = ["OFFLOAD_HELP", "OFFLOAD_MODES", "Offloader", "check_offload"]
+__all__ = ["OFFLOAD_HELP", "OFFLOAD_MODES", "Offloader", "check_low_vram", "check_offload", "enable_offload",
+           "load_transformer", "place_parts", "remember_prompts"]

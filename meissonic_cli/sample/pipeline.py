@@ -61,8 +61,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import re
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
@@ -70,10 +68,10 @@ import torch
 
 from meissonic_cli.device import dtype_table, resolve_device, resolve_dtype
 from meissonic_cli.errors import InputError, ModelFormatError
-from meissonic_cli.model.quantize import check_quantize, quantize_transformer
 from meissonic_cli.model.scheduler import SCHEDULER_CONFIG_NAME, MaskGITScheduler
 from meissonic_cli.model.transformer import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, Conditioning, MeissonicTransformer
-from meissonic_cli.sample.offload import check_offload
+from meissonic_cli.sample.model_folder import resolve_model_folder
+from meissonic_cli.sample.offload import check_low_vram, load_transformer, place_parts
 from meissonic_cli.sample.samplers import run_sampler_loop, uses_sampler_loop
 
 HUB_ID = "MeissonFlow/Meissonic"
@@ -88,50 +86,11 @@ DEFAULT_MICRO_SCORE = 6.0
 # one per position and code (8192), which on CPU costs as much as a tenth of a step.
 DRAW = "inverse_cdf"
 
-_HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-
 ProgressCallback = Callable[[int, int], None]
 
 
 # ----------------------------------------------------------------------------------------------
 # Devices, dtypes, folders
-
-
-def _hf_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off")
-
-
-def resolve_model_folder(model: Union[str, Path], allow_download: bool = False) -> Path:
-    """The local folder for `model`: a path, or a Hugging Face repo id found in the local HF cache
-    (downloaded only with `allow_download` and HF_HUB_OFFLINE unset)."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelFormatError(f"{path} is a file; expected a model folder holding transformer/, vqvae/, "
-                                   f"text_encoder/, tokenizer/ and scheduler/")
-        return path
-    name = str(model)
-    if not _HUB_ID_RE.fullmatch(name):
-        raise ModelFormatError(f"model folder not found: {path}")
-    hint = (f"model folder not found: {name} (if it is a Hugging Face repo id, download it first with "
-            f"`huggingface-cli download {name} --local-dir DIR` and pass DIR")
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise ModelFormatError(hint + ")") from None
-    try:
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # not in the local cache: any hub error means the same here
-        pass
-    if not allow_download:
-        raise ModelFormatError(hint + ", or allow the download with --allow-download)")
-    if _hf_offline():
-        raise ModelFormatError(hint + "; HF_HUB_OFFLINE is set, so nothing is downloaded)")
-    try:
-        return Path(snapshot_download(name))
-    except Exception as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise ModelFormatError(f"could not download {name}: {first}; {hint[len('model folder not found: '):]})") from None
 
 
 def _need_one(folder: Path, names: Sequence[str], what: str) -> None:
@@ -390,23 +349,14 @@ class MeissonicPipeline:
         (`force_upcast`, as the released one does); `dtype` is the transformer's.
         `text_encoder`: another text encoder folder to use (`TextEncoder.for_model`), e.g. the laion
         CLIP-ViT-H-14 CLIPModel folder the official scripts load; prompts keep the model's tokenizer.
-        `quantize`: none, int8, fp8 or int4, weight-only quantization of the transformer's block layers
-        (`model.quantize`); a mode the device cannot run is an InputError before anything loads.
-        `offload`: none, model or sequential (`sample.offload`; CUDA only): the parts stay on the CPU
-        and each comes to `device` for its stage. `compile`: torch.compile the transformer's blocks
-        (`model.compiled`; not with sequential offload, which moves the blocks at every step).
+        `quantize` (none|int8|fp8|int4), `offload` (none|model|sequential), `compile`: see `sample.offload`.
         """
         from meissonic_cli.model.text_encoder import HF_CONFIG, TextEncoder
         from meissonic_cli.model.vq import load_vq
 
         dev = resolve_device(device)
         dt = resolve_dtype(dtype)
-        check_quantize(quantize, dev, dt)
-        if compile and offload == "sequential":
-            raise InputError("--compile cannot follow blocks that --offload sequential moves at every step; use "
-                             "--offload model with --compile, or drop --compile")
-        check_offload(offload, dev)
-        home = dev if offload == "none" else torch.device("cpu")  # where the parts live between stages
+        home = check_low_vram(quantize, offload, compile, dev, dt)  # where the parts live between stages
         root = resolve_model_folder(model, allow_download=allow_download)
         if text_encoder is not None:
             _need_one(Path(text_encoder).expanduser(), [HF_CONFIG], "--text-encoder config")
@@ -418,39 +368,10 @@ class MeissonicPipeline:
         # refuse half-precision weights on CPU.
         encoder = TextEncoder.for_model(root, text_encoder and Path(text_encoder).expanduser(),
                                         dtype=torch.float32).to(home).eval()
-        # Quantized: read on the CPU and quantized block by block on the way to the device (see
-        # model.quantize), so the device never holds the full-precision blocks.
-        transformer = MeissonicTransformer.from_pretrained(root, dtype=dt, device="cpu" if quantize != "none" else home)
-        # int4's packed layout is made on the GPU (torchao has no CPU packing for it).
-        quantize_transformer(transformer, quantize, device=dev if quantize == "int4" else home)
+        transformer = load_transformer(root, dt, dev, home, quantize)
         pipe = cls(transformer=transformer, scheduler=scheduler, text_encoder=encoder, vq=vq, model_path=root)
         pipe.check_parts()
-        if offload != "none":
-            pipe.enable_offload(offload, dev)
-        if compile:
-            from meissonic_cli.model.compiled import compile_blocks
-
-            compile_blocks(transformer)
-        return pipe
-
-    def enable_offload(self, mode: str, device: Any) -> "MeissonicPipeline":
-        """Keep the parts on the CPU and bring each to `device` for its stage (`sample.offload`)."""
-        from meissonic_cli.sample.offload import Offloader
-
-        self.offloader = Offloader({"text_encoder": self.text_encoder, "transformer": self.transformer, "vq": self.vq},
-                                   mode, device)
-        return self
-
-    def remember_prompts(self, prompts: Sequence[str], chunk: int = 64) -> None:
-        """Encode `prompts` now (in chunks, each prompt once) and keep their features on the CPU: later
-        calls with these prompts do not need the text encoder (with offload: it does not come back)."""
-        todo = list(dict.fromkeys(p for p in prompts if p not in self.text_memo))
-        for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
-            with torch.inference_mode():
-                seq, pooled = self.text_encoder.encode(part)
-            for i, prompt in enumerate(part):
-                self.text_memo[prompt] = (seq[i].cpu(), pooled[i].cpu())
+        return place_parts(pipe, offload, compile, dev)
 
     def check_parts(self) -> None:
         """Raise ModelFormatError if the parts do not fit together."""

@@ -328,7 +328,7 @@ def _sidecar(item: PromptItem, cfg: SampleConfig, width: int, height: int, model
         "width": width, "height": height, "temperature": list(_as_list(parse_temperature(cfg.temperature))),
         "token_temperature": cfg.token_temperature,
         "sampler": cfg.sampler_label, "text_encoder": text_encoder_label(cfg.text_encoder), "model": model, "dtype": dtype, "seconds": round(seconds, 4),
-        "quantize": cfg.quantize,
+        "quantize": cfg.quantize, "offload": cfg.offload,
     }
 
 
@@ -471,7 +471,9 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None) -
     make_output_folder(out)
     if getattr(pipeline, "offloader", None) is not None and todo:
         # Every prompt's text features first: the text encoder then never comes back between batches.
-        pipeline.remember_prompts([it.prompt for it in todo] + [it.negative_prompt for it in todo if it.cfg > 1.0])
+        from meissonic_cli.sample.offload import remember_prompts
+
+        remember_prompts(pipeline, [it.prompt for it in todo] + [it.negative_prompt for it in todo if it.cfg > 1.0])
     with make_progress(progress) as bar:
         images_task = bar.add_task("images", total=len(items), completed=result.skipped)
         steps_task = bar.add_task("steps", total=todo[0].steps, visible=False) if todo else None
