@@ -5,9 +5,9 @@
 Random weights of the released 1B configuration at 1024x1024 (a 64x64 token grid, 32x32 after the
 2x2 compression), bf16, batch 1, classifier-free guidance 9, on one CUDA device: the official sampler
 (the default fast loop) and the `--fast` setting (SamplerOptions fields, e.g. the study's fastest:
-the feature cache), each eager and with torch.compile (the transformer blocks, and the cache's block
-functions, compiled one by one: their shapes do not change from step to step, except the cache's
-active cells at each refresh, compiled with dynamic shapes). Each measurement is one untimed warm-up
+the feature cache), each eager and with torch.compile (the transformer blocks compiled one by one:
+their shapes do not change from step to step, except the cache's active cells at each refresh; the
+cache runs through the blocks' own forward). Each measurement is one untimed warm-up
 run (which also compiles) and one timed run; the per-step times are taken at every step's end after
 a device sync. Prints one JSON line. A time budget (--budget-s) skips what would run past it (the
 skipped parts are listed under "skipped").
@@ -45,29 +45,22 @@ def parse_fast(text: str) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def compiled(model: Any, backend: str) -> Iterator[None]:
-    """Compile the transformer's blocks (static shapes) and the cache's block functions (dynamic)."""
+    """Compile the transformer's blocks one by one; the feature cache runs through the same blocks
+    (its active cells change at each refresh: dynamo marks those shapes dynamic after the first)."""
     import torch
-
-    from meissonic_cli.sample import cache as cache_mod
 
     torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
     blocks = [model.transformer_blocks, model.single_transformer_blocks]
     saved_blocks = [list(b) for b in blocks]
-    names = ("_double_full", "_double_cached", "_single_full", "_single_cached")
-    saved_fns = {n: getattr(cache_mod, n) for n in names}
     try:
         for group in blocks:
             for i, block in enumerate(list(group)):
                 group[i] = torch.compile(block, backend=backend)
-        for n in names:
-            setattr(cache_mod, n, torch.compile(saved_fns[n], backend=backend, dynamic=True))
         yield
     finally:
         for group, original in zip(blocks, saved_blocks):
             for i, block in enumerate(original):
                 group[i] = block
-        for n, fn in saved_fns.items():
-            setattr(cache_mod, n, fn)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -6,7 +6,11 @@
 #            (benchmarks/gpu_check.py; at most ~5.5 minutes, then it skips what is left);
 #   train:   one training step of the 1B model at 512x512, bf16, batch 16, through the trainer's own step:
 #            seconds per step and MFU against the measured bf16 matmul peak and against the spec sheet's
-#            dense bf16 peak (989 TFLOP/s for H100/H200 SXM) (benchmarks/train_speed.py; at most 2 minutes).
+#            dense bf16 peak (989 TFLOP/s for H100/H200 SXM) (benchmarks/train_speed.py; at most 100 s).
+#   memory:  the released 1B architecture (random weights, released layout, built first) at 1024x1024, CFG 9,
+#            48 steps: peak VRAM (torch.cuda.max_memory_allocated) and s/step for fp32, bf16, bf16 + model
+#            offload, int8, int8 + model offload, int4, each in a fresh process (benchmarks/memory.py;
+#            at most 200 s, then it skips what is left).
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine
 #   bash benchmarks/gpu_check.sh --smoke    # the same code on the CPU with tiny shapes, in seconds
@@ -34,10 +38,17 @@ if [ "$SMOKE" = 1 ]; then
   timeout 300 "$PY" benchmarks/train_speed.py --model tiny --resolution 64 --precision bf16 --batch 2 --steps 1 \
     --warmup 1 --device cpu --json >"$tmp/train.out" 2>"$tmp/train.err"
   echo $? >"$tmp/train.rc"
+  timeout 300 bash -c "\"$PY\" -c 'import sys; from meissonic_cli.model.scaffold import build_tiny_model_folder as b; b(sys.argv[1])' \
+    \"$tmp/tiny\" && \"$PY\" benchmarks/memory.py --model \"$tmp/tiny\" --device cpu --resolution 64 --steps 2 \
+    --settings fp32,int8,int8+offload --json" >"$tmp/memory.out" 2>"$tmp/memory.err"
+  echo $? >"$tmp/memory.rc"
 else
-  timeout 330 "$PY" benchmarks/gpu_check.py --fast "$FAST" --budget-s 240 >"$tmp/sampler.out" 2>"$tmp/sampler.err"
+  timeout 190 "$PY" benchmarks/gpu_check.py --fast "$FAST" --budget-s 150 >"$tmp/sampler.out" 2>"$tmp/sampler.err"
   echo $? >"$tmp/sampler.rc"
-  timeout 120 "$PY" benchmarks/train_speed.py --model 1b --resolution 512 --precision bf16 --batch 16 --steps 3 \
+  timeout 200 bash -c "\"$PY\" benchmarks/memory.py --build \"$tmp/m1b\" >/dev/null && \"$PY\" benchmarks/memory.py \
+    --model \"$tmp/m1b\" --device cuda --steps 48 --timeout 60 --budget-s 120 --json" >"$tmp/memory.out" 2>"$tmp/memory.err"
+  echo $? >"$tmp/memory.rc"
+  timeout 100 "$PY" benchmarks/train_speed.py --model 1b --resolution 512 --precision bf16 --batch 16 --steps 3 \
     --warmup 2 --device cuda --json >"$tmp/train.out" 2>"$tmp/train.err"
   echo $? >"$tmp/train.rc"
 fi
@@ -63,7 +74,7 @@ def part(name):
         return {"error": f"unreadable output: {e}"}
 
 
-out = {"smoke": smoke, "sampler": part("sampler")}
+out = {"smoke": smoke, "sampler": part("sampler"), "memory": part("memory")}
 train = part("train")
 if "runs" in train:
     run = train["runs"][0]

@@ -331,3 +331,5 @@ def test_gpu_check_smoke_prints_one_json_line_with_every_figure() -> None:
             assert sampler[name][mode]["s_per_step"] > 0 and sampler[name][mode]["total_4_steps_s"] > 0
     assert out["sampler"]["fast_setting"] == "confidence+cache3"
     assert out["train"]["s_per_step"] > 0 and out["train"]["mfu_vs_measured_matmul"] > 0
+    memory = {r["setting"]: r for r in out["memory"]["rows"]}
+    assert memory["int8"]["peak_rss_over_baseline_gib"] > 0 and memory["int8+offload"]["status"] == "n/a"

@@ -34,8 +34,12 @@ from meissonic_cli.model.hub import VARIANTS
 
 
 def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu",
-                     with_metadata: bool = False) -> Any:
-    """The tensors of one safetensors file (and its metadata with `with_metadata`)."""
+                     with_metadata: bool = False, dtype: torch.dtype | None = None) -> Any:
+    """The tensors of one safetensors file (and its metadata with `with_metadata`).
+
+    With `dtype`, each floating-point tensor is cast as it is read, so a float32 file loaded in bf16
+    never holds more than one float32 tensor at a time.
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -44,7 +48,12 @@ def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as fh:
             metadata = fh.metadata() or {}
-            tensors = {key: fh.get_tensor(key) for key in fh.keys()}
+            if dtype is not None:
+                # safe_open validated the header; read the data with plain reads, not through the memory
+                # map, whose touched pages count as this process's resident memory until it closes.
+                tensors = _read_cast(path, dtype, device)
+            else:
+                tensors = {key: fh.get_tensor(key) for key in fh.keys()}
     except Exception as err:  # safetensors raises its own error types (and OSError) for bad headers
         raise ModelFormatError(f"cannot read weights in {path}: not a readable safetensors file ({_first_line(err)})") from None
     return (tensors, metadata) if with_metadata else tensors
@@ -60,6 +69,34 @@ def _allowed_roots(folder: Path) -> list[Path]:
                 roots.append((parent.parent / "blobs").resolve())
             break
     return roots
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+
+
+def _read_cast(path: Path, dtype: torch.dtype, device: str | torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor of a (header-validated) safetensors file, floating ones cast to `dtype` one at a time."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        header_len = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(header_len))
+        start = 8 + header_len
+        tensors: dict[str, torch.Tensor] = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            kind = _SAFETENSORS_DTYPES.get(info["dtype"])
+            begin, end = (int(x) for x in info["data_offsets"])
+            if kind is None or start + end > size or end < begin:
+                raise ModelFormatError(f"{path}: tensor {key} has dtype {info['dtype']} or offsets this reader cannot use")
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            if fh.seek(start + begin) != start + begin or fh.readinto(raw.numpy()) != end - begin:
+                raise ModelFormatError(f"{path}: truncated data for tensor {key}")
+            tensor = raw.view(kind).reshape(info["shape"]) if end > begin else torch.empty(info["shape"], dtype=kind)
+            if tensor.is_floating_point():
+                tensor = tensor.to(dtype)
+            tensors[key] = tensor.to(device)
+    return tensors
 
 
 def index_files(folder: str | os.PathLike, index: str) -> list[Path]:
@@ -157,11 +194,13 @@ def weight_files(folder: str | os.PathLike, weights: str, index: str | None = No
 
 
 def read_weights(folder: str | os.PathLike, weights: str, index: str | None = None,
-                 device: str | torch.device = "cpu", variant: str | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of a folder's safetensors weights (single file or sharded index, see `weight_files`)."""
+                 device: str | torch.device = "cpu", variant: str | None = None,
+                 dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's safetensors weights (single file or sharded index, see `weight_files`);
+    floating-point tensors cast to `dtype` one by one as they are read (see `read_safetensors`)."""
     state: dict[str, torch.Tensor] = {}
     for file in weight_files(folder, weights, index, variant):
-        state.update(read_safetensors(file, device=device))
+        state.update(read_safetensors(file, device=device, dtype=dtype))
     return state
 
 

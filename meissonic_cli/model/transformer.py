@@ -20,6 +20,8 @@ What this module implements (paper sections 2.2-2.3; numerics of the official `T
 - A fast inference path for sampling: `prepare_conditioning` hoists everything that does not change
   across sampling steps, and `forward_cached(..., positions=...)` runs the 8192-way head only where
   logits are still needed.
+- `BlockCache`: the sampler's feature cache (`sample/cache.py`) as an optional argument of every
+  block's forward, as litgpt passes its KV cache into attention: one block forward for every path.
 
 The state_dict keys are those of the released checkpoint, so module names follow it (`norm1.linear`,
 `attn.to_out.0`, `ff.net.0.proj`, ...). Float32 numerics equal the official model's on the
@@ -287,6 +289,37 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 
 
 # ----------------------------------------------------------------------------------------------
+# The feature cache's per-block state
+
+
+class BlockCache:
+    """Keys/values of one block's attention kept across sampling steps (the sampler's feature cache).
+
+    With `index` None a block given this cache runs its full forward and records the keys/values
+    (after QK-norm and the rotary embedding) of every position of the [text, image] sequence. With
+    `index` set, the rows the block is given are those positions of the sequence only (image rows; a
+    double block then gets c=None and does not run the text stream): their fresh keys/values overwrite
+    the record there and their queries attend to the whole record.
+    """
+
+    def __init__(self) -> None:
+        self.keys: Optional[torch.Tensor] = None
+        self.values: Optional[torch.Tensor] = None
+        self.index: Optional[torch.Tensor] = None
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record (full pass) or write in (cached pass) `k`, `v`; return what attention should use."""
+        if self.index is None:
+            self.keys, self.values = k, v
+            return k, v
+        if self.keys is None or self.values is None:
+            raise InputError("a cached block step needs a full forward first (BlockCache has no record)")
+        self.keys[:, :, self.index] = k
+        self.values[:, :, self.index] = v
+        return self.keys, self.values
+
+
+# ----------------------------------------------------------------------------------------------
 # Modules (names mirror the released checkpoint keys)
 
 
@@ -374,21 +407,28 @@ class _Attention(nn.Module):
     def _qkv(self, x: torch.Tensor, q: nn.Linear, k: nn.Linear, v: nn.Linear, nq: RMSNorm, nk: RMSNorm):
         return nq(self._split(q(x))), nk(self._split(k(x))), self._split(v(x))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+               cache: Optional[BlockCache] = None) -> torch.Tensor:
         cos, signed_sin = rope
         q, k = apply_rope(q, cos, signed_sin), apply_rope(k, cos, signed_sin)
+        if cache is not None:
+            k, v = cache.update(k, v)
         out = F.scaled_dot_product_attention(q, k, v)
         return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], self.heads * self.head_dim).to(q.dtype)
 
-    def forward_single(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward_single(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                       cache: Optional[BlockCache] = None) -> torch.Tensor:
         q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
-        return self.attend(q, k, v, rope)
+        return self.attend(q, k, v, rope, cache)
 
-    def forward_joint(self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]):
+    def forward_joint(self, x: torch.Tensor, c: Optional[torch.Tensor], rope: tuple[torch.Tensor, torch.Tensor],
+                      cache: Optional[BlockCache] = None):
         q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
+        if c is None:  # a cached step: the text's keys/values are in the cache
+            return self.to_out[0](self.attend(q, k, v, rope, cache)), None
         cq, ck, cv = self._qkv(c, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k)
         # Text first: the rotary tables are laid out as [text ids, image ids].
-        out = self.attend(torch.cat([cq, q], 2), torch.cat([ck, k], 2), torch.cat([cv, v], 2), rope)
+        out = self.attend(torch.cat([cq, q], 2), torch.cat([ck, k], 2), torch.cat([cv, v], 2), rope, cache)
         t = c.shape[1]
         return self.to_out[0](out[:, t:]), self.to_add_out(out[:, :t])
 
@@ -404,12 +444,20 @@ class DoubleStreamBlock(nn.Module):
         self.ff = _FeedForward(dim)
         self.ff_context = _FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, temb: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, c: Optional[torch.Tensor], temb: torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor], cache: Optional[BlockCache] = None):
+        """(c, x) after the block. With a `cache` in its cached mode (see `BlockCache`), c is None,
+        x holds only the rows at `cache.index` and `rope` their tables; it returns (None, x)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.norm1(temb)
+        if c is None:
+            if cache is None or cache.index is None:
+                raise InputError("a double block without the text stream (c=None) needs a BlockCache with an index")
+            attn_x, _ = self.attn.forward_joint(_layer_norm(x) * (1 + scale1) + shift1, None, rope, cache)
+            x = x + gate1 * attn_x
+            return None, x + gate2 * self.ff(_layer_norm(x) * (1 + scale2) + shift2)
         cshift1, cscale1, cgate1, cshift2, cscale2, cgate2 = self.norm1_context(temb)
         attn_x, attn_c = self.attn.forward_joint(
-            _layer_norm(x) * (1 + scale1) + shift1, _layer_norm(c) * (1 + cscale1) + cshift1, rope
+            _layer_norm(x) * (1 + scale1) + shift1, _layer_norm(c) * (1 + cscale1) + cshift1, rope, cache
         )
         x = x + gate1 * attn_x
         x = x + gate2 * self.ff(_layer_norm(x) * (1 + scale2) + shift2)
@@ -430,11 +478,13 @@ class SingleStreamBlock(nn.Module):
         self.proj_out = nn.Linear(5 * dim, dim)
         self.attn = _Attention(dim, heads, head_dim, joint=False)
 
-    def forward(self, z: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: Optional[BlockCache] = None) -> torch.Tensor:
+        """z after the block; with a `cache` in its cached mode z holds only the rows at `cache.index`."""
         shift, scale, gate = self.norm(temb)
         m = _layer_norm(z) * (1 + scale) + shift
         mlp = F.gelu(self.proj_mlp(m), approximate="tanh")
-        z = z + gate * self.proj_out(torch.cat([self.attn.forward_single(m, rope), mlp], dim=2))
+        z = z + gate * self.proj_out(torch.cat([self.attn.forward_single(m, rope, cache), mlp], dim=2))
         if z.dtype == torch.float16:
             z = z.clip(-FP16_MAX, FP16_MAX)
         return z
@@ -709,6 +759,7 @@ class MeissonicTransformer(nn.Module):
         cond: Conditioning,
         positions: Optional[torch.Tensor] = None,
         head: str = "logits",
+        cache: Optional[list[BlockCache]] = None,
     ) -> torch.Tensor:
         """The forward pass with the step-invariant work taken from `cond`.
 
@@ -719,6 +770,7 @@ class MeissonicTransformer(nn.Module):
         finishes it, so a caller mixing logits linearly (classifier-free guidance) can mix these instead.
         With positions, `cond` may hold k*B rows for B token grids (k prompt groups over the same
         tokens, e.g. [uncond, cond]); the tokens are then embedded once and the output has k*B rows.
+        `cache`, one `BlockCache` per block (double blocks first), records every block's keys/values.
         """
         if head not in ("logits", "hidden") or (head == "hidden" and positions is None):
             raise InputError(f"head must be 'logits', or 'hidden' together with positions; got {head!r}")
@@ -757,17 +809,22 @@ class MeissonicTransformer(nn.Module):
 
         checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         c = context
+        caches = None
+        if cache is not None:
+            if len(cache) != len(self.transformer_blocks) + len(self.single_transformer_blocks):
+                raise InputError(f"cache must hold one BlockCache per block, got {len(cache)}")
+            caches = iter(cache)
         for block in self.transformer_blocks:
             if checkpoint:
                 c, x = torch.utils.checkpoint.checkpoint(block, x, c, temb, rope, use_reentrant=False)
             else:
-                c, x = block(x, c, temb, rope)
+                c, x = block(x, c, temb, rope, next(caches) if caches is not None else None)
         z = torch.cat([c, x], dim=1)
         for block in self.single_transformer_blocks:
             if checkpoint:
                 z = torch.utils.checkpoint.checkpoint(block, z, temb, rope, use_reentrant=False)
             else:
-                z = block(z, temb, rope)
+                z = block(z, temb, rope, next(caches) if caches is not None else None)
 
         y = self.project_from_hidden(self.project_from_hidden_norm(z[:, t:]))
         y = self.up_block(y.reshape(b, h, w, -1).permute(0, 3, 1, 2))
@@ -843,12 +900,14 @@ def transformer_folder(folder: Union[str, Path]) -> Path:
     )
 
 
-def load_state_dict_files(folder: Path, variant: Optional[str] = None, device: Union[str, torch.device] = "cpu") -> dict[str, torch.Tensor]:
+def load_state_dict_files(folder: Path, variant: Optional[str] = None, device: Union[str, torch.device] = "cpu",
+                          dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     """Read the weights of a transformer folder: the single file, else the sharded index, in `variant`
-    (fp16/bf16) when the folder holds it (see `state_io.weight_files`)."""
+    (fp16/bf16) when the folder holds it (see `state_io.weight_files`); with `dtype` each tensor is cast as
+    it is read (no full-precision copy of the model is kept)."""
     from meissonic_cli.model.state_io import read_weights
 
-    return read_weights(folder, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, device=device, variant=variant)
+    return read_weights(folder, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, device=device, variant=variant, dtype=dtype)
 
 
 def weight_shapes(folder: Union[str, Path], variant: Optional[str] = None) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -888,7 +947,7 @@ def from_pretrained(
     tdir = transformer_folder(folder)
     config = TransformerConfig.from_json(tdir / CONFIG_NAME)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    state = load_state_dict_files(tdir, variant, device=device)
+    state = load_state_dict_files(tdir, variant, device=device, dtype=dtype)
     model = build_on_meta(config)
     load_state_into(model, state, f"weights in {tdir}", what="the transformer config", dtype=dtype or "stored")
     return model.eval()

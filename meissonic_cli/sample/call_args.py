@@ -92,11 +92,29 @@ def wrap_output(images: Any, output_type: str, return_dict: bool) -> Any:
     return MeissonicPipelineOutput(out) if return_dict else (out,)
 
 
+def move_pipeline(pipe: Any, args: Sequence[Any], device: Any, dtype: Any) -> Any:
+    """`MeissonicPipeline.to(*args, device=, dtype=)`: positional arguments are a dtype or a device, as in diffusers."""
+    from meissonic_cli.device import dtype_table, resolve_device, resolve_dtype
+
+    for arg in args:
+        if isinstance(arg, torch.dtype) or (isinstance(arg, str) and arg.lower() in dtype_table()):
+            dtype = one_of(arg, dtype, "a dtype", "dtype=", None)
+        else:
+            device = one_of(arg, device, "a device", "device=", None)
+    if device is not None:
+        dev = resolve_device(device)
+        for part in (pipe.transformer, pipe.text_encoder, pipe.vq):
+            part.to(dev)
+    if dtype is not None:
+        pipe.transformer.to(resolve_dtype(dtype))
+    return pipe
+
+
 def check_output_type(output_type: Optional[str]) -> str:
     if output_type not in OUTPUT_TYPES:
         raise InputError(f"unknown output_type {output_type!r}; use one of {', '.join(OUTPUT_TYPES)}")
     return output_type
 
 
-__all__ = ["OUTPUT_TYPES", "MeissonicPipelineOutput", "check_output_type", "one_of", "prompt_list",
+__all__ = ["OUTPUT_TYPES", "MeissonicPipelineOutput", "check_output_type", "move_pipeline", "one_of", "prompt_list",
            "repeat_per_prompt", "wrap_output"]

@@ -97,6 +97,7 @@ from meissonic_cli.sample.sample import (
     OFFICIAL_RESOLUTION,
     SampleConfig,
     changed_settings,
+    check_pipeline_quantize,
     generator_device,
     slugify,
     text_encoder_label,
@@ -114,7 +115,7 @@ CASE_FIELDS = ("image", "prompt", "mode", "mask", "box", "extend", "target", "st
 # Every edit setting reaches this comparison or is listed with its reason in tests/test_rerun_identity.py.
 _MUST_MATCH = ("prompt", "mode", "source", "mask", "box", "extend", "target", "strength", "edit_rule", "dilate", "blend",
                "seed", "negative_prompt", "steps", "cfg", "temperature", "token_temperature", "exact", "text_encoder",
-               "dtype", "generator", "variant")
+               "dtype", "generator", "variant", "quantize")
 
 
 @dataclass
@@ -417,14 +418,14 @@ class EditRunResult:
 
 
 def _run_identity(cfg: EditConfig, pipeline: Any) -> dict[str, Any]:
-    """The sidecar settings that come from the run, not the case: the transformer dtype, the generator's device
-    and the weights variant."""
+    """The sidecar settings that come from the run, not the case: the transformer dtype, the generator's device,
+    the weights variant and the quantization."""
     from meissonic_cli.device import resolve_device, resolve_dtype
 
     dtype = pipeline.dtype if pipeline is not None else resolve_dtype(cfg.sample.dtype)
     device = pipeline.device if pipeline is not None else resolve_device(cfg.sample.device)
     return {"dtype": str(dtype).replace("torch.", ""), "generator": generator_device(cfg.sample.exact, device),
-            "variant": cfg.sample.variant}
+            "variant": cfg.sample.variant, "quantize": cfg.sample.quantize}
 
 
 def _check_done_matches(out: Path, case: EditCase, model: Optional[dict[str, Any]] = None,
@@ -512,7 +513,9 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
         root = resolve_model_folder(cfg.model, allow_download=cfg.sample.allow_download)
         pipeline = MeissonicPipeline.from_pretrained(root, device=cfg.sample.device, dtype=cfg.sample.dtype,
                                                      text_encoder=cfg.sample.text_encoder, variant=cfg.sample.variant,
-                                                     lora=cfg.sample.lora)
+                                                     lora=cfg.sample.lora, quantize=cfg.sample.quantize,
+                                                     offload=cfg.sample.offload, compile=cfg.sample.compile)
+    check_pipeline_quantize(pipeline, cfg.sample.quantize)
     model_label = model_id["model"]
     for case in todo:
         for note in case_notes(pipeline, case):
@@ -541,7 +544,7 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
                 "resized_from": list(edited.resized_from) if edited.resized_from else None,
                 **run, "masked_tokens": edited.masked, "total_tokens": int(edited.token_mask.numel()),
                 "model": model_label, "model_digest": model_id["model_digest"], "lora": model_id["lora"],
-                "seconds": round(seconds, 4),
+                "seconds": round(seconds, 4), "offload": cfg.sample.offload,
                 **case.extra,
             }
             write_output(png, side, edited.image, meta)

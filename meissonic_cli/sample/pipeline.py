@@ -79,10 +79,20 @@ from meissonic_cli.device import dtype_table, resolve_device, resolve_dtype
 from meissonic_cli.errors import InputError, ModelFormatError
 from meissonic_cli.model.hub import HUB_ID, model_variant, resolve_model_folder
 from meissonic_cli.model.lora import apply_lora
-from meissonic_cli.model.scheduler import SCHEDULER_CONFIG_NAME, MaskGITScheduler
-from meissonic_cli.model.transformer import CONFIG_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, Conditioning, MeissonicTransformer
-from meissonic_cli.sample.call_args import OUTPUT_TYPES, check_output_type, one_of, prompt_list, repeat_per_prompt, wrap_output
+from meissonic_cli.model.scheduler import MaskGITScheduler
+from meissonic_cli.model.transformer import Conditioning, MeissonicTransformer
+from meissonic_cli.sample.call_args import (
+    OUTPUT_TYPES,
+    check_output_type,
+    move_pipeline,
+    one_of,
+    prompt_list,
+    repeat_per_prompt,
+    wrap_output,
+)
 from meissonic_cli.sample.guidance import check_negative_prompts, embeds_guidance, guidance_batch
+from meissonic_cli.sample.model_folder import check_model_folder, need_file
+from meissonic_cli.sample.offload import check_low_vram, load_transformer, place_parts
 from meissonic_cli.sample.samplers import run_sampler_loop, uses_sampler_loop
 
 DTYPES = dtype_table()
@@ -96,44 +106,6 @@ DEFAULT_MICRO_SCORE = 6.0
 DRAW = "inverse_cdf"
 
 ProgressCallback = Callable[[int, int], None]
-
-
-# ----------------------------------------------------------------------------------------------
-# Devices, dtypes, folders
-
-
-def _need_one(folder: Path, names: Sequence[str], what: str) -> None:
-    if not folder.is_dir():
-        raise ModelFormatError(f"{what} folder missing: expected {folder}/ with {names[0]}")
-    if not any((folder / n).is_file() for n in names):
-        raise ModelFormatError(f"{what} file missing: expected {folder / names[0]}"
-                               + (f" (or {', '.join(names[1:])})" if len(names) > 1 else ""))
-
-
-def _need_weights(folder: Path, weights: str, index: str, what: str) -> None:
-    from meissonic_cli.model.state_io import has_weights
-
-    if not has_weights(folder, weights, index):
-        raise ModelFormatError(f"{what} file missing: expected {folder / weights} (or {index}, or a *.fp16/*.bf16 variant)")
-
-
-def check_model_folder(root: Path, text_encoder: bool = True) -> None:
-    """Raise ModelFormatError naming the first expected file of the released layout that is missing.
-
-    Checked before anything is loaded, so a broken folder fails in a second, not after reading weights.
-    `text_encoder=False` skips `text_encoder/` (another text encoder folder is used).
-    """
-    from meissonic_cli.model.text_encoder import HF_CONFIG, HF_WEIGHTS, HF_WEIGHTS_INDEX
-    from meissonic_cli.model.vq import VQ_CONFIG
-
-    _need_one(root / "transformer", [CONFIG_NAME], "transformer config")
-    _need_weights(root / "transformer", WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "transformer weights")
-    # The VQ's weight file name depends on its kind (diffusers VQModel or PatchVQ): its loader names it.
-    _need_one(root / "vqvae", [VQ_CONFIG], "VQ config")
-    if text_encoder:
-        _need_one(root / "text_encoder", [HF_CONFIG], "text encoder config")
-        _need_weights(root / "text_encoder", HF_WEIGHTS, HF_WEIGHTS_INDEX, "text encoder weights")
-    _need_one(root / "scheduler", [SCHEDULER_CONFIG_NAME], "scheduler config")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,6 +310,8 @@ class MeissonicPipeline:
     vq: Any  # meissonic_cli.model.vq.vqgan.VQTokenizer (or what vq.load_vq returns)
     model_path: Optional[Path] = None
     loras: list = dataclasses.field(default_factory=list)  # model.lora.AppliedLoRA per --lora, in order
+    offloader: Any = None  # sample.offload.Offloader, with --offload model|sequential
+    text_memo: dict = dataclasses.field(default_factory=dict, repr=False)  # prompt -> (text, pooled) on the CPU
 
     @classmethod
     def from_pretrained(
@@ -350,6 +324,9 @@ class MeissonicPipeline:
         variant: Optional[str] = None,
         torch_dtype: Union[str, torch.dtype, None] = None,
         lora: Union[str, Path, Sequence[Any], None] = None,
+        quantize: str = "none",
+        offload: str = "none",
+        compile: bool = False,
     ) -> "MeissonicPipeline":
         """Load a released-layout folder (or a cached Hugging Face repo id) onto `device` in `dtype`.
 
@@ -359,46 +336,37 @@ class MeissonicPipeline:
         it has them (`model.hub.model_variant`).
         `text_encoder`: another text encoder folder to use (`TextEncoder.for_model`), e.g. the laion
         CLIP-ViT-H-14 CLIPModel folder the official scripts load; prompts keep the model's tokenizer.
+        `quantize` (none|int8|fp8|int4), `offload` (none|model|sequential), `compile`: see `sample.offload`.
         """
         from meissonic_cli.model.text_encoder import HF_CONFIG, TextEncoder
         from meissonic_cli.model.vq import load_vq
 
         dev = resolve_device(device)
         dt = resolve_dtype(one_of(torch_dtype, dtype, "torch_dtype", "dtype", "fp32"))
+        home = check_low_vram(quantize, offload, compile, dev, dt)  # where the parts live between stages
         root = resolve_model_folder(model, allow_download=allow_download)
         if text_encoder is not None:
-            _need_one(Path(text_encoder).expanduser(), [HF_CONFIG], "--text-encoder config")
+            need_file(Path(text_encoder).expanduser(), [HF_CONFIG], "--text-encoder config")
         check_model_folder(root, text_encoder=text_encoder is None)
         variant = model_variant(root, variant)
         # Smallest parts first, so a broken folder fails before the transformer's weights are read.
         scheduler = MaskGITScheduler.from_config_dir(root / "scheduler")
-        vq = load_vq(root / "vqvae", dtype=dt, variant=variant).to(dev).eval()
+        vq = load_vq(root / "vqvae", dtype=dt, variant=variant).to(home).eval()
         # The text encoder runs once per call, so float32 costs little; its float32 layer norms also
         # refuse half-precision weights on CPU.
         encoder = TextEncoder.for_model(root, text_encoder and Path(text_encoder).expanduser(),
-                                        dtype=torch.float32, variant=variant).to(dev).eval()
-        transformer = MeissonicTransformer.from_pretrained(root, dtype=dt, device=dev, variant=variant)
+                                        dtype=torch.float32, variant=variant).to(home).eval()
+        transformer = load_transformer(root, dt, dev, home, quantize, variant)
         pipe = cls(transformer=transformer, scheduler=scheduler, text_encoder=encoder, vq=vq, model_path=root,
                    loras=apply_lora(transformer, lora))
         pipe.check_parts()
-        return pipe
+        return place_parts(pipe, offload, compile, dev)
 
     def to(self, *args: Any, device: Union[str, torch.device, None] = None,
            dtype: Union[str, torch.dtype, None] = None) -> "MeissonicPipeline":
         """Move the pipeline to a device and/or the transformer to a dtype, as diffusers' `pipe.to("cuda")`
         / `pipe.to(torch.float16)`; the text encoder stays float32 and the VQ keeps its own precision."""
-        for arg in args:
-            if isinstance(arg, torch.dtype) or (isinstance(arg, str) and arg.lower() in DTYPES):
-                dtype = one_of(arg, dtype, "a dtype", "dtype=", None)
-            else:
-                device = one_of(arg, device, "a device", "device=", None)
-        if device is not None:
-            dev = resolve_device(device)
-            for part in (self.transformer, self.text_encoder, self.vq):
-                part.to(dev)
-        if dtype is not None:
-            self.transformer.to(resolve_dtype(dtype))
-        return self
+        return move_pipeline(self, args, device, dtype)
 
     def check_parts(self) -> None:
         """Raise ModelFormatError if the parts do not fit together."""
@@ -421,7 +389,8 @@ class MeissonicPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        """The execution device (with offload the parts sit on the CPU between their stages)."""
+        return self.offloader.device if self.offloader is not None else self.transformer.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -455,6 +424,10 @@ class MeissonicPipeline:
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(text (B, 77, D), pooled (B, P)) in the transformer's dtype."""
+        if prompts and all(p in self.text_memo for p in prompts):
+            seq = torch.stack([self.text_memo[p][0] for p in prompts])
+            pooled = torch.stack([self.text_memo[p][1] for p in prompts])
+            return seq.to(self.device, self.dtype), pooled.to(self.device, self.dtype)
         with torch.inference_mode():
             seq, pooled = self.text_encoder.encode(list(prompts))
         return seq.to(self.device, self.dtype), pooled.to(self.device, self.dtype)

@@ -33,10 +33,13 @@ from typing import Any, Callable, Optional, Sequence
 
 from meissonic_cli.config import MAX_BATCH, MAX_GUIDANCE, MAX_STEPS, Problems, check_number, field, parse_resolution
 from meissonic_cli.errors import InputError, ModelFormatError, OutputExistsError
+from meissonic_cli.model.compiled import COMPILE_HELP
 from meissonic_cli.model.hub import ALLOW_DOWNLOAD_HELP, VARIANT_HELP, VARIANTS
+from meissonic_cli.model.quantize import QUANTIZE_HELP, QUANTIZE_MODES
 from meissonic_cli.progress import key_value_table, make_progress
 from meissonic_cli.readers import parse_json
 from meissonic_cli.safety import MAX_SEED, check_seed, derive_seed
+from meissonic_cli.sample.offload import OFFLOAD_HELP, OFFLOAD_MODES
 from meissonic_cli.sample.outputs import other_model, read_done_sidecar
 from meissonic_cli.textfiles import jsonl_lines, read_text, text_format, txt_lines
 
@@ -52,9 +55,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Sidecar fields that must equal the current run's for a done image to be skipped.
 # Every SampleConfig field reaches this comparison or is listed with its reason in tests/test_rerun_identity.py.
 _MUST_MATCH = ("prompt", "negative_prompt", "seed", "steps", "cfg", "resolution", "temperature", "token_temperature",
-               "text_encoder", "sampler", "dtype", "generator", "variant")
+               "text_encoder", "sampler", "dtype", "generator", "variant", "quantize")
 # Values of sidecar fields added after the first release, for sidecars written before them (`edit`'s too).
-_SIDECAR_DEFAULTS = {"token_temperature": 1.0, "exact": False}
+_SIDECAR_DEFAULTS = {"token_temperature": 1.0, "exact": False, "quantize": "none"}
 # Sidecar fields compared only when a finished sidecar has them (older ones did not record them).
 _COMPARED_WHEN_RECORDED = ("generator", "dtype", "variant")
 GRID_NAME = "grid.png"
@@ -89,6 +92,9 @@ class SampleConfig:
     device: str = field("auto", help="auto, cpu, cuda, cuda:N or mps.")
     dtype: str = field("fp32", help="Transformer weights and activations: fp32, bf16 or fp16 (the text encoder and "
                                     "the VQ run in fp32).")
+    quantize: str = field("none", help=QUANTIZE_HELP)
+    offload: str = field("none", help=OFFLOAD_HELP)
+    compile: bool = field(False, help=COMPILE_HELP, flag="--compile/--no-compile")
     temperature: str = field("2,0", help="Gumbel temperature annealed over the steps: 'start,end', or one number tau "
                                          "for tau..0.01.")
     token_temperature: float = field(1.0, bounds=(1e-3, 1e3), help="Divides the logits before each token draw: 1 is the official sampler; "
@@ -169,6 +175,9 @@ class SampleConfig:
 
         p.check(self.dtype.lower() in DTYPES, f"unknown --dtype {self.dtype!r}; use fp32, bf16 or fp16")
         self.check_lora(p)
+        p.check(self.quantize in QUANTIZE_MODES, f"unknown --quantize {self.quantize!r}; use one of "
+                                                 f"{', '.join(QUANTIZE_MODES)}")
+        p.check(self.offload in OFFLOAD_MODES, f"unknown --offload {self.offload!r}; use one of {', '.join(OFFLOAD_MODES)}")
         p.raise_if_any()
         return self
 
@@ -356,8 +365,17 @@ def _sidecar(item: PromptItem, cfg: SampleConfig, width: int, height: int, model
         "width": width, "height": height, "temperature": list(_as_list(parse_temperature(cfg.temperature))),
         "token_temperature": cfg.token_temperature,
         "sampler": cfg.sampler_label, "text_encoder": text_encoder_label(cfg.text_encoder), "model": model, "dtype": dtype,
-        "generator": generator, "variant": cfg.variant, "seconds": round(seconds, 4),
+        "generator": generator, "variant": cfg.variant, "quantize": cfg.quantize, "offload": cfg.offload,
+        "seconds": round(seconds, 4),
     }
+
+
+def check_pipeline_quantize(pipeline: Any, quantize: str) -> None:
+    """A given pipeline must be quantized as the settings say: the sidecars record the mode."""
+    loaded = getattr(pipeline.transformer, "quantize_mode", "none")
+    if loaded != quantize:
+        raise InputError(f"the pipeline was loaded with quantize={loaded!r} but --quantize is {quantize!r}; load it "
+                         f"with MeissonicPipeline.from_pretrained(..., quantize={quantize!r})")
 
 
 def text_encoder_label(folder: Optional[str]) -> Optional[str]:
@@ -449,7 +467,8 @@ def load_pipeline(cfg: SampleConfig) -> Any:
 
     root = resolve_model_folder(cfg.model, allow_download=cfg.allow_download)
     return MeissonicPipeline.from_pretrained(root, device=cfg.device, dtype=cfg.dtype, text_encoder=cfg.text_encoder,
-                                             variant=cfg.variant, lora=cfg.lora)
+                                             variant=cfg.variant, lora=cfg.lora, quantize=cfg.quantize,
+                                             offload=cfg.offload, compile=cfg.compile)
 
 
 def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None,
@@ -494,6 +513,7 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None,
             check_replaceable(out / f"{item.stem}.json", cfg.overwrite)
     if pipeline is None:
         pipeline = load_pipeline(cfg)
+    check_pipeline_quantize(pipeline, cfg.quantize)
     model_label = model_id["model"]
     width, height = size if size is not None else (pipeline.default_resolution,) * 2
     pipeline.check_resolution(height, width)
@@ -512,6 +532,11 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None,
     result = SampleResult(out_dir=out, model=model_label, device=str(pipeline.device), dtype=dtype_name,
                           resolution=(width, height), skipped=len(items) - len(todo))
     make_output_folder(out)
+    if getattr(pipeline, "offloader", None) is not None and todo:
+        # Every prompt's text features first: the text encoder then never comes back between batches.
+        from meissonic_cli.sample.offload import remember_prompts
+
+        remember_prompts(pipeline, [it.prompt for it in todo] + [it.negative_prompt for it in todo if it.cfg > 1.0])
     with make_progress(progress) as bar:
         images_task = bar.add_task("images", total=len(items), completed=result.skipped)
         steps_task = bar.add_task("steps", total=todo[0].steps, visible=False) if todo else None
