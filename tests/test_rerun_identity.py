@@ -54,10 +54,15 @@ SAMPLE_AFFECTS = {
     "text_encoder": "<other text encoder>",  # replaced by a real folder in the test
     "preset": "official",
     "first_index": 5,  # another number is another file name and seed: redone, never skipped
+    "quantize": "int8",
 }
 SAMPLE_NO_EFFECT = {
     "images_per_prompt": (2, "how many images each prompt gets; each image's prompt and seed are compared"),
     "prompts_format": (None, "how --prompts is parsed; the prompts it yields are compared"),
+    "offload": (None, "where the parts wait between stages (CPU or GPU); each stage computes the same on the device "
+                      "(needs a GPU: refused on a CPU-only run); recorded in the sidecar, not compared"),
+    "compile": (None, "the same blocks compiled by torch.compile: tokens equal eager within float rounding "
+                      "(tests/test_compile.py); not compared, like a change of kernels"),
     "prompts": ("<prompts file>", "another way to give the same prompt; the prompt itself is compared"),
     "batch_size": (2, "every image draws from its own seeded generator; batching only changes the speed"),
     "grid": (True, "adds grid.png beside the images; the images are the same"),
@@ -244,6 +249,7 @@ EDIT_AFFECTS = {
     "sample.dtype": "bf16",
     "sample.variant": "fp16",
     "sample.lora": ["<adapter>:0.5"],
+    "sample.quantize": "int8",
     "sample.text_encoder": "<other text encoder>",
     "sample.preset": "official",
     "image": "<other image>",
@@ -266,6 +272,8 @@ EDIT_NO_EFFECT = {
     "sample": (None, "holds the sampler settings, each classified as sample.X"),
     "sample.device": (None, "compared as the sidecar's `generator`, as for sample"),
     "sample.allow_download": (None, "only whether --model may be fetched"),
+    "sample.offload": (None, "as for sample: where the parts wait between stages"),
+    "sample.compile": (None, "as for sample: the same blocks compiled"),
 }
 
 
