@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from test_train import make_token_dataset
+from test_train_distributed import _free_port
 
 from meissonic_cli.data.shards import list_token_shards, read_token_shard
 
@@ -59,12 +59,6 @@ WORKER = textwrap.dedent(
     env.close()
     """
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torchrun_two_nodes(args: list[str], cwd: Path, timeout: float = 300) -> list[str]:

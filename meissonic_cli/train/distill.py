@@ -34,10 +34,10 @@ from meissonic_cli.device import dtype_table
 from meissonic_cli.errors import ConfigError
 from meissonic_cli.model.transformer import CONFIG_NAME, MeissonicTransformer, TransformerConfig, transformer_folder
 from meissonic_cli.train.distill_config import LOSSES, PAIRED_FIELDS, DistillConfig, load_distill_config
-from meissonic_cli.train.distributed import DistEnv, init_distributed
+from meissonic_cli.train.distributed import DistEnv
 from meissonic_cli.train.masked_model import resolve_model_config
 from meissonic_cli.train.objective import IGNORE_INDEX, Batch, mask_tokens, masked_token_stats, sample_masking_rates
-from meissonic_cli.train.trainer import Trainer, TrainResult
+from meissonic_cli.train.trainer import Trainer, TrainResult, train
 
 # ----------------------------------------------------------------------------------------------
 # The objective
@@ -171,16 +171,8 @@ class DistillTrainer(Trainer):
 
 
 def distill(cfg: DistillConfig) -> TrainResult:
-    """Run `meissonic distill`: one process, or one rank under torchrun."""
-    cfg.validate()
-    env = init_distributed(cfg.device)
-    try:
-        if env.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        return DistillTrainer(cfg, env).fit()
-    finally:
-        env.close()
+    """Run `meissonic distill`: one process, or one rank under torchrun (the trainer's `train` with this trainer)."""
+    return train(cfg, DistillTrainer)
 
 
 __all__ = ["DistillConfig", "DistillTrainer", "check_pairing", "distill", "distillation_loss", "guided_logits",

@@ -563,14 +563,14 @@ class Trainer:
         return path
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Run `meissonic train`: one process, or one rank under torchrun."""
+def train(cfg: TrainConfig, trainer: type[Trainer] = Trainer) -> TrainResult:
+    """Run `meissonic train` (or, with `trainer=DistillTrainer`, `distill`): one process, or one rank under torchrun."""
     cfg.validate()
     env = init_distributed(cfg.device)
     try:
         if env.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        return Trainer(cfg, env).fit()
+        return trainer(cfg, env).fit()
     finally:
         env.close()
