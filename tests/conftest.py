@@ -34,6 +34,17 @@ def _isolated_home(tmp_path_factory, monkeypatch):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _restore_pil_pixel_limit():
+    """PIL's decompression-bomb limit is process-wide state that `safety.configure_pil` sets from
+    MEISSONIC_MAX_IMAGE_PIXELS; a test that lowers the limit must not leave it lowered for the next."""
+    from PIL import Image
+
+    before = Image.MAX_IMAGE_PIXELS
+    yield
+    Image.MAX_IMAGE_PIXELS = before
+
+
 @pytest.fixture(scope="session")
 def conformance_dir() -> Path:
     """Directory of official reference vectors (MEISSONIC_CONFORMANCE_DIR, default ../shared/conformance)."""
