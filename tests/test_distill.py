@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import make_token_dataset, state_digest
+from test_train import crash_after_first_checkpoint, make_token_dataset, state_digest
 from typer.testing import CliRunner
 
 from meissonic_cli.cli import app
@@ -167,16 +167,7 @@ def test_resume_is_bit_identical_and_checkpoints_are_guidance_models(tmp_path, t
     common = dict(ema_decay=0.9, grad_accum=2)
     full = distill(_cfg(tmp_path, data, tiny_model_dir, output=str(tmp_path / "a"), **common))
 
-    crashing = DistillTrainer(_cfg(tmp_path, data, tiny_model_dir, output=str(tmp_path / "b"), **common))
-    save = crashing.save_checkpoint
-
-    def save_then_crash():
-        save()
-        raise KeyboardInterrupt
-
-    crashing.save_checkpoint = save_then_crash
-    with pytest.raises(KeyboardInterrupt):
-        crashing.fit()
+    crash_after_first_checkpoint(_cfg(tmp_path, data, tiny_model_dir, output=str(tmp_path / "b"), **common), DistillTrainer)
     assert [s for s, _ in list_checkpoints(tmp_path / "b")] == [2]
     resumed = distill(_cfg(tmp_path, data, tiny_model_dir, output=str(tmp_path / "b"), resume="auto", **common))
     assert resumed.start_step == 2 and {k: resumed.losses[k] for k in (3, 4)} == {k: full.losses[k] for k in (3, 4)}

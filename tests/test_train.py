@@ -234,9 +234,10 @@ def test_validation_samples_are_written_as_an_image_grid(tmp_path, full_model):
         Trainer(cfg_for(tmp_path, data, output=str(tmp_path / "v"), validate_every=2, validation_prompts=["x"]))
 
 
-def crash_after_first_checkpoint(cfg) -> None:
-    """Run `cfg` until its first checkpoint is written, then stop it as a kill would (KeyboardInterrupt)."""
-    crashing = Trainer(cfg)
+def crash_after_first_checkpoint(cfg, trainer: type[Trainer] = Trainer) -> None:
+    """Run `cfg` (with `trainer`, e.g. distill's) until its first checkpoint is written, then stop it as a kill
+    would (KeyboardInterrupt)."""
+    crashing = trainer(cfg)
     save = crashing.save_checkpoint
 
     def save_then_crash():

@@ -99,6 +99,7 @@ from meissonic_cli.sample.sample import (
     changed_settings,
     check_pipeline_quantize,
     generator_device,
+    load_pipeline,
     slugify,
     text_encoder_label,
 )
@@ -506,15 +507,9 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
     if not todo:
         return result
 
-    from meissonic_cli.sample.pipeline import MeissonicPipeline, resolve_model_folder
-
     model_id = model_id or model_identity(pipeline, cfg.model, cfg.sample.allow_download, lora=cfg.sample.lora)
-    if pipeline is None:
-        root = resolve_model_folder(cfg.model, allow_download=cfg.sample.allow_download)
-        pipeline = MeissonicPipeline.from_pretrained(root, device=cfg.sample.device, dtype=cfg.sample.dtype,
-                                                     text_encoder=cfg.sample.text_encoder, variant=cfg.sample.variant,
-                                                     lora=cfg.sample.lora, quantize=cfg.sample.quantize,
-                                                     offload=cfg.sample.offload, compile=cfg.sample.compile)
+    if pipeline is None:  # the one loading path of sample, edit and the app, with edit's --model
+        pipeline = load_pipeline(dataclasses.replace(cfg.sample, model=cfg.model))
     check_pipeline_quantize(pipeline, cfg.sample.quantize)
     model_label = model_id["model"]
     for case in todo:
