@@ -3,14 +3,16 @@
 #   sampler: released-size (1B) transformer at 1024x1024, bf16, batch 1, CFG 9: seconds per step and the
 #            48-step total of the official sampler and of the fast setting (default: the feature cache,
 #            --cache-refresh 3), eager and with torch.compile, and the peak GPU memory
-#            (benchmarks/gpu_check.py; at most ~5.5 minutes, then it skips what is left);
+#            (benchmarks/gpu_check.py; at most ~2.7 minutes, then it skips what is left);
 #   train:   one training step of the 1B model at 512x512, bf16, batch 16, through the trainer's own step:
 #            seconds per step and MFU against the measured bf16 matmul peak and against the spec sheet's
-#            dense bf16 peak (989 TFLOP/s for H100/H200 SXM) (benchmarks/train_speed.py; at most 100 s).
+#            dense bf16 peak (989 TFLOP/s for H100/H200 SXM) (benchmarks/train_speed.py; at most 90 s).
 #   memory:  the released 1B architecture (random weights, released layout, built first) at 1024x1024, CFG 9,
 #            48 steps: peak VRAM (torch.cuda.max_memory_allocated) and s/step for fp32, bf16, bf16 + model
 #            offload, int8, int8 + model offload, int4, each in a fresh process (benchmarks/memory.py;
 #            at most 200 s, then it skips what is left).
+#   fid:     Inception features of 128 PNGs (512x512) one image per forward vs batches of 32 and 64: images/s and
+#            the network's share of the GPU's float32 matmul peak (benchmarks/fid_speed.py; at most 30 s).
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine
 #   bash benchmarks/gpu_check.sh --smoke    # the same code on the CPU with tiny shapes, in seconds
@@ -42,15 +44,21 @@ if [ "$SMOKE" = 1 ]; then
     \"$tmp/tiny\" && \"$PY\" benchmarks/memory.py --model \"$tmp/tiny\" --device cpu --resolution 64 --steps 2 \
     --settings fp32,int8,int8+offload --json" >"$tmp/memory.out" 2>"$tmp/memory.err"
   echo $? >"$tmp/memory.rc"
+  timeout 120 "$PY" benchmarks/fid_speed.py --images 4 --size 64 --batch-sizes 1,4 --repeats 1 --json \
+    >"$tmp/fid.out" 2>"$tmp/fid.err"
+  echo $? >"$tmp/fid.rc"
 else
-  timeout 190 "$PY" benchmarks/gpu_check.py --fast "$FAST" --budget-s 150 >"$tmp/sampler.out" 2>"$tmp/sampler.err"
+  timeout 160 "$PY" benchmarks/gpu_check.py --fast "$FAST" --budget-s 125 >"$tmp/sampler.out" 2>"$tmp/sampler.err"
   echo $? >"$tmp/sampler.rc"
   timeout 200 bash -c "\"$PY\" benchmarks/memory.py --build \"$tmp/m1b\" >/dev/null && \"$PY\" benchmarks/memory.py \
     --model \"$tmp/m1b\" --device cuda --steps 48 --timeout 60 --budget-s 120 --json" >"$tmp/memory.out" 2>"$tmp/memory.err"
   echo $? >"$tmp/memory.rc"
-  timeout 100 "$PY" benchmarks/train_speed.py --model 1b --resolution 512 --precision bf16 --batch 16 --steps 3 \
+  timeout 90 "$PY" benchmarks/train_speed.py --model 1b --resolution 512 --precision bf16 --batch 16 --steps 3 \
     --warmup 2 --device cuda --json >"$tmp/train.out" 2>"$tmp/train.err"
   echo $? >"$tmp/train.rc"
+  timeout 30 "$PY" benchmarks/fid_speed.py --device cuda --images 128 --size 512 --batch-sizes 1,32,64 --repeats 1 \
+    --json >"$tmp/fid.out" 2>"$tmp/fid.err"
+  echo $? >"$tmp/fid.rc"
 fi
 
 "$PY" - "$tmp" "$SMOKE" <<'EOF'
@@ -74,7 +82,7 @@ def part(name):
         return {"error": f"unreadable output: {e}"}
 
 
-out = {"smoke": smoke, "sampler": part("sampler"), "memory": part("memory")}
+out = {"smoke": smoke, "sampler": part("sampler"), "memory": part("memory"), "fid": part("fid")}
 train = part("train")
 if "runs" in train:
     run = train["runs"][0]

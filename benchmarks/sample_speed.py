@@ -2,7 +2,7 @@
 
     python benchmarks/sample_speed.py (--model DIR | --arch medium|1b|tiny) [--resolution 512] [--steps 48]
         [--batch 1] [--cfg 9] [--device cpu] [--dtype fp32] [--threads N] [--repeats 1] [--warmup-steps 2]
-        [--compare-official-style] [--sampler FIELD=VALUE,...] [--json]
+        [--compare-official-style] [--compile] [--sampler FIELD=VALUE,...] [--json]
 
 --model is a released-layout folder of which only transformer/ is needed; --arch builds random
 weights instead: `medium` is the conformance timing config (4 + 8 blocks, 8 heads x 64, text width
@@ -23,6 +23,11 @@ scheduler step with draws for every position), alternating the two loops `--repe
 reports the ratio. Both loops use the same weights and features. The official model's own CPU time
 recorded in cases.json (0.66 s per forward at batch 2 on a 32x32 grid, 2 threads, another CPU) is
 printed as a secondary reference.
+
+--compile also times the fast loop with the transformer's blocks compiled (`model/compiled.py`, what
+`sample --compile` does) on a copy of the same weights, in the same alternation; the official-style loop
+stays eager (the official pipeline does not compile). Compilation happens in the warm-up run, and the
+compiled loop's tokens are compared with the eager fast loop's (count of differing tokens printed).
 
 --sampler runs the fast loop with `samplers.SamplerOptions` (e.g. `cache_refresh=3` or `order=halton`);
 FLOPs are then still counted for the plain fast loop (the cache does less work than counted).
@@ -167,6 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of each loop, alternating (median reported)")
     ap.add_argument("--warmup-steps", type=int, default=2, help="steps of an untimed run first")
     ap.add_argument("--compare-official-style", action="store_true", help="also time the exact (official-work) loop")
+    ap.add_argument("--compile", action="store_true", help="also time the fast loop with compiled blocks")
     ap.add_argument("--sampler", default="", help="SamplerOptions FIELD=VALUE pairs for the fast loop, e.g. cache_refresh=3")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     args = ap.parse_args(argv)
@@ -206,8 +212,17 @@ def main(argv: list[str] | None = None) -> dict:
     feats = {k: v.to(device, dtype) for k, v in feats.items()}
     micro = torch.tensor([[width, height, 0, 0, 6.0]] * args.batch, device=device)
 
-    def run(exact: bool, steps: int) -> list[float]:
-        """Seconds of each step of one sampling call."""
+    models = {"fast": model, "exact": model}
+    if args.compile:
+        import copy
+
+        from meissonic_cli.model.compiled import compile_blocks
+
+        models["compiled"] = copy.deepcopy(model)
+        compile_blocks(models["compiled"])
+
+    def run(mode: str, steps: int) -> tuple[list[float], "torch.Tensor"]:
+        """Seconds of each step of one sampling call, and its tokens."""
         gen = torch.Generator(device=device).manual_seed(0)
         marks = []
 
@@ -217,26 +232,29 @@ def main(argv: list[str] | None = None) -> dict:
 
         sync(device)
         marks.append(time.perf_counter())
-        sample_tokens(model, scheduler, feats["text"], feats["pooled"], micro, grid, steps=steps,
-                      guidance_scale=args.cfg, negative_text=feats["negative_text"],
-                      negative_pooled=feats["negative_pooled"], generator=gen, exact=exact, callback=mark,
-                      sampler=None if exact else options)
-        return [b - a for a, b in zip(marks, marks[1:])]
+        exact = mode == "exact"
+        tokens = sample_tokens(models[mode], scheduler, feats["text"], feats["pooled"], micro, grid, steps=steps,
+                               guidance_scale=args.cfg, negative_text=feats["negative_text"],
+                               negative_pooled=feats["negative_pooled"], generator=gen, exact=exact, callback=mark,
+                               sampler=None if exact else options)
+        return [b - a for a, b in zip(marks, marks[1:])], tokens
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    modes = [False, True] if args.compare_official_style else [False]
+    modes = ["fast"] + (["compiled"] if args.compile else []) + (["exact"] if args.compare_official_style else [])
     if args.warmup_steps:
-        for exact in modes:
-            run(exact, args.warmup_steps)
-    # On a shared machine the load changes during the run: the loops alternate (order swapped every
+        for mode in modes:
+            run(mode, args.warmup_steps)
+    # On a shared machine the load changes during the run: the loops alternate (order reversed every
     # repeat) and the matmul peak is measured before each repeat; the best peak is the reference.
-    runs: dict[bool, list[list[float]]] = {m: [] for m in modes}
+    runs: dict[str, list[list[float]]] = {m: [] for m in modes}
+    outputs: dict[str, "torch.Tensor"] = {}
     peaks = []
     for r in range(args.repeats):
         peaks.append(matmul_peak(device, dtype, seconds=0.5))
-        for exact in (modes if r % 2 == 0 else modes[::-1]):
-            runs[exact].append(run(exact, args.steps))
+        for mode in (modes if r % 2 == 0 else modes[::-1]):
+            seconds, outputs[mode] = run(mode, args.steps)
+            runs[mode].append(seconds)
     peak = max(peaks)
 
     table = scheduler.masked_after_step(args.steps, grid[0] * grid[1])
@@ -248,13 +266,14 @@ def main(argv: list[str] | None = None) -> dict:
         "sampler": options.label,
         "peak_matmul_gflops": peak / 1e9,
     }
-    for exact in modes:
-        totals = [sum(steps) for steps in runs[exact]]
+    prefixes = {"fast": "", "compiled": "compiled_", "exact": "official_style_"}
+    for mode in modes:
+        totals = [sum(steps) for steps in runs[mode]]
         total = statistics.median(totals)
         # Step i does the same work in every repeat, so its fastest repeat is the least disturbed one.
-        best = sum(min(steps[i] for steps in runs[exact]) for i in range(args.steps))
-        flops = loop_flops(cfg, table, args.batch, guided, grid[0], grid[1], exact)
-        prefix = "official_style_" if exact else ""
+        best = sum(min(steps[i] for steps in runs[mode]) for i in range(args.steps))
+        flops = loop_flops(cfg, table, args.batch, guided, grid[0], grid[1], mode == "exact")
+        prefix = prefixes[mode]
         result[prefix + "seconds_per_step"] = total / args.steps
         result[prefix + "total_seconds"] = total
         result[prefix + "runs_seconds"] = totals
@@ -263,12 +282,21 @@ def main(argv: list[str] | None = None) -> dict:
         result[prefix + "achieved_gflops"] = flops / total / 1e9
         result[prefix + "fraction_of_peak"] = flops / total / peak
         result[prefix + "best_fraction_of_peak"] = flops / best / peak
+    # Each repeat runs the loops back to back, so their ratio shares that repeat's load.
     if args.compare_official_style:
         result["speedup_vs_official_style"] = result["official_style_seconds_per_step"] / result["seconds_per_step"]
         result["best_speedup_vs_official_style"] = (result["official_style_best_seconds_per_step"]
                                                     / result["best_seconds_per_step"])
-        # Each repeat runs the two loops back to back, so their ratio shares that repeat's load.
-        result["paired_speedups"] = [sum(e) / sum(f) for f, e in zip(runs[False], runs[True])]
+        result["paired_speedups"] = [sum(e) / sum(f) for f, e in zip(runs["fast"], runs["exact"])]
+    if args.compile:
+        result["compiled_speedup_vs_eager"] = result["seconds_per_step"] / result["compiled_seconds_per_step"]
+        result["compiled_paired_speedups_vs_eager"] = [sum(f) / sum(c) for f, c in zip(runs["fast"], runs["compiled"])]
+        result["compiled_tokens_differing"] = int((outputs["compiled"] != outputs["fast"]).sum())
+        if args.compare_official_style:
+            result["compiled_speedup_vs_official_style"] = (result["official_style_seconds_per_step"]
+                                                            / result["compiled_seconds_per_step"])
+            result["compiled_paired_speedups_vs_official_style"] = [
+                sum(e) / sum(c) for c, e in zip(runs["compiled"], runs["exact"])]
     if device.type == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
     if args.config == "medium":
@@ -284,10 +312,10 @@ def main(argv: list[str] | None = None) -> dict:
               f"(grid {grid[0]}x{grid[1]}), batch {args.batch}, cfg {args.cfg}, {args.steps} steps, "
               f"{result['device']} {result['dtype']}, threads {result['threads']}")
         print(f"matmul peak: {peak / 1e9:.1f} GFLOP/s")
-        for exact in modes:
-            p = "official_style_" if exact else ""
-            name = "official-style (exact) loop" if exact else "fast loop"
-            print(f"{name}: {result[p + 'seconds_per_step']:.4f} s/step (median run), {result[p + 'total_seconds']:.2f} s "
+        names = {"fast": "fast loop", "compiled": "fast loop, compiled", "exact": "official-style (exact) loop"}
+        for mode in modes:
+            p = prefixes[mode]
+            print(f"{names[mode]}: {result[p + 'seconds_per_step']:.4f} s/step (median run), {result[p + 'total_seconds']:.2f} s "
                   f"total, {result[p + 'gflop_per_step']:.1f} GFLOP/step, {result[p + 'achieved_gflops']:.1f} GFLOP/s "
                   f"({100 * result[p + 'fraction_of_peak']:.0f}% of peak); fastest repeat of each step: "
                   f"{result[p + 'best_seconds_per_step']:.4f} s/step ({100 * result[p + 'best_fraction_of_peak']:.0f}% of peak)")
@@ -295,6 +323,13 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"speedup per step vs official-style: {result['speedup_vs_official_style']:.2f}x (median runs), "
                   f"{result['best_speedup_vs_official_style']:.2f}x (fastest repeat of each step), per repeat "
                   f"{', '.join(f'{x:.2f}x' for x in result['paired_speedups'])}")
+        if args.compile:
+            print(f"compiled vs eager fast loop: {result['compiled_speedup_vs_eager']:.2f}x (median runs), per repeat "
+                  f"{', '.join(f'{x:.2f}x' for x in result['compiled_paired_speedups_vs_eager'])}; "
+                  f"tokens differing from eager: {result['compiled_tokens_differing']}")
+            if args.compare_official_style:
+                print(f"compiled vs official-style: {result['compiled_speedup_vs_official_style']:.2f}x (median runs), "
+                      f"per repeat {', '.join(f'{x:.2f}x' for x in result['compiled_paired_speedups_vs_official_style'])}")
         if "peak_memory_gb" in result:
             print(f"peak GPU memory: {result['peak_memory_gb']:.2f} GB")
         if "reference_official_forward_s" in result:

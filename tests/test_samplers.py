@@ -333,3 +333,7 @@ def test_gpu_check_smoke_prints_one_json_line_with_every_figure() -> None:
     assert out["train"]["s_per_step"] > 0 and out["train"]["mfu_vs_measured_matmul"] > 0
     memory = {r["setting"]: r for r in out["memory"]["rows"]}
     assert memory["int8"]["peak_rss_over_baseline_gib"] > 0 and memory["int8+offload"]["status"] == "n/a"
+    fid = out["fid"]
+    assert fid["gflop_per_image"] > 0 and fid["matmul_peak_gflops"] > 0
+    assert {"before (per image)", "after --batch-size 4"} <= set(fid["variants"])
+    assert all(v["img_per_s"] > 0 and v["max_rel_diff"] < 1e-5 for v in fid["variants"].values())
