@@ -101,18 +101,29 @@ class VQTokenizer(CodeGrid, nn.Module):
         return indices.reshape(images.shape[0], h, w).long()
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Float images `(B, 3, h*f, w*f)` in [0, 1] for code grids `(B, h, w)`."""
+    def decode(self, codes: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+        """Float images `(B, 3, h*f, w*f)` in [0, 1] for code grids `(B, h, w)`; `mode` is `--vq-decode`
+        (auto|whole|banded, see `model.vq_decode`)."""
+        return self.decode_raw(codes, mode).float().clamp(0, 1)
+
+    @torch.no_grad()
+    def decode_raw(self, codes: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+        """The decoder's output `(B, 3, h*f, w*f)` before the clamp to [0, 1]."""
+        from meissonic_cli.model.vq_decode import vq_decode_for
+
         self._check_codes(codes)
         b, h, w = codes.shape
+        f = self.downsample_factor
         codes = codes.to(self.device).long()
         shape = (b, h, w, self.embed_dim)
+        if vq_decode_for(self, h * f, w * f, mode) == "banded":
+            from meissonic_cli.model.vq.banded import banded_decode
+
+            return banded_decode(self.model, self.model.quantize.get_codebook_entry(codes.reshape(-1), shape))
         if self.model.config.lookup_from_codebook:
-            out = self.model.decode(codes, force_not_quantize=True, shape=shape).sample
-        else:
-            quant = self.model.quantize.get_codebook_entry(codes.reshape(-1), shape)
-            out = self.model.decode(quant, force_not_quantize=True).sample
-        return out.float().clamp(0, 1)
+            return self.model.decode(codes, force_not_quantize=True, shape=shape).sample
+        quant = self.model.quantize.get_codebook_entry(codes.reshape(-1), shape)
+        return self.model.decode(quant, force_not_quantize=True).sample
 
     # ----- builders and loaders
 
