@@ -76,7 +76,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from meissonic_cli.device import dtype_table, resolve_device, resolve_dtype
+from meissonic_cli.device import dtype_table, resolve_device, resolve_dtype, trim_host_memory
 from meissonic_cli.errors import InputError, ModelFormatError
 from meissonic_cli.model.hub import HUB_ID, model_variant, resolve_model_folder
 from meissonic_cli.model.lora import apply_lora
@@ -360,6 +360,7 @@ class MeissonicPipeline:
         pipe = cls(transformer=transformer, scheduler=scheduler, text_encoder=encoder, vq=vq, model_path=root,
                    loras=apply_lora(transformer, lora))
         pipe.check_parts()
+        trim_host_memory()  # what loading freed (float32 tensors cast on the way) leaves the process
         return place_parts(pipe, offload, compile, dev)
 
     def to(self, *args: Any, device: Union[str, torch.device, None] = None,
