@@ -135,3 +135,20 @@ def test_sample_cli_vq_decode_flag(tiny_model_dir, tmp_path, one_thread):
         with Image.open(side.with_suffix(".png")) as im:
             outs[mode] = torch.from_numpy(np.array(im.convert("RGB"))).int()
     assert int((outs["whole"] - outs["banded"]).abs().max()) <= 1  # same tokens, the decodes agree to rounding
+
+
+def test_decode_only_vq_reads_its_encoder_back(tiny_model_dir, tmp_path):
+    """The pipeline loads the VQ without its encoder (sampling only decodes); the first encode reads it back."""
+    from meissonic_cli.model.vq import load_vq
+
+    full = load_vq(tiny_model_dir / "vqvae")
+    lean = load_vq(tiny_model_dir / "vqvae", decode_only=True)
+    assert lean.model.encoder is None and lean.model.quant_conv is None
+    assert sum(p.numel() for p in lean.parameters()) < sum(p.numel() for p in full.parameters())
+    images = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    codes = full.encode(images)
+    assert torch.equal(lean.decode(codes), full.decode(codes))
+    assert torch.equal(lean.encode(images), codes) and lean.model.encoder is not None
+    again = load_vq(tiny_model_dir / "vqvae", decode_only=True)
+    again.save_pretrained(tmp_path / "vq")  # saves the whole VQ, encoder included
+    assert torch.equal(load_vq(tmp_path / "vq").encode(images), codes)

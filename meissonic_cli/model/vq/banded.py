@@ -31,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BAND_BYTES = 32 * 2**20  # the widest tensor of one band (float32, 1024 px wide, 256 channels: 32 rows)
+from meissonic_cli.device import trim_host_memory
+
+BAND_BYTES = 16 * 2**20  # the widest tensor of one band (float32, 1024 px wide, 256 channels: 16 rows)
 WHOLE_BYTES = 64 * 2**20  # layers whose activations stay under this run whole
 
 
@@ -229,12 +231,13 @@ def _band_rows(channels: int, width: int, element_size: int, band_bytes: int) ->
     return max(4, band_bytes // max(channels * width * element_size, 1))
 
 
-def _norm_act(x: torch.Tensor, scale_shift: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """GroupNorm (as precomputed scale and shift: x * scale + shift, fused as PyTorch's kernel) then SiLU."""
+def _norm_act(x: torch.Tensor, scale_shift: tuple[torch.Tensor, torch.Tensor], inplace: bool = False) -> torch.Tensor:
+    """GroupNorm (as precomputed scale and shift: x * scale + shift, fused as PyTorch's kernel) then SiLU;
+    `inplace` overwrites `x` (a band nothing else reads)."""
     scale, shift = scale_shift
-    if x.dtype == torch.float32:
-        return F.silu(torch.addcmul(shift, x, scale), inplace=True)
-    return F.silu(torch.addcmul(shift, x.float(), scale).to(x.dtype), inplace=True)
+    if x.dtype != torch.float32:
+        return F.silu(torch.addcmul(shift, x.float(), scale).to(x.dtype), inplace=True)
+    return F.silu(torch.addcmul(shift, x, scale, out=x if inplace else None), inplace=True)
 
 
 def _moments_of(norm: nn.GroupNorm, height: int, rows: int, read: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,18 +268,23 @@ def _resnet(res: Any, source: Any, width: int, band_bytes: int) -> _Chunks:
         return conv1_rows(a, b, lo, source.rows(lo, hi))
 
     ss2 = _moments_of(res.norm2, height, rows, h1)
+    trim_host_memory()
     out = _Chunks(height, rows)
     for a, b in _bands(height, rows):
         lo1, hi1 = max(a - p2, 0), min(b + p2, height)  # rows of conv1's output this band needs
         lo0, hi0 = max(lo1 - p1, 0), min(hi1 + p1, height)  # rows of the input
         x = source.rows(lo0, hi0)
         h = conv1_rows(lo1, hi1, lo0, x)
-        h = _conv_rows(res.conv2, _norm_act(h, ss2), a, b, lo1, height)
+        h = _conv_rows(res.conv2, _norm_act(h, ss2, inplace=True), a, b, lo1, height)
         skip = x[:, :, a - lo0:b - lo0]
+        del x
         if res.conv_shortcut is not None:
             skip = res.conv_shortcut(skip)
-        out.append((skip + h) / res.output_scale_factor)
-        del x, h, skip
+        h.add_(skip)  # = skip + h, as diffusers adds them (IEEE addition commutes)
+        if res.output_scale_factor != 1:
+            h.div_(res.output_scale_factor)
+        out.append(h)
+        del h, skip
         source.release_before(b - p1 - p2)  # the next band reads from row b - p2 - p1 on
     return out
 
