@@ -126,6 +126,11 @@ def test_sample_cli_vq_decode_flag(tiny_model_dir, tmp_path, one_thread):
     assert bad.exit_code == 1 and not (tmp_path / "bad").exists()
     lines = [line for line in bad.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error:") and "--vq-decode" in lines[0], bad.output
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "source.png")
+    edit = runner.invoke(app, ["edit", "--model", str(tiny_model_dir), "--image", str(tmp_path / "source.png"), "--prompt",
+                               "a cat", "--box", "0,0,32,32", "--out", str(tmp_path / "edits"), "--vq-decode", "tiles"])
+    assert edit.exit_code == 1 and not (tmp_path / "edits").exists()
+    assert [line for line in edit.output.splitlines() if line.strip()] == [lines[0]]
     outs = {}
     for mode in ("whole", "banded"):
         result = runner.invoke(app, [*base, "--out", str(tmp_path / mode), "--vq-decode", mode])

@@ -180,7 +180,6 @@ class SampleConfig:
         p.check(self.quantize in QUANTIZE_MODES, f"unknown --quantize {self.quantize!r}; use one of "
                                                  f"{', '.join(QUANTIZE_MODES)}")
         p.check(self.offload in OFFLOAD_MODES, f"unknown --offload {self.offload!r}; use one of {', '.join(OFFLOAD_MODES)}")
-        p.check(self.vq_decode in VQ_DECODE_MODES, f"unknown --vq-decode {self.vq_decode!r}; use one of {', '.join(VQ_DECODE_MODES)}")
         p.raise_if_any()
         return self
 
@@ -196,9 +195,10 @@ class SampleConfig:
                 p.check(False, str(err))
 
     def check_schedule(self, p: Problems) -> None:
-        """Add to `p` what is wrong with the decoding settings (--steps, --temperature,
-        --token-temperature): the checks `edit` shares, which has no prompts or output of this kind."""
+        """Add to `p` what is wrong with the decoding settings (--steps, --temperature, --token-temperature,
+        --vq-decode): the checks `edit` shares, which has no prompts or output of this kind."""
         p.check(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+        p.check(self.vq_decode in VQ_DECODE_MODES, f"unknown --vq-decode {self.vq_decode!r}; use one of {', '.join(VQ_DECODE_MODES)}")
         p.check(math.isfinite(self.token_temperature) and self.token_temperature > 0,
                 f"--token-temperature must be > 0 (1 = the official sampler), got {self.token_temperature}")
         try:
