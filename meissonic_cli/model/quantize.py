@@ -109,10 +109,12 @@ def quantize_transformer(model: "nn.Module", mode: str, device: Any = None) -> i
             names = [n for n, m in block.named_modules() if quantized_layer(f"{prefix}{i}.{n}", m)]
             quantize_(block, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in names)
             count += len(names)
+            # The block's full-precision weights just freed leave the process now: glibc would keep them
+            # (measured in a CPU pipeline load: +1.07 GiB over the bf16 peak without this, +0.0 with it).
+            trim_host_memory()
     if device is not None:
         model.to(device)
     model.quantize_mode = mode
-    trim_host_memory()  # the full-precision weights just freed (1.1 GiB for the 1B model on the CPU)
     return count
 
 
