@@ -357,6 +357,7 @@ class MeissonicPipeline:
         vq = load_vq(root / "vqvae", dtype=dt, variant=variant, decode_only=True).to(home).eval()
         encoder = TextEncoder.for_model(root, text_encoder and Path(text_encoder).expanduser(),
                                         dtype=dt, variant=variant).to(home).eval()
+        trim_host_memory()  # the float32 copies the text encoder was cast from, before the transformer comes
         transformer = load_transformer(root, dt, dev, home, quantize, variant)
         pipe = cls(transformer=transformer, scheduler=scheduler, text_encoder=encoder, vq=vq, model_path=root,
                    loras=apply_lora(transformer, lora))

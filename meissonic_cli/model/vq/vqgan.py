@@ -110,9 +110,11 @@ class VQTokenizer(CodeGrid, nn.Module):
     @torch.no_grad()
     def decode_raw(self, codes: torch.Tensor, mode: str = "auto") -> torch.Tensor:
         """The decoder's output `(B, 3, h*f, w*f)` before the clamp to [0, 1]."""
+        from meissonic_cli.device import trim_host_memory
         from meissonic_cli.model.vq_decode import vq_decode_for
 
         self._check_codes(codes)
+        trim_host_memory()  # what the sampler freed leaves the process before the decode's activations come
         b, h, w = codes.shape
         f = self.downsample_factor
         codes = codes.to(self.device).long()
