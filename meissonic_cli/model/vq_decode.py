@@ -4,7 +4,7 @@
   (bit for bit theirs). The released VQ in float32 holds ~4 GiB of activations at 1024x1024.
 - `banded`: `model/vq/banded.py`, the decoder's high-resolution layers in row bands with the GroupNorm
   statistics of the whole image: the same function up to float rounding (a few 8-bit pixel values move
-  by one), with about a sixth of the memory at 1024x1024, and slower.
+  by one), with a quarter of the whole decode's memory at 1024x1024 or less, and about 1.6x slower on a CPU.
 - `auto` (default): `banded` when one activation of the whole decode of one image would pass
   `AUTO_BANDED_BYTES` (the released VQ: images over 512x512 pixels, e.g. 1024x1024), else `whole`.
 
@@ -22,8 +22,8 @@ VQ_DECODE_MODES = ("auto", "whole", "banded")
 AUTO_BANDED_BYTES = 256 * 2**20
 VQ_DECODE_HELP = ("How the VQ decodes tokens to pixels: whole (the whole image at once, as the official pipeline: "
                   "bit for bit theirs), banded (the decoder's high-resolution layers in row bands with the "
-                  "whole image's norm statistics: the same image up to float rounding, about a sixth of the "
-                  "memory at 1024x1024, slower) or auto (banded for images over 512x512 pixels, else whole). "
+                  "whole image's norm statistics: the same image up to float rounding, a quarter of the "
+                  "memory or less at 1024x1024, slower) or auto (banded for images over 512x512 pixels, else whole). "
                   "The sidecars record which one ran.")
 
 

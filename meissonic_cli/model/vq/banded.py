@@ -245,6 +245,7 @@ def _moments_of(norm: nn.GroupNorm, height: int, rows: int, read: Any) -> tuple[
     moments = _Moments(norm.num_groups)
     for a, b in _bands(height, rows):
         moments.add(read(a, b))
+        trim_host_memory()
     return moments.scale_shift(norm)
 
 
@@ -268,7 +269,6 @@ def _resnet(res: Any, source: Any, width: int, band_bytes: int) -> _Chunks:
         return conv1_rows(a, b, lo, source.rows(lo, hi))
 
     ss2 = _moments_of(res.norm2, height, rows, h1)
-    trim_host_memory()
     out = _Chunks(height, rows)
     for a, b in _bands(height, rows):
         lo1, hi1 = max(a - p2, 0), min(b + p2, height)  # rows of conv1's output this band needs
@@ -286,6 +286,7 @@ def _resnet(res: Any, source: Any, width: int, band_bytes: int) -> _Chunks:
         out.append(h)
         del h, skip
         source.release_before(b - p1 - p2)  # the next band reads from row b - p2 - p1 on
+        trim_host_memory()  # freed rows and band temporaries leave the process: RSS stays at what is live
     return out
 
 
@@ -301,6 +302,7 @@ def _head(dec: Any, source: Any, width: int, band_bytes: int) -> torch.Tensor:
         lo, hi = max(a - p, 0), min(b + p, height)
         out[:, :, a:b] = _conv_rows(conv, _norm_act(source.rows(lo, hi), ss), a, b, lo, height)
         source.release_before(b - p)
+        trim_host_memory()
     return out
 
 
