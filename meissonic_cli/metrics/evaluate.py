@@ -443,7 +443,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> di
             **({"model": cfg.model, "prompts": cfg.prompts, "images_per_prompt": cfg.images_per_prompt,
                 "sampler": {k: getattr(cfg.sample, k) for k in ("steps", "cfg", "seed", "resolution", "temperature",
                                                                  "token_temperature", "negative_prompt", "dtype",
-                                                                 "exact", "quantize")}}
+                                                                 "exact", "quantize", "vq_decode")}}
                if cfg.prompts else {}),
         },
         "metrics": summarize_metrics(scorer.rows, labels={"hps": f"HPS v{cfg.hps_version} (100 cos)"}),

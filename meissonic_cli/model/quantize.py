@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from meissonic_cli.device import trim_host_memory
 from meissonic_cli.errors import InputError
 
 if TYPE_CHECKING:  # torch is imported inside the functions: the CLI reads the constants without it
@@ -108,6 +109,9 @@ def quantize_transformer(model: "nn.Module", mode: str, device: Any = None) -> i
             names = [n for n, m in block.named_modules() if quantized_layer(f"{prefix}{i}.{n}", m)]
             quantize_(block, config, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in names)
             count += len(names)
+            # The block's full-precision weights just freed leave the process now: glibc would keep them
+            # (measured in a CPU pipeline load: +1.07 GiB over the bf16 peak without this, +0.09 GiB with it).
+            trim_host_memory()
     if device is not None:
         model.to(device)
     model.quantize_mode = mode

@@ -218,6 +218,16 @@ class TextEncoder(nn.Module):
         """Tokenize and encode prompts: `(seq (B,77,D), pooled (B,P))` on the encoder's device."""
         return self(self.tokenize(prompts).to(self.device))
 
+    def cast(self, dtype: torch.dtype) -> "TextEncoder":
+        """Weights in `dtype`; in a half dtype the LayerNorms keep float32 weights (they compute in float32,
+        `LayerNormFp32`, and on the CPU F.layer_norm takes no half weights for a float32 input)."""
+        self.to(dtype)
+        if dtype != torch.float32:
+            for module in self.modules():
+                if isinstance(module, nn.LayerNorm):
+                    module.float()
+        return self
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
@@ -304,7 +314,7 @@ class TextEncoder(nn.Module):
                         if not k.startswith(("vision_model.", "visual_projection.")) and k != "logit_scale"}
         encoder = cls._empty(config, tokenizer)
         _load_checked(encoder.model, hf_to_open_clip(hf_state, config, str(folder)), str(folder))
-        return encoder.to(dtype)
+        return encoder.cast(dtype)
 
     @classmethod
     def for_model(cls, root: str | Path | None, folder: str | Path | None = None,

@@ -93,7 +93,8 @@ def wrap_output(images: Any, output_type: str, return_dict: bool) -> Any:
 
 
 def move_pipeline(pipe: Any, args: Sequence[Any], device: Any, dtype: Any) -> Any:
-    """`MeissonicPipeline.to(*args, device=, dtype=)`: positional arguments are a dtype or a device, as in diffusers."""
+    """`MeissonicPipeline.to(*args, device=, dtype=)`: positional arguments are a dtype or a device, as in diffusers;
+    the dtype is the transformer's and the text encoder's (its LayerNorms stay float32)."""
     from meissonic_cli.device import dtype_table, resolve_device, resolve_dtype
 
     for arg in args:
@@ -107,6 +108,7 @@ def move_pipeline(pipe: Any, args: Sequence[Any], device: Any, dtype: Any) -> An
             part.to(dev)
     if dtype is not None:
         pipe.transformer.to(resolve_dtype(dtype))
+        pipe.text_encoder.cast(resolve_dtype(dtype))
     return pipe
 
 

@@ -82,6 +82,7 @@ from meissonic_cli.sample.edit_masks import (
     round_size,
     token_mask,
 )
+from meissonic_cli.sample.offload import check_pipeline_quantize
 from meissonic_cli.sample.outputs import (
     check_case_limits,
     check_output_folder,
@@ -97,7 +98,6 @@ from meissonic_cli.sample.sample import (
     OFFICIAL_RESOLUTION,
     SampleConfig,
     changed_settings,
-    check_pipeline_quantize,
     generator_device,
     load_pipeline,
     slugify,
@@ -116,7 +116,7 @@ CASE_FIELDS = ("image", "prompt", "mode", "mask", "box", "extend", "target", "st
 # Every edit setting reaches this comparison or is listed with its reason in tests/test_rerun_identity.py.
 _MUST_MATCH = ("prompt", "mode", "source", "mask", "box", "extend", "target", "strength", "edit_rule", "dilate", "blend",
                "seed", "negative_prompt", "steps", "cfg", "temperature", "token_temperature", "exact", "text_encoder",
-               "dtype", "generator", "variant", "quantize")
+               "dtype", "generator", "variant", "quantize", "vq_decode")
 
 
 @dataclass
@@ -304,8 +304,10 @@ def with_schedule(pipe: Any, masking_schedule: str) -> Any:
     return other
 
 
-def edit_image(pipe: Any, case: EditCase, callback: Optional[Callable[[int, int], None]] = None) -> EditResult:
-    """Run one edit with a loaded `MeissonicPipeline`; checks the inputs before any model work."""
+def edit_image(pipe: Any, case: EditCase, callback: Optional[Callable[[int, int], None]] = None,
+               vq_decode: str = "auto") -> EditResult:
+    """Run one edit with a loaded `MeissonicPipeline`; checks the inputs before any model work. `vq_decode`:
+    how the VQ decodes the result (`model.vq_decode`)."""
     import numpy as np
     import torch
     from PIL import Image
@@ -388,12 +390,12 @@ def edit_image(pipe: Any, case: EditCase, callback: Optional[Callable[[int, int]
                                  guidance_scale=case.cfg, width=size[0], height=size[1], temperature=case.temperature,
                                  token_temperature=case.token_temperature, exact=case.exact,
                                  generator=generator, callback=callback, output_type="codes", init_tokens=tokens,
-                                 first_step=first_step, starting_mask_ratio=ratio)
+                                 first_step=first_step, starting_mask_ratio=ratio, vq_decode=vq_decode)
     else:
         # Nothing to redraw (a mask that selects no token, or a strength that runs no step): the image
         # is kept as its tokens decode (the official loop would re-mask one kept token per step).
         decoded_tokens = tokens
-    out = tensor_to_images(pipe.vq.decode(decoded_tokens))[0]
+    out = tensor_to_images(pipe.vq.decode(decoded_tokens, vq_decode))[0]
     edited = (tokens_in == mask_id)[0]
     if case.blend > 0:
         if keep_pixels is None:
@@ -420,13 +422,13 @@ class EditRunResult:
 
 def _run_identity(cfg: EditConfig, pipeline: Any) -> dict[str, Any]:
     """The sidecar settings that come from the run, not the case: the transformer dtype, the generator's device,
-    the weights variant and the quantization."""
+    the weights variant, the quantization and the VQ decode."""
     from meissonic_cli.device import resolve_device, resolve_dtype
 
     dtype = pipeline.dtype if pipeline is not None else resolve_dtype(cfg.sample.dtype)
     device = pipeline.device if pipeline is not None else resolve_device(cfg.sample.device)
     return {"dtype": str(dtype).replace("torch.", ""), "generator": generator_device(cfg.sample.exact, device),
-            "variant": cfg.sample.variant, "quantize": cfg.sample.quantize}
+            "variant": cfg.sample.variant, "quantize": cfg.sample.quantize, "vq_decode": cfg.sample.vq_decode}
 
 
 def _check_done_matches(out: Path, case: EditCase, model: Optional[dict[str, Any]] = None,
@@ -529,7 +531,7 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
                 if on_step is not None:
                     on_step(step, total)
 
-            edited = edit_image(pipeline, case, callback=step_done)
+            edited = edit_image(pipeline, case, callback=step_done, vq_decode=cfg.sample.vq_decode)
             seconds = time.perf_counter() - start
             png, side = out / f"{case.stem}.png", out / f"{case.stem}.json"
             meta = {

@@ -59,6 +59,14 @@ def check_low_vram(quantize: str, offload: str, compile: bool, device: "torch.de
     return torch.device(device) if offload == "none" else torch.device("cpu")
 
 
+def check_pipeline_quantize(pipeline: Any, quantize: str) -> None:
+    """A given pipeline must be quantized as the settings say: the sidecars record the mode."""
+    loaded = getattr(pipeline.transformer, "quantize_mode", "none")
+    if loaded != quantize:
+        raise InputError(f"the pipeline was loaded with quantize={loaded!r} but --quantize is {quantize!r}; load it "
+                         f"with MeissonicPipeline.from_pretrained(..., quantize={quantize!r})")
+
+
 def load_transformer(root: Any, dtype: "torch.dtype", device: Any, home: Any, quantize: str,
                      variant: Any = None) -> Any:
     """The transformer of a model folder (its `variant` weights) in `dtype` on `home`, quantized (`model.quantize`)."""
@@ -179,5 +187,5 @@ class Offloader:
         return [stage for stage, _ in self.log]
 
 
-__all__ = ["OFFLOAD_HELP", "OFFLOAD_MODES", "Offloader", "check_low_vram", "check_offload", "enable_offload",
+__all__ = ["OFFLOAD_HELP", "OFFLOAD_MODES", "Offloader", "check_low_vram", "check_offload", "check_pipeline_quantize", "enable_offload",
            "load_transformer", "place_parts", "remember_prompts"]

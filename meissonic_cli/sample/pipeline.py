@@ -29,7 +29,8 @@ multiples of `pixel_multiple`), `temperature` ((2, 0), or one number tau for lin
 sampler, below 1 sharpens the draws towards each position's most likely codes), `micro_conds` (default (width, height, 0, 0, 6)), `seed` (one int for the batch, or one per image)
 or `generator`, `callback(step, steps)`, `output_type` ("pil" -> list of PIL images, "np"/"pt" -> the
 images batched as diffusers returns them, "codes" -> int64 (B, h, w) code grids, "tensor" -> float
-(B, 3, H, W) in [0, 1]), `return_dict` (False: the tuple `(images,)`), `exact`, `init_tokens` and `sampler` (`samplers.SamplerOptions`; None = official).
+(B, 3, H, W) in [0, 1]), `return_dict` (False: the tuple `(images,)`), `exact`, `init_tokens` and `sampler` (`samplers.SamplerOptions`; None = official),
+`vq_decode` ("auto" | "whole" | "banded": how the VQ decodes, `model.vq_decode`; "whole" is the official decode).
 
 `init_tokens` (B, h, w) starts decoding from given token grids instead of an all-mask grid: the
 positions holding the mask id are decoded, every other token comes back bit-identical (what
@@ -75,12 +76,13 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from meissonic_cli.device import dtype_table, resolve_device, resolve_dtype
+from meissonic_cli.device import dtype_table, resolve_device, resolve_dtype, trim_host_memory
 from meissonic_cli.errors import InputError, ModelFormatError
 from meissonic_cli.model.hub import HUB_ID, model_variant, resolve_model_folder
 from meissonic_cli.model.lora import apply_lora
 from meissonic_cli.model.scheduler import MaskGITScheduler
 from meissonic_cli.model.transformer import Conditioning, MeissonicTransformer
+from meissonic_cli.model.vq_decode import vq_decode_for
 from meissonic_cli.sample.call_args import (
     OUTPUT_TYPES,
     check_output_type,
@@ -330,9 +332,9 @@ class MeissonicPipeline:
     ) -> "MeissonicPipeline":
         """Load a released-layout folder (or a cached Hugging Face repo id) onto `device` in `dtype`.
 
-        The text encoder always runs in float32, and so does the VQ when its config asks for it
-        (`force_upcast`, as the released one does); `dtype` (or diffusers' `torch_dtype`; default fp32) is
-        the transformer's. `variant` ("fp16"/"bf16") reads each part's `*.fp16.safetensors` weights where
+        `dtype` (or diffusers' `torch_dtype`; default fp32) is the transformer's and the text encoder's (as
+        diffusers' `torch_dtype`; the encoder's LayerNorms stay float32); the VQ runs in float32 when its
+        config asks for it (`force_upcast`, as the released one does). `variant` ("fp16"/"bf16") reads each part's `*.fp16.safetensors` weights where
         it has them (`model.hub.model_variant`).
         `text_encoder`: another text encoder folder to use (`TextEncoder.for_model`), e.g. the laion
         CLIP-ViT-H-14 CLIPModel folder the official scripts load; prompts keep the model's tokenizer.
@@ -351,21 +353,22 @@ class MeissonicPipeline:
         variant = model_variant(root, variant)
         # Smallest parts first, so a broken folder fails before the transformer's weights are read.
         scheduler = MaskGITScheduler.from_config_dir(root / "scheduler")
-        vq = load_vq(root / "vqvae", dtype=dt, variant=variant).to(home).eval()
-        # The text encoder runs once per call, so float32 costs little; its float32 layer norms also
-        # refuse half-precision weights on CPU.
+        # Sampling only decodes: the VQ's encoder is read when an edit first encodes (0.22 GiB for the released VQ).
+        vq = load_vq(root / "vqvae", dtype=dt, variant=variant, decode_only=True).to(home).eval()
         encoder = TextEncoder.for_model(root, text_encoder and Path(text_encoder).expanduser(),
-                                        dtype=torch.float32, variant=variant).to(home).eval()
+                                        dtype=dt, variant=variant).to(home).eval()
+        trim_host_memory()  # the float32 copies the text encoder was cast from, before the transformer comes
         transformer = load_transformer(root, dt, dev, home, quantize, variant)
         pipe = cls(transformer=transformer, scheduler=scheduler, text_encoder=encoder, vq=vq, model_path=root,
                    loras=apply_lora(transformer, lora))
         pipe.check_parts()
+        trim_host_memory()  # what loading freed (float32 tensors cast on the way) leaves the process
         return place_parts(pipe, offload, compile, dev)
 
     def to(self, *args: Any, device: Union[str, torch.device, None] = None,
            dtype: Union[str, torch.dtype, None] = None) -> "MeissonicPipeline":
-        """Move the pipeline to a device and/or the transformer to a dtype, as diffusers' `pipe.to("cuda")`
-        / `pipe.to(torch.float16)`; the text encoder stays float32 and the VQ keeps its own precision."""
+        """Move the pipeline to a device and/or the transformer and text encoder to a dtype, as diffusers'
+        `pipe.to("cuda")` / `pipe.to(torch.float16)`; the VQ keeps its own precision."""
         return move_pipeline(self, args, device, dtype)
 
     def check_parts(self) -> None:
@@ -452,6 +455,7 @@ class MeissonicPipeline:
         sampler: Any = None,
         first_step: int = 0,
         starting_mask_ratio: Optional[float] = None,
+        vq_decode: str = "auto",
         *,
         prompt: Union[str, Sequence[str], None] = None,
         num_inference_steps: Optional[int] = None,
@@ -474,6 +478,7 @@ class MeissonicPipeline:
             f = int(self.vq.downsample_factor)
             height, width = int(init_tokens.shape[-2]) * f, int(init_tokens.shape[-1]) * f
         height, width, grid = self._image_size(height, width)
+        vq_decode_for(self.vq, height, width, vq_decode)  # a bad mode fails before the steps
         # exact: CPU generators (as diffusers pipelines draw), so a seed gives one random stream on every device.
         gens = _generators(seed, generator, len(prompts), torch.device("cpu") if exact else self.device)
         text, pooled, neg_text, neg_pooled, micro = self._prompt_inputs(prompts, negative_prompt, guidance_scale,
@@ -487,7 +492,7 @@ class MeissonicPipeline:
         )
         if output_type == "codes":
             return codes
-        return wrap_output(self.vq.decode(codes), output_type, return_dict)
+        return wrap_output(self.vq.decode(codes, vq_decode), output_type, return_dict)
 
     def logits(
         self,

@@ -36,10 +36,11 @@ from meissonic_cli.errors import InputError, ModelFormatError, OutputExistsError
 from meissonic_cli.model.compiled import COMPILE_HELP
 from meissonic_cli.model.hub import ALLOW_DOWNLOAD_HELP, VARIANT_HELP, VARIANTS
 from meissonic_cli.model.quantize import QUANTIZE_HELP, QUANTIZE_MODES
+from meissonic_cli.model.vq_decode import VQ_DECODE_HELP, VQ_DECODE_MODES
 from meissonic_cli.progress import key_value_table, make_progress
 from meissonic_cli.readers import parse_json
 from meissonic_cli.safety import MAX_SEED, check_seed, derive_seed
-from meissonic_cli.sample.offload import OFFLOAD_HELP, OFFLOAD_MODES
+from meissonic_cli.sample.offload import OFFLOAD_HELP, OFFLOAD_MODES, check_pipeline_quantize
 from meissonic_cli.sample.outputs import other_model, read_done_sidecar
 from meissonic_cli.textfiles import jsonl_lines, read_text, text_format, txt_lines
 
@@ -55,9 +56,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Sidecar fields that must equal the current run's for a done image to be skipped.
 # Every SampleConfig field reaches this comparison or is listed with its reason in tests/test_rerun_identity.py.
 _MUST_MATCH = ("prompt", "negative_prompt", "seed", "steps", "cfg", "resolution", "temperature", "token_temperature",
-               "text_encoder", "sampler", "dtype", "generator", "variant", "quantize")
+               "text_encoder", "sampler", "dtype", "generator", "variant", "quantize", "vq_decode")
 # Values of sidecar fields added after the first release, for sidecars written before them (`edit`'s too).
-_SIDECAR_DEFAULTS = {"token_temperature": 1.0, "exact": False, "quantize": "none"}
+_SIDECAR_DEFAULTS = {"token_temperature": 1.0, "exact": False, "quantize": "none", "vq_decode": "auto"}
 # Sidecar fields compared only when a finished sidecar has them (older ones did not record them).
 _COMPARED_WHEN_RECORDED = ("generator", "dtype", "variant")
 GRID_NAME = "grid.png"
@@ -90,11 +91,12 @@ class SampleConfig:
     seed: int = field(0, help="Base seed: image i gets seed + i (unless its jsonl line sets one).")
     batch_size: int = field(1, bounds=(1, MAX_BATCH), help="Images sampled together (same steps and cfg).")
     device: str = field("auto", help="auto, cpu, cuda, cuda:N or mps.")
-    dtype: str = field("fp32", help="Transformer weights and activations: fp32, bf16 or fp16 (the text encoder and "
-                                    "the VQ run in fp32).")
+    dtype: str = field("fp32", help="Weights and activations of the transformer and the text encoder (its layer "
+                                    "norms stay fp32): fp32, bf16 or fp16. The released VQ decodes in fp32.")
     quantize: str = field("none", help=QUANTIZE_HELP)
     offload: str = field("none", help=OFFLOAD_HELP)
     compile: bool = field(False, help=COMPILE_HELP, flag="--compile/--no-compile")
+    vq_decode: str = field("auto", help=VQ_DECODE_HELP)
     temperature: str = field("2,0", help="Gumbel temperature annealed over the steps: 'start,end', or one number tau "
                                          "for tau..0.01.")
     token_temperature: float = field(1.0, bounds=(1e-3, 1e3), help="Divides the logits before each token draw: 1 is the official sampler; "
@@ -193,9 +195,10 @@ class SampleConfig:
                 p.check(False, str(err))
 
     def check_schedule(self, p: Problems) -> None:
-        """Add to `p` what is wrong with the decoding settings (--steps, --temperature,
-        --token-temperature): the checks `edit` shares, which has no prompts or output of this kind."""
+        """Add to `p` what is wrong with the decoding settings (--steps, --temperature, --token-temperature,
+        --vq-decode): the checks `edit` shares, which has no prompts or output of this kind."""
         p.check(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+        p.check(self.vq_decode in VQ_DECODE_MODES, f"unknown --vq-decode {self.vq_decode!r}; use one of {', '.join(VQ_DECODE_MODES)}")
         p.check(math.isfinite(self.token_temperature) and self.token_temperature > 0,
                 f"--token-temperature must be > 0 (1 = the official sampler), got {self.token_temperature}")
         try:
@@ -365,17 +368,9 @@ def _sidecar(item: PromptItem, cfg: SampleConfig, width: int, height: int, model
         "width": width, "height": height, "temperature": list(_as_list(parse_temperature(cfg.temperature))),
         "token_temperature": cfg.token_temperature,
         "sampler": cfg.sampler_label, "text_encoder": text_encoder_label(cfg.text_encoder), "model": model, "dtype": dtype,
-        "generator": generator, "variant": cfg.variant, "quantize": cfg.quantize, "offload": cfg.offload,
+        "generator": generator, "variant": cfg.variant, "quantize": cfg.quantize, "offload": cfg.offload, "vq_decode": cfg.vq_decode,
         "seconds": round(seconds, 4),
     }
-
-
-def check_pipeline_quantize(pipeline: Any, quantize: str) -> None:
-    """A given pipeline must be quantized as the settings say: the sidecars record the mode."""
-    loaded = getattr(pipeline.transformer, "quantize_mode", "none")
-    if loaded != quantize:
-        raise InputError(f"the pipeline was loaded with quantize={loaded!r} but --quantize is {quantize!r}; load it "
-                         f"with MeissonicPipeline.from_pretrained(..., quantize={quantize!r})")
 
 
 def text_encoder_label(folder: Optional[str]) -> Optional[str]:
@@ -549,7 +544,7 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None,
                 [it.prompt for it in batch], negative_prompt=[it.negative_prompt for it in batch],
                 steps=batch[0].steps, guidance_scale=batch[0].cfg, height=height, width=width, temperature=temperature,
                 token_temperature=cfg.token_temperature, seed=[it.seed for it in batch], exact=cfg.exact,
-                sampler=cfg.sampler_options(),
+                sampler=cfg.sampler_options(), vq_decode=cfg.vq_decode,
                 callback=lambda step, total: _step_done(bar, steps_task, on_step, step, total),
             )
             seconds = time.perf_counter() - start

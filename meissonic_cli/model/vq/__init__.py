@@ -20,10 +20,12 @@ if TYPE_CHECKING:
     from torch import nn
 
 
-def load_vq(folder: str | Path, dtype: "torch.dtype | None" = None, variant: str | None = None) -> "nn.Module":
+def load_vq(folder: str | Path, dtype: "torch.dtype | None" = None, variant: str | None = None,
+            decode_only: bool = False) -> "nn.Module":
     """Load a VQ folder (or a model root holding `vqvae/`) of either kind: a diffusers `VQModel` gives a
     `VQTokenizer`, a `"_class_name": "PatchVQ"` config a `patch.PatchVQ`; both share the interface.
-    `variant` (fp16/bf16) picks a diffusers VQ's variant weights when the folder holds them."""
+    `variant` (fp16/bf16) picks a diffusers VQ's variant weights when the folder holds them.
+    `decode_only`: a VQTokenizer's encoder is freed until the first `encode` reads it back (`drop_encoder`)."""
     folder = Path(folder)
     if (folder / "vqvae").is_dir():
         folder = folder / "vqvae"
@@ -37,7 +39,10 @@ def load_vq(folder: str | Path, dtype: "torch.dtype | None" = None, variant: str
         return PatchVQ.from_pretrained(folder, dtype=dtype)
     from meissonic_cli.model.vq.vqgan import VQTokenizer
 
-    return VQTokenizer.from_pretrained(folder, dtype=dtype, variant=variant)
+    vq = VQTokenizer.from_pretrained(folder, dtype=dtype, variant=variant)
+    if decode_only:
+        vq.drop_encoder(folder, variant)
+    return vq
 
 
 __all__ = ["CodeGrid", "images_to_tensor", "load_vq", "psnr", "tensor_to_images"]

@@ -83,9 +83,13 @@ class PatchVQ(CodeGrid, nn.Module):
         return _nearest(patches, self.codebook.flatten(1)).long().reshape(images.shape[0], h, w)
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Float images `(B, 3, h*f, w*f)` in [0, 1] for code grids `(B, h, w)`: the codebook patches, tiled."""
+    def decode(self, codes: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+        """Float images `(B, 3, h*f, w*f)` in [0, 1] for code grids `(B, h, w)`: the codebook patches, tiled.
+        `mode` (`--vq-decode`): each patch is decoded on its own already, so only auto and whole apply."""
+        from meissonic_cli.model.vq_decode import vq_decode_for
+
         self._check_codes(codes)
+        vq_decode_for(self, codes.shape[1] * self.downsample_factor, codes.shape[2] * self.downsample_factor, mode)
         b, h, w = codes.shape
         f = self.downsample_factor
         tiles = self.codebook[codes.to(self.device).long()]  # (B, h, w, 3, f, f)

@@ -95,24 +95,38 @@ class VQTokenizer(CodeGrid, nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Code indices int64 `(B, H/f, W/f)` for float images `(B, 3, H, W)` in [0, 1]."""
         h, w = self._grid_of_images(images)
+        self._restore_encoder()
         x = images.to(device=self.device, dtype=self.dtype)
         latents = self.model.encode(x).latents
         indices = self.model.quantize(latents)[2][2]
         return indices.reshape(images.shape[0], h, w).long()
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """Float images `(B, 3, h*f, w*f)` in [0, 1] for code grids `(B, h, w)`."""
+    def decode(self, codes: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+        """Float images `(B, 3, h*f, w*f)` in [0, 1] for code grids `(B, h, w)`; `mode` is `--vq-decode`
+        (auto|whole|banded, see `model.vq_decode`)."""
+        return self.decode_raw(codes, mode).float().clamp(0, 1)
+
+    @torch.no_grad()
+    def decode_raw(self, codes: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+        """The decoder's output `(B, 3, h*f, w*f)` before the clamp to [0, 1]."""
+        from meissonic_cli.device import trim_host_memory
+        from meissonic_cli.model.vq_decode import vq_decode_for
+
         self._check_codes(codes)
+        trim_host_memory()  # what the sampler freed leaves the process before the decode's activations come
         b, h, w = codes.shape
+        f = self.downsample_factor
         codes = codes.to(self.device).long()
         shape = (b, h, w, self.embed_dim)
+        if vq_decode_for(self, h * f, w * f, mode) == "banded":
+            from meissonic_cli.model.vq.banded import banded_decode
+
+            return banded_decode(self.model, self.model.quantize.get_codebook_entry(codes.reshape(-1), shape))
         if self.model.config.lookup_from_codebook:
-            out = self.model.decode(codes, force_not_quantize=True, shape=shape).sample
-        else:
-            quant = self.model.quantize.get_codebook_entry(codes.reshape(-1), shape)
-            out = self.model.decode(quant, force_not_quantize=True).sample
-        return out.float().clamp(0, 1)
+            return self.model.decode(codes, force_not_quantize=True, shape=shape).sample
+        quant = self.model.quantize.get_codebook_entry(codes.reshape(-1), shape)
+        return self.model.decode(quant, force_not_quantize=True).sample
 
     # ----- builders and loaders
 
@@ -167,8 +181,24 @@ class VQTokenizer(CodeGrid, nn.Module):
             vq = vq.to(dtype)
         return vq
 
+    def drop_encoder(self, folder: str | Path, variant: str | None = None) -> None:
+        """Free the encoder half (`encoder`, `quant_conv`: 0.22 GiB of the released VQ in float32) until
+        `encode` needs it again, when it is read back from `folder`: sampling only decodes."""
+        self._encoder_source = (Path(folder), variant)
+        self.model.encoder = None
+        self.model.quant_conv = None
+
+    def _restore_encoder(self) -> None:
+        if self.model.encoder is not None:
+            return
+        folder, variant = self._encoder_source
+        full = type(self).from_pretrained(folder, dtype=self.dtype, variant=variant).model
+        self.model.encoder = full.encoder.to(self.device)
+        self.model.quant_conv = full.quant_conv.to(self.device)
+
     def save_pretrained(self, folder: str | Path) -> None:
         """Write `config.json` + `diffusion_pytorch_model.safetensors` (the diffusers VQModel layout)."""
+        self._restore_encoder()
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(str(folder), safe_serialization=True)
