@@ -8,9 +8,10 @@
 #            seconds per step and MFU against the measured bf16 matmul peak and against the spec sheet's
 #            dense bf16 peak (989 TFLOP/s for H100/H200 SXM) (benchmarks/train_speed.py; at most 90 s).
 #   memory:  the released 1B architecture (random weights, released layout, built first) at 1024x1024, CFG 9,
-#            48 steps: peak VRAM (torch.cuda.max_memory_allocated) and s/step for fp32, bf16, bf16 + model
-#            offload, int8, int8 + model offload, int4, each in a fresh process (benchmarks/memory.py;
-#            at most 200 s, then it skips what is left).
+#            64 steps: peak VRAM (torch.cuda.max_memory_allocated), s/step and s/image at 48 and 64 steps for
+#            fp32, bf16, bf16 + banded VQ decode, bf16 + model offload, int8, int8 + banded, int8 + model
+#            offload, int4, each in a fresh process (benchmarks/memory.py; at most 200 s, then it skips
+#            what is left).
 #   fid:     Inception features of 128 PNGs (512x512) one image per forward vs batches of 32 and 64: images/s and
 #            the network's share of the GPU's float32 matmul peak (benchmarks/fid_speed.py; at most 30 s).
 #
@@ -42,7 +43,7 @@ if [ "$SMOKE" = 1 ]; then
   echo $? >"$tmp/train.rc"
   timeout 300 bash -c "\"$PY\" -c 'import sys; from meissonic_cli.model.scaffold import build_tiny_model_folder as b; b(sys.argv[1])' \
     \"$tmp/tiny\" && \"$PY\" benchmarks/memory.py --model \"$tmp/tiny\" --device cpu --resolution 64 --steps 2 \
-    --settings fp32,int8,int8+offload --json" >"$tmp/memory.out" 2>"$tmp/memory.err"
+    --settings fp32,bf16+banded,int8,int8+offload --json" >"$tmp/memory.out" 2>"$tmp/memory.err"
   echo $? >"$tmp/memory.rc"
   timeout 120 "$PY" benchmarks/fid_speed.py --images 4 --size 64 --batch-sizes 1,4 --repeats 1 --json \
     >"$tmp/fid.out" 2>"$tmp/fid.err"
@@ -51,7 +52,7 @@ else
   timeout 160 "$PY" benchmarks/gpu_check.py --fast "$FAST" --budget-s 125 >"$tmp/sampler.out" 2>"$tmp/sampler.err"
   echo $? >"$tmp/sampler.rc"
   timeout 200 bash -c "\"$PY\" benchmarks/memory.py --build \"$tmp/m1b\" >/dev/null && \"$PY\" benchmarks/memory.py \
-    --model \"$tmp/m1b\" --device cuda --steps 48 --timeout 60 --budget-s 120 --json" >"$tmp/memory.out" 2>"$tmp/memory.err"
+    --model \"$tmp/m1b\" --device cuda --steps 64 --timeout 60 --budget-s 130 --json" >"$tmp/memory.out" 2>"$tmp/memory.err"
   echo $? >"$tmp/memory.rc"
   timeout 90 "$PY" benchmarks/train_speed.py --model 1b --resolution 512 --precision bf16 --batch 16 --steps 3 \
     --warmup 2 --device cuda --json >"$tmp/train.out" 2>"$tmp/train.err"

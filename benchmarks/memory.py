@@ -18,6 +18,10 @@ What is measured:
   sampling add: weights, activations, allocator slack; not the ~0.5 GB torch itself takes.
 - CUDA: `torch.cuda.max_memory_allocated()` over the whole load and sample (the CPU figure too).
 - s/step: the mean time between the sampler's step callbacks (the first includes one-time work).
+- s/image: `seconds_to_step` gives the seconds from the call's start (text encoding included) to the
+  end of step 48 and of step 64 when the run has that many steps (the official README's 64, our 48).
+Each setting names its `--vq-decode`: `whole` (the default, the official decode) or `banded` (the
+low-memory decode; `+banded` rows, and the offload/int4 rows, which exist for small GPUs).
 A setting the device cannot run (offload or int4 on CPU) is reported as n/a with the reason.
 
 Writes memory.json and memory.md to --out, and prints the markdown table.
@@ -38,12 +42,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SETTINGS: dict[str, dict[str, str]] = {
-    "fp32": {"dtype": "fp32", "quantize": "none", "offload": "none"},
-    "bf16": {"dtype": "bf16", "quantize": "none", "offload": "none"},
-    "bf16+offload": {"dtype": "bf16", "quantize": "none", "offload": "model"},
-    "int8": {"dtype": "bf16", "quantize": "int8", "offload": "none"},
-    "int8+offload": {"dtype": "bf16", "quantize": "int8", "offload": "model"},
-    "int4": {"dtype": "bf16", "quantize": "int4", "offload": "none"},
+    "fp32": {"dtype": "fp32", "quantize": "none", "offload": "none", "vq_decode": "whole"},
+    "bf16": {"dtype": "bf16", "quantize": "none", "offload": "none", "vq_decode": "whole"},
+    "bf16+banded": {"dtype": "bf16", "quantize": "none", "offload": "none", "vq_decode": "banded"},
+    "bf16+offload": {"dtype": "bf16", "quantize": "none", "offload": "model", "vq_decode": "whole"},
+    "int8": {"dtype": "bf16", "quantize": "int8", "offload": "none", "vq_decode": "whole"},
+    "int8+banded": {"dtype": "bf16", "quantize": "int8", "offload": "none", "vq_decode": "banded"},
+    "int8+offload": {"dtype": "bf16", "quantize": "int8", "offload": "model", "vq_decode": "banded"},
+    "int4": {"dtype": "bf16", "quantize": "int4", "offload": "none", "vq_decode": "banded"},
 }
 GIB = 2**30
 
@@ -160,13 +166,16 @@ def child(setting: str, model: str, device: str, resolution: int, steps: int) ->
     phases.wrap(pipe.text_encoder, "encode", "text encode")
     phases.wrap(pipe.vq, "decode", "VQ decode", before="after the last step")
     pipe(["a photo of a red fox in the snow"], negative_prompt="", steps=steps, guidance_scale=9.0,
-         height=resolution, width=resolution, seed=0, callback=tick)
+         height=resolution, width=resolution, seed=0, callback=tick, vq_decode=opts["vq_decode"])
     phases.end("PIL conversion")
     per_step = [b - a for a, b in zip(marks, marks[1:])]
     peak_kib = phases.peak_kib
     row.update(status="ok", baseline_rss_gib=baseline_kib / 2**20, peak_rss_over_baseline_gib=(peak_kib - baseline_kib) / 2**20,
                load_s=load_s, s_per_step=sum(per_step) / len(per_step), torch=torch.__version__,
-               threads=torch.get_num_threads(), phases=phases.rows, weights_gib=weight_gib(pipe))
+               threads=torch.get_num_threads(), phases=phases.rows, weights_gib=weight_gib(pipe),
+               # sampling seconds up to the end of step N (text encoding included, decode not): the
+               # s/image of an N-step run, for the step counts the official README and our default use
+               seconds_to_step={n: marks[n] - marks[0] for n in (48, 64) if n < len(marks)})
     if dev.type == "cuda":
         row["peak_vram_gib"] = torch.cuda.max_memory_allocated(dev) / GIB
         row["gpu"] = torch.cuda.get_device_name(dev)
@@ -175,15 +184,17 @@ def child(setting: str, model: str, device: str, resolution: int, steps: int) ->
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     cuda = any(r.get("peak_vram_gib") is not None for r in rows)
-    head = "| setting | --dtype | --quantize | --offload | peak " + ("VRAM" if cuda else "RSS over baseline") + " | s/step |"
-    lines = [head, "|---|---|---|---|---|---|"]
+    head = ("| setting | --dtype | --quantize | --offload | --vq-decode | peak " + ("VRAM" if cuda else "RSS over baseline")
+            + " | s/step |")
+    lines = [head, "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("status") != "ok":
             why = r.get("why", r.get("status", "failed"))
-            lines.append(f"| {r['setting']} | {r['dtype']} | {r['quantize']} | {r['offload']} | n/a ({why}) | n/a |")
+            lines.append(f"| {r['setting']} | {r['dtype']} | {r['quantize']} | {r['offload']} | {r['vq_decode']} | "
+                         f"n/a ({why}) | n/a |")
             continue
         peak = r["peak_vram_gib"] if cuda else r["peak_rss_over_baseline_gib"]
-        lines.append(f"| {r['setting']} | {r['dtype']} | {r['quantize']} | {r['offload']} | {peak:.2f} GiB | "
+        lines.append(f"| {r['setting']} | {r['dtype']} | {r['quantize']} | {r['offload']} | {r['vq_decode']} | {peak:.2f} GiB | "
                      f"{r['s_per_step']:.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -1,12 +1,15 @@
 """`--vq-decode auto|whole|banded`: how the VQ turns code grids into pixels.
 
-- `whole`: the decoder over the whole image at once, as diffusers and the official pipeline run it
-  (bit for bit theirs). The released VQ in float32 holds ~4 GiB of activations at 1024x1024.
+- `whole` (default): the decoder over the whole image at once, as diffusers and the official pipeline
+  run it (bit for bit theirs). The released VQ in float32 holds ~4 GiB of activations at 1024x1024.
 - `banded`: `model/vq/banded.py`, the decoder's high-resolution layers in row bands with the GroupNorm
   statistics of the whole image: the same function up to float rounding (a few 8-bit pixel values move
   by one), with a quarter of the whole decode's memory at 1024x1024 or less, and about 1.6x slower on a CPU.
-- `auto` (default): `banded` when one activation of the whole decode of one image would pass
+- `auto`: `banded` when one activation of the whole decode of one image would pass
   `AUTO_BANDED_BYTES` (the released VQ: images over 512x512 pixels, e.g. 1024x1024), else `whole`.
+
+The default is `whole`: the toolkit's images stay the official pipeline's, bit for bit, unless a user
+asks for the low-memory decode (`banded` or `auto`).
 
 Sidecars record the decode an image got (`whole` or `banded`), so a rerun with another one redoes it.
 This module is torch-free at import: the CLI reads the constants.
@@ -20,8 +23,8 @@ from meissonic_cli.errors import InputError
 
 VQ_DECODE_MODES = ("auto", "whole", "banded")
 AUTO_BANDED_BYTES = 256 * 2**20
-VQ_DECODE_HELP = ("How the VQ decodes tokens to pixels: whole (the whole image at once, as the official pipeline: "
-                  "bit for bit theirs), banded (the decoder's high-resolution layers in row bands with the "
+VQ_DECODE_HELP = ("How the VQ decodes tokens to pixels: whole (default: the whole image at once, as the official "
+                  "pipeline, bit for bit theirs), banded (the decoder's high-resolution layers in row bands with the "
                   "whole image's norm statistics: the same image up to float rounding, a quarter of the "
                   "memory or less at 1024x1024, slower) or auto (banded for images over 512x512 pixels, else whole). "
                   "The sidecars record which one ran.")
@@ -33,7 +36,7 @@ def check_vq_decode(mode: str) -> str:
     return mode
 
 
-def vq_decode_for(vq: Any, height: int, width: int, mode: str = "auto") -> str:
+def vq_decode_for(vq: Any, height: int, width: int, mode: str = "whole") -> str:
     """The decode (`whole` or `banded`) that `vq` runs for one `height x width` image under `mode`;
     InputError when `banded` is asked of a VQ without a banded decode."""
     check_vq_decode(mode)

@@ -305,7 +305,7 @@ def with_schedule(pipe: Any, masking_schedule: str) -> Any:
 
 
 def edit_image(pipe: Any, case: EditCase, callback: Optional[Callable[[int, int], None]] = None,
-               vq_decode: str = "auto") -> EditResult:
+               vq_decode: str = "whole") -> EditResult:
     """Run one edit with a loaded `MeissonicPipeline`; checks the inputs before any model work. `vq_decode`:
     how the VQ decodes the result (`model.vq_decode`)."""
     import numpy as np

@@ -455,7 +455,7 @@ class MeissonicPipeline:
         sampler: Any = None,
         first_step: int = 0,
         starting_mask_ratio: Optional[float] = None,
-        vq_decode: str = "auto",
+        vq_decode: str = "whole",
         *,
         prompt: Union[str, Sequence[str], None] = None,
         num_inference_steps: Optional[int] = None,

@@ -58,7 +58,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 _MUST_MATCH = ("prompt", "negative_prompt", "seed", "steps", "cfg", "resolution", "temperature", "token_temperature",
                "text_encoder", "sampler", "dtype", "generator", "variant", "quantize", "vq_decode")
 # Values of sidecar fields added after the first release, for sidecars written before them (`edit`'s too).
-_SIDECAR_DEFAULTS = {"token_temperature": 1.0, "exact": False, "quantize": "none", "vq_decode": "auto"}
+_SIDECAR_DEFAULTS = {"token_temperature": 1.0, "exact": False, "quantize": "none", "vq_decode": "whole"}
 # Sidecar fields compared only when a finished sidecar has them (older ones did not record them).
 _COMPARED_WHEN_RECORDED = ("generator", "dtype", "variant")
 GRID_NAME = "grid.png"
@@ -96,7 +96,7 @@ class SampleConfig:
     quantize: str = field("none", help=QUANTIZE_HELP)
     offload: str = field("none", help=OFFLOAD_HELP)
     compile: bool = field(False, help=COMPILE_HELP, flag="--compile/--no-compile")
-    vq_decode: str = field("auto", help=VQ_DECODE_HELP)
+    vq_decode: str = field("whole", help=VQ_DECODE_HELP)
     temperature: str = field("2,0", help="Gumbel temperature annealed over the steps: 'start,end', or one number tau "
                                          "for tau..0.01.")
     token_temperature: float = field(1.0, bounds=(1e-3, 1e3), help="Divides the logits before each token draw: 1 is the official sampler; "

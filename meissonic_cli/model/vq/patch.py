@@ -83,7 +83,7 @@ class PatchVQ(CodeGrid, nn.Module):
         return _nearest(patches, self.codebook.flatten(1)).long().reshape(images.shape[0], h, w)
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+    def decode(self, codes: torch.Tensor, mode: str = "whole") -> torch.Tensor:
         """Float images `(B, 3, h*f, w*f)` in [0, 1] for code grids `(B, h, w)`: the codebook patches, tiled.
         `mode` (`--vq-decode`): each patch is decoded on its own already, so only auto and whole apply."""
         from meissonic_cli.model.vq_decode import vq_decode_for

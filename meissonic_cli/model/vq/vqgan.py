@@ -102,13 +102,13 @@ class VQTokenizer(CodeGrid, nn.Module):
         return indices.reshape(images.shape[0], h, w).long()
 
     @torch.no_grad()
-    def decode(self, codes: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+    def decode(self, codes: torch.Tensor, mode: str = "whole") -> torch.Tensor:
         """Float images `(B, 3, h*f, w*f)` in [0, 1] for code grids `(B, h, w)`; `mode` is `--vq-decode`
         (auto|whole|banded, see `model.vq_decode`)."""
         return self.decode_raw(codes, mode).float().clamp(0, 1)
 
     @torch.no_grad()
-    def decode_raw(self, codes: torch.Tensor, mode: str = "auto") -> torch.Tensor:
+    def decode_raw(self, codes: torch.Tensor, mode: str = "whole") -> torch.Tensor:
         """The decoder's output `(B, 3, h*f, w*f)` before the clamp to [0, 1]."""
         from meissonic_cli.device import trim_host_memory
         from meissonic_cli.model.vq_decode import vq_decode_for
