@@ -1,21 +1,30 @@
 """Guidance distillation on the demo model: teacher (classifier-free guidance, two evaluations per step) vs
 the distilled student (one evaluation per step), shapes accuracy per evaluation and seconds per image.
 
-    python benchmarks/distill_study.py --demo DEMO_OUT --out OUT [--steps 4,8,16] [--seeds 0,1] [--prompts 120]
-        [--prompt-seed 2026] [--student CKPT | --distill-max-steps N] [--student-guidance 1.5,...] [--threads N]
+    python benchmarks/distill_study.py --demo DEMO_OUT --out OUT [--steps 4,8,16] [--seeds 0,1,2,3]
+        [--prompts 600] [--prompt-seed 2026] [--split test|dev] [--student CKPT | --distill-max-steps N]
+        [--student-guidance 1.5,...] [--settings NAMES] [--threads N] [--paper-cost R]
 
 1. Distil (unless --student names a finished student): `meissonic distill` with the recipe
    pipelines/distill/demo_distill.yaml, its paths pointed at DEMO_OUT (teacher = the demo's trained
    checkpoint from report.json, data = DEMO_OUT/tokens), output OUT/distill. The wall time of the run and
-   its seconds per optimizer step are recorded (OUT/distill_time.json); a finished run is reused.
+   its seconds per optimizer step are recorded (OUT/distill_time.json, with the load average before and
+   after); a finished run is reused.
 2. Held-out captions: scenes drawn with the shapes world's scene sampler (`shapes.world.sample_scene`)
    from random.Random(--prompt-seed), captions that are among the benchmark's 78 prompts dropped, each
-   caption once, the first --prompts of them. They are scored with the benchmark's scorer
-   (`shapes.bench.score_image`, which parses any shapes caption).
+   caption once, the first --prompts of them: the test split, the one the table reports. `--split dev`
+   draws --dev-prompts other captions (random.Random(--dev-seed), none of the test split's) for choosing
+   a recipe or a sampling scale without looking at the test split. They are scored with the benchmark's
+   scorer (`shapes.bench.score_image`, which parses any shapes caption).
 3. Cells: teacher with guidance at the demo's scale (confidence = official order, and Halton order),
    teacher without guidance (cfg 1), and the student at each --student-guidance (one forward per step,
-   the scale fed to its embedding), at every --steps and sampler seed, with the demo's temperatures.
-   Cells are appended to OUT/cells.jsonl as they finish, so a rerun resumes.
+   the scale fed to its embedding), at every --steps and sampler seed, with the demo's temperatures; all
+   on the same captions and seeds. Cells (with every image's 0/1 score) are appended to OUT/cells.jsonl
+   as they finish, so a rerun resumes; teacher cells do not depend on the student and serve every student.
+4. Standard errors: each caption's mean over the seeds is one observation (so both the caption and the
+   seed variation are in it); `overall ± s.e.` and, against the teacher's official 16 steps, the paired
+   difference on the same captions and seeds with its standard error. The targets are judged at cells
+   fixed in advance: the student at the first --student-guidance, official order, 8 and 16 steps.
 
 Writes OUT/study.md (table, targets), OUT/study.json and OUT/study.png (overall accuracy against
 evaluations per image; sampler_study's PIL plot). Copy study.md/png to docs/distill_study.* to publish.
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -73,10 +83,12 @@ def run_distillation(demo: Path, teacher: Path, out: Path, max_steps: int) -> tu
         return final, json.loads(timing_path.read_text())
     if run.exists():
         cfg.resume = "auto"
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     result = distill(cfg)
     seconds = time.perf_counter() - t0
     timing = {"seconds": seconds, "steps": result.steps - result.start_step, "batch_size": cfg.batch_size,
+              "load_average_before": load_before, "load_average_after": os.getloadavg(),
               "seconds_per_step": seconds / max(1, result.steps - result.start_step), "max_steps": cfg.max_steps,
               "resumed_from": result.start_step, "recipe": str(RECIPE.relative_to(REPO)),
               "command": f"meissonic distill --config {RECIPE.relative_to(REPO)} --data {demo / 'tokens'} --teacher "
@@ -330,6 +342,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--distill-max-steps", type=int, default=0, help="override the recipe's max_steps (0 = the recipe's)")
     ap.add_argument("--student-guidance", default="", help="comma-separated scales for the student (default: the demo's); "
                     "the first is the one the targets are judged at")
+    ap.add_argument("--report-only", action="store_true", help="run no new cell: the report over the cells already in OUT")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's choice)")
     ap.add_argument("--paper-cost", type=int, default=0, help="rounds of the paired train/distill step timing, and the "
                     "1B cost on paper from it (0 = skip)")
@@ -360,7 +373,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             if s["setting"] == "teacher cfg1" and steps < 8:
                 continue
             for seed in seeds:
-                if (s["setting"], steps, seed) in done:
+                if (s["setting"], steps, seed) in done or args.report_only:
                     continue
                 cell = {**study.cell(s, steps, seed), **key_of(s["setting"])}
                 cells.append(cell)
@@ -375,7 +388,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 
     t = study.timing
     distill_line = (f"Distillation: {t['steps']} steps of batch {t['batch_size']} in {t['seconds']:.0f} s "
-                    f"({t['seconds_per_step']:.3f} s/step) on this machine; `{t['command']}`." if t else
+                    f"({t['seconds_per_step']:.3f} s/step) on this machine" + (
+                        f" (1-minute load average {t['load_average_before'][0]:.1f} before, {t['load_average_after'][0]:.1f} "
+                        "after)" if t.get("load_average_before") else "") + f"; `{t['command']}`." if t else
                     f"Student: {study.student_path} (distilled earlier; no timing in this run).")
     drawn = (f"random.Random({args.prompt_seed})" if args.split == "test" else
              f"random.Random({args.dev_seed}), the dev split: none of the test split's {args.prompts}")

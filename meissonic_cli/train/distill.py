@@ -8,14 +8,23 @@ with the embedding's output layer at zero, so it starts as the teacher's conditi
 per sample:
 1. a masking state: with --distill-timesteps sampler (default) a step count n from --distill-steps and a
    step i < n, the state a sampling run is in before step i (cosine schedule: round(L cos(pi/2 i/n))
-   tokens masked, at least one) and the timestep the sampler passes there (n-1-i); with `train` the
-   trainer's masking rate r = cos(pi/2 u) and timestep r*1000;
+   tokens masked, at least one, at random positions) and the timestep the sampler passes there (n-1-i);
+   with `rollout` the state the student's OWN n-step sampling run is in before step i (no gradient: the
+   masked positions are the ones its sampler left, the known tokens its own draws; on-policy, as Di[M]O,
+   Zhu et al. 2025, trains its one-step generator on its own outputs); with `train` the trainer's masking
+   rate r = cos(pi/2 u) and timestep r*1000;
 2. a guidance scale g ~ U(--guidance-min, --guidance-max);
 3. the teacher (frozen, eval mode, --teacher-precision) runs the empty prompt's and the caption's
    features over the masked tokens, and the target is `uncond + g * (cond - uncond)`, the sampler's mix
-   (`sample.pipeline.exact_logits`);
+   (`sample.pipeline.exact_logits`). With --step-distill K > 1 (step distillation) the teacher instead
+   decodes K steps of a K*n-step run from that state and each position's target is its guided logits at
+   the step that decided it (the last step's where still masked): one student step learns K teacher
+   steps, as SDTT (Deschenaux & Gulcehre, "Beyond Autoregression: Fast LLMs via Self-Distillation Through
+   Time", ICLR 2025) does for masked diffusion language models and progressive distillation (Salimans &
+   Ho, ICLR 2022) for diffusion;
 4. the student runs once with g fed to its embedding, and the loss is KL(teacher || student) (or the
-   soft-target cross-entropy, --distill-loss ce) over the masked positions, on the VQ's codes.
+   soft-target cross-entropy, --distill-loss ce) over the masked positions, on the VQ's codes, both
+   distributions at logits / --distill-temperature.
 
 Everything else is `train.trainer.Trainer`: the token shard stream, AdamW and its schedule, EMA, LoRA
 (the adapters then also cover the guidance embedding), DDP/FSDP, NaN guard, checkpoints in the released
