@@ -19,10 +19,13 @@ from meissonic_cli.train.checkpoint import list_checkpoints
 from meissonic_cli.train.distill import (
     DistillConfig,
     DistillTrainer,
+    decode_step,
     distill,
     distillation_loss,
     guided_logits,
     load_distill_config,
+    masked_after,
+    run_temperatures,
     sampler_states,
 )
 from meissonic_cli.train.masked_model import load_init_weights
@@ -276,6 +279,10 @@ def test_a_guidance_distilled_teacher_is_refused(tmp_path):
     (["--distill-loss", "mse"], "--distill-loss"),
     (["--distill-steps", "4,x"], "--distill-steps"),
     (["--teacher-precision", "int8"], "--teacher-precision"),
+    (["--step-distill", "0"], "--step-distill"),
+    (["--step-distill", "2", "--distill-timesteps", "train"], "--step-distill"),
+    (["--rollout-temperature", "1,x"], "--rollout-temperature"),
+    (["--distill-temperature", "0"], "--distill-temperature"),
 ])
 def test_bad_distill_flags_are_one_error_line(tmp_path, flags, word):
     line = _one_error_line(_invoke("distill", "--data", "d", "--out", str(tmp_path / "o"), "--teacher", "t", *flags))
@@ -295,3 +302,103 @@ def test_recipes_load_and_the_config_layers(tmp_path):
         load_distill_config(None, {"guidance_maxx": 2})
     result = _invoke("distill", "--config", str(recipes[0]), "--guidance-max", "2.5", "--print-config")
     assert result.exit_code == 0 and "guidance_max: 2.5" in result.output and "teacher:" in result.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollout states and step distillation (--distill-timesteps rollout, --step-distill K)
+
+
+def test_decode_step_keeps_the_official_schedule_and_known_tokens():
+    from meissonic_cli.model.scheduler import MaskGITScheduler
+
+    g = torch.Generator().manual_seed(0)
+    b, n, length = 3, 5, GRID * GRID
+    tokens = torch.full((b, GRID, GRID), 64)
+    expected = MaskGITScheduler(mask_token_id=64).masked_after_step(n, length)
+    for i in range(n):
+        before = tokens.clone()
+        step = torch.full((b,), i)
+        now = (tokens.reshape(b, -1) == 64).sum(1)
+        logits = torch.randn(b, 65, GRID, GRID, generator=g)
+        tokens, decided = decode_step(logits, tokens, masked_after(step, n, length, now), run_temperatures(step, n, (1.0, 0.0)),
+                                      0.5, 64, 60, g)
+        assert (tokens.reshape(b, -1) == 64).sum(1).tolist() == [expected[i]] * b
+        known = before != 64
+        assert torch.equal(tokens[known], before[known])  # decided tokens never change
+        assert torch.equal(decided, (before != tokens).reshape(b, -1))
+        assert int(tokens[tokens != 64].max()) < 60  # only the VQ's codes
+
+
+def test_rollout_states_are_the_students_own_sampling_run(tmp_path, tiny_model_dir):
+    data = make_token_dataset(tmp_path / "data", shards=1, per_shard=4)
+    trainer = DistillTrainer(_cfg(tmp_path, data, tiny_model_dir, distill_timesteps="rollout", batch_size=4))
+    batch = trainer.next_batch()
+    text, pooled = trainer._caption_features(batch)
+    states, steps, rows = trainer.rollout_states(2, text, pooled, batch.micro, torch.full((4,), 3.0), (GRID, GRID))
+    trainer.stream.close()
+    assert steps.tolist() == [0, 0, 1, 1] and rows.tolist() == [0, 1, 0, 1]  # ceil(4/2) = 2 captions, 2 states each
+    mask_id = trainer.model_config.mask_token_id
+    masked = (states.reshape(4, -1) == mask_id).sum(1).tolist()
+    assert masked[:2] == [GRID * GRID] * 2 and masked[2:] == [int(GRID * GRID * torch.cos(torch.tensor(torch.pi / 4)))] * 2
+
+
+@pytest.mark.parametrize("mode", ["sampler", "rollout"])
+def test_step_distillation_targets_and_a_falling_loss(tmp_path, tiny_model_dir, mode):
+    data = make_token_dataset(tmp_path / "data", shards=1, per_shard=4)
+    trainer = DistillTrainer(_cfg(tmp_path, data, tiny_model_dir, distill_timesteps=mode, step_distill=2, lr=1e-3,
+                                  weight_decay=0.0, distill_temperature=0.5, guidance_min=4.0, guidance_max=4.0))
+    # K = 1 is the teacher's guided logits at the state; K = 2 takes the first step's logits where it decided.
+    tokens, text, pooled, micro = _inputs(b=2, dim=32)
+    scales, step = torch.tensor([4.0, 4.0]), torch.tensor([0, 1])
+    empty_text, empty_pooled = trainer._empty_features()
+    with torch.no_grad():
+        first = guided_logits(trainer.teacher, tokens, torch.tensor([5.0, 3.0]), micro, text, pooled, empty_text, empty_pooled, scales)
+    state = trainer.generator.get_state()
+    target = trainer.step_targets(tokens, step, 3, text, pooled, micro, scales)
+    trainer.generator.set_state(state)
+    after, decided = decode_step(first, tokens, masked_after(step * 2, 6, GRID * GRID, (tokens.reshape(2, -1) == 64).sum(1)),
+                                 run_temperatures(step * 2, 6, trainer.cfg.rollout_temperatures),
+                                 trainer.cfg.rollout_token_temperature, 64, trainer.num_codes, trainer.generator)
+    with torch.no_grad():
+        second = guided_logits(trainer.teacher, after, torch.tensor([4.0, 2.0]), micro, text, pooled, empty_text, empty_pooled, scales)
+    flat, first_flat, second_flat = (x.reshape(2, x.shape[1], -1) for x in (target, first, second))
+    pick = decided[:, None, :].expand_as(first_flat)
+    still = (after.reshape(2, 1, -1) == 64).expand_as(first_flat)
+    assert pick.any() and still.any()
+    torch.testing.assert_close(flat[pick], first_flat[pick], rtol=0, atol=0)
+    torch.testing.assert_close(flat[still], second_flat[still], rtol=0, atol=0)
+    labels = torch.where(tokens == 64, tokens, torch.full_like(tokens, IGNORE_INDEX))
+    assert distillation_loss(target.clone(), target, labels, temperature=0.5).item() == 0.0  # zero at its target
+
+    batch = trainer.next_batch()
+    if mode == "rollout":  # the student's own states move as it learns: hold the first rollout for a fixed batch
+        real, held = trainer.rollout_states, []
+
+        def rollout_once(*args, **kwargs):
+            if not held:
+                held.append(real(*args, **kwargs))
+            return held[0]
+        trainer.rollout_states = rollout_once
+    start = trainer.generator.get_state()
+    losses = []
+    for _ in range(30):
+        trainer.generator.set_state(start)  # the same states, rollouts and teacher steps every time
+        trainer.optimizer.zero_grad()
+        loss, _ = trainer.micro_step_loss(batch)
+        loss.backward()
+        trainer.optimizer.step()
+        losses.append(loss.item())
+    trainer.stream.close()
+    assert losses[0] > 0.005 and losses[-1] < 0.3 * losses[0], losses
+
+
+def test_resume_is_bit_identical_with_rollouts_and_step_distillation(tmp_path, tiny_model_dir):
+    data = make_token_dataset(tmp_path / "data", shards=2, per_shard=5)
+    common = dict(distill_timesteps="rollout", step_distill=2, rollout_token_temperature=0.5, distill_temperature=0.5)
+    full = distill(_cfg(tmp_path, data, tiny_model_dir, output=str(tmp_path / "a"), **common))
+    crash_after_first_checkpoint(_cfg(tmp_path, data, tiny_model_dir, output=str(tmp_path / "b"), **common), DistillTrainer)
+    resumed = distill(_cfg(tmp_path, data, tiny_model_dir, output=str(tmp_path / "b"), resume="auto", **common))
+    assert resumed.start_step == 2 and {k: resumed.losses[k] for k in (3, 4)} == {k: full.losses[k] for k in (3, 4)}
+    a = load_state_dict_files(tmp_path / "a" / "step-00000004" / "transformer")
+    b = load_state_dict_files(tmp_path / "b" / "step-00000004" / "transformer")
+    assert state_digest(a) == state_digest(b)

@@ -16,7 +16,7 @@ from meissonic_cli.errors import ConfigError
 from meissonic_cli.train.config import PRECISIONS, TrainConfig, apply_overrides, read_yaml_mapping
 
 LOSSES = ("kl", "ce")
-TIMESTEP_MODES = ("sampler", "train")
+TIMESTEP_MODES = ("sampler", "rollout", "train")
 MAX_GUIDANCE = 100.0
 # Fields of the teacher and the student that must agree: the tokens, the code grid, the text features.
 PAIRED_FIELDS = ("vocab_size", "codebook_size", "downsample", "upsample", "joint_attention_dim", "pooled_projection_dim")
@@ -34,9 +34,27 @@ class DistillConfig(TrainConfig):
                               "when they agree); ce: the soft-target cross-entropy (same gradients, plus the teacher's entropy).")
     distill_timesteps: str = field(
         "sampler", help="sampler: masking states and timesteps as a sampling run of --distill-steps steps visits them (the "
-        "sampler passes the step index as timestep); train: the trainer's masking rate r = cos(pi/2 u) and timestep r*1000.")
+        "sampler passes the step index as timestep), the masked positions drawn at random; rollout: the states the "
+        "student's own sampling runs visit (no gradient; one step count n per batch, ceil(batch/n) captions each give "
+        "all n states, about one extra student forward per batch; --rollout-temperature, --rollout-token-temperature); "
+        "train: the trainer's masking rate r = cos(pi/2 u) and timestep r*1000.")
     distill_steps: str = field("4,8,16,32,48", help="Comma-separated step counts whose sampling states --distill-timesteps "
                                "sampler draws from (one count per sample, uniformly).")
+    distill_temperature: float = field(
+        1.0, bounds=(0.01, 100.0), help="Both distributions are compared at logits / T (knowledge-distillation temperature). T < 1 sharpens "
+        "them toward the codes a sampler at --token-temperature T draws; 1 compares the guided distributions as they are.")
+    step_distill: int = field(
+        1, bounds=(1, 16), help="Teacher steps per student step (step distillation, as SDTT does for masked diffusion: Deschenaux & "
+        "Gulcehre 2025). 1: the target is the teacher's guided logits at the student's state. K > 1: from the state "
+        "before step i of an n-step run the teacher decodes steps K*i .. K*i+K-1 of a K*n-step run (guided, "
+        "--rollout-temperature, --rollout-token-temperature), and each position's target is its guided logits at the "
+        "step that decided it (the last step's where still masked); costs K teacher evaluations per sample. Needs "
+        "--distill-timesteps sampler or rollout.")
+    rollout_temperature: str = field("1,0", help="Masking temperature (start,end or one number; `sample --temperature`) "
+                                     "of the sampling runs --distill-timesteps rollout and --step-distill take.")
+    rollout_token_temperature: float = field(
+        1.0, bounds=(0.01, 100.0), help="Token temperature (`sample --token-temperature`) of the sampling runs --distill-timesteps rollout "
+        "and --step-distill take: codes are drawn from softmax(logits / T).")
     teacher_precision: str = field("fp32", help="Dtype of the teacher's weights: fp32, bf16 or fp16 (lower precision is "
                                    "faster on GPUs; the targets are computed in float32 from its logits).")
 
@@ -44,6 +62,12 @@ class DistillConfig(TrainConfig):
     def guidance_embeds(self) -> bool:
         """The student has a guidance embedding (`masked_model.resolve_model_config` reads this)."""
         return True
+
+    @property
+    def rollout_temperatures(self) -> tuple[float, float]:
+        """--rollout-temperature as (start, end); one number tau means (tau, 0.01), as the scheduler reads it."""
+        parts = [float(x) for x in str(self.rollout_temperature).split(",")]
+        return (parts[0], 0.01) if len(parts) == 1 else (parts[0], parts[1])
 
     @property
     def step_counts(self) -> list[int]:
@@ -77,6 +101,14 @@ class DistillConfig(TrainConfig):
             counts = []
         p.check(bool(counts) and all(1 <= n <= 1000 for n in counts),
                 f"{flag('distill_steps')} must be comma-separated step counts in 1..1000, got {self.distill_steps!r}")
+        try:
+            temperatures = self.rollout_temperatures
+        except (ValueError, IndexError):
+            temperatures = (math.nan,)
+        p.check(len(str(self.rollout_temperature).split(",")) <= 2 and all(math.isfinite(t) and 0 <= t <= 100 for t in temperatures),
+                f"{flag('rollout_temperature')} must be 'start,end' or one number, each in [0, 100], got {self.rollout_temperature!r}")
+        p.check(self.step_distill == 1 or self.distill_timesteps != "train",
+                f"{flag('step_distill')} > 1 follows sampling runs: use {flag('distill_timesteps')} sampler or rollout")
         p.check(self.teacher_precision in PRECISIONS,
                 f"{flag('teacher_precision')} must be one of {', '.join(PRECISIONS)}, got {self.teacher_precision!r}")
         p.check(not self.train_text_encoder, "--train-text-encoder is not supported by distill: teacher and student read the "
@@ -95,7 +127,7 @@ def _coerce_own(values: dict[str, Any], source: str) -> dict[str, Any]:
     out, problems = {}, []
     for key, value in values.items():
         name = key.replace("-", "_")
-        if name in ("guidance_min", "guidance_max"):
+        if name in ("guidance_min", "guidance_max", "distill_temperature", "rollout_token_temperature"):
             try:
                 if isinstance(value, bool):
                     raise TypeError
@@ -105,6 +137,12 @@ def _coerce_own(values: dict[str, Any], source: str) -> dict[str, Any]:
                 continue
         elif name == "distill_steps" and isinstance(value, list):
             value = ",".join(str(v) for v in value)
+        elif name == "rollout_temperature" and isinstance(value, (int, float, list)) and not isinstance(value, bool):
+            value = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+        elif name == "step_distill":
+            if not isinstance(value, int) or isinstance(value, bool):
+                problems.append(f"{source}: {key} should be a whole number, got {value!r}")
+                continue
         elif not isinstance(value, str):
             problems.append(f"{source}: {key} should be text, got {value!r}")
             continue
