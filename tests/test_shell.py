@@ -212,8 +212,9 @@ def test_json_errors_keep_the_exit_code_and_leave_stdout_empty(tmp_path: Path) -
 
 
 def test_shell_completion_is_on() -> None:
-    shown = _invoke(["--show-completion", "bash"])
-    assert shown.exit_code == 0 and "_MEISSONIC_COMPLETE" in shown.stdout.upper().replace("-", "_")
+    shown = CliRunner().invoke(app, ["--show-completion", "bash"], env={"COLUMNS": "200"}, prog_name="meissonic")
+    assert shown.exit_code == 0, (shown.output, repr(shown.exception))
+    assert "_MEISSONIC_COMPLETE" in shown.stdout.upper().replace("-", "_")
     env = {"_MEISSONIC_COMPLETE": "complete_bash", "COMP_WORDS": "meissonic sam", "COMP_CWORD": "1"}
     res = CliRunner().invoke(app, [], env=env, prog_name="meissonic")
     assert "sample" in res.stdout.split()
