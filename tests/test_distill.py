@@ -402,3 +402,25 @@ def test_resume_is_bit_identical_with_rollouts_and_step_distillation(tmp_path, t
     a = load_state_dict_files(tmp_path / "a" / "step-00000004" / "transformer")
     b = load_state_dict_files(tmp_path / "b" / "step-00000004" / "transformer")
     assert state_digest(a) == state_digest(b)
+
+
+def test_a_negative_prompt_on_a_student_is_refused_before_anything_is_written(tmp_path, tiny_model_dir):
+    """`sample` and `edit` check the negative prompts against a guidance-distilled model before the
+    output folder is made or a step runs (the pipeline call itself checks too)."""
+    import shutil
+
+    from PIL import Image
+
+    student = tmp_path / "student"
+    shutil.copytree(tiny_model_dir, student)
+    shutil.rmtree(student / "transformer")
+    _student_of(tiny_model_dir).save_pretrained(student / "transformer")
+    line = _one_error_line(_invoke("sample", "--model", str(student), "--prompt", "a red circle", "--negative-prompt",
+                                   "blurry", "--out", str(tmp_path / "s"), "--resolution", "64", "--steps", "2",
+                                   "--device", "cpu"))
+    assert "negative prompts are not supported" in line and not (tmp_path / "s").exists()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(tmp_path / "in.png")
+    line = _one_error_line(_invoke("edit", "--model", str(student), "--image", str(tmp_path / "in.png"), "--prompt",
+                                   "a blue circle", "--box", "0,0,32,32", "--negative-prompt", "blurry", "--out", str(tmp_path / "e"),
+                                   "--steps", "2", "--device", "cpu"))
+    assert "negative prompts are not supported" in line and not (tmp_path / "e").exists()
