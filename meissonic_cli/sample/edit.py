@@ -82,7 +82,6 @@ from meissonic_cli.sample.edit_masks import (
     round_size,
     token_mask,
 )
-from meissonic_cli.sample.guidance import check_negative_prompts
 from meissonic_cli.sample.offload import check_pipeline_quantize
 from meissonic_cli.sample.outputs import (
     check_case_limits,
@@ -514,6 +513,8 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
     if pipeline is None:  # the one loading path of sample, edit and the app, with edit's --model
         pipeline = load_pipeline(dataclasses.replace(cfg.sample, model=cfg.model))
     check_pipeline_quantize(pipeline, cfg.sample.quantize)
+    from meissonic_cli.sample.guidance import check_negative_prompts  # imports torch: not at CLI start
+
     check_negative_prompts([case.negative_prompt for case in todo], pipeline.transformer)
     model_label = model_id["model"]
     for case in todo:

@@ -40,7 +40,6 @@ from meissonic_cli.model.vq_decode import VQ_DECODE_HELP, VQ_DECODE_MODES
 from meissonic_cli.progress import key_value_table, make_progress
 from meissonic_cli.readers import parse_json
 from meissonic_cli.safety import MAX_SEED, check_seed, derive_seed
-from meissonic_cli.sample.guidance import check_negative_prompts
 from meissonic_cli.sample.offload import OFFLOAD_HELP, OFFLOAD_MODES, check_pipeline_quantize
 from meissonic_cli.sample.outputs import other_model, read_done_sidecar
 from meissonic_cli.textfiles import jsonl_lines, read_text, text_format, txt_lines
@@ -513,6 +512,8 @@ def run_sample(cfg: SampleConfig, progress: bool = True, pipeline: Any = None,
     model_label = model_id["model"]
     width, height = size if size is not None else (pipeline.default_resolution,) * 2
     pipeline.check_resolution(height, width)
+    from meissonic_cli.sample.guidance import check_negative_prompts  # imports torch: not at CLI start
+
     check_negative_prompts([it.negative_prompt for it in items if not done[it.index]], pipeline.transformer)
     dtype_name = str(pipeline.dtype).replace("torch.", "")
     generator = generator_device(cfg.exact, pipeline.device)
