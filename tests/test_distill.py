@@ -143,21 +143,27 @@ def test_sampler_states_are_the_states_a_sampling_run_visits():
     assert rates.max() == 1.0 and set(timesteps.tolist()) == set(range(16))
 
 
-def test_loss_decreases_on_a_fixed_batch(tmp_path, tiny_model_dir):
-    data = make_token_dataset(tmp_path / "data", shards=1, per_shard=4)
-    trainer = DistillTrainer(_cfg(tmp_path, data, tiny_model_dir, guidance_min=8.0, guidance_max=8.0, lr=1e-3,
-                                  weight_decay=0.0))
-    batch = trainer.next_batch()
+def _losses_on_a_fixed_batch(trainer: DistillTrainer, batch, steps: int) -> list[float]:
+    """The loss of `steps` optimizer steps on `batch`, the generator reset before each so every step sees
+    the same masks, timesteps, scales (and rollouts / teacher steps); closes the trainer's data stream."""
     state = trainer.generator.get_state()
     losses = []
-    for _ in range(20):
-        trainer.generator.set_state(state)  # the same masks, timesteps and scales every step
+    for _ in range(steps):
+        trainer.generator.set_state(state)
         trainer.optimizer.zero_grad()
         loss, _ = trainer.micro_step_loss(batch)
         loss.backward()
         trainer.optimizer.step()
         losses.append(loss.item())
     trainer.stream.close()
+    return losses
+
+
+def test_loss_decreases_on_a_fixed_batch(tmp_path, tiny_model_dir):
+    data = make_token_dataset(tmp_path / "data", shards=1, per_shard=4)
+    trainer = DistillTrainer(_cfg(tmp_path, data, tiny_model_dir, guidance_min=8.0, guidance_max=8.0, lr=1e-3,
+                                  weight_decay=0.0))
+    losses = _losses_on_a_fixed_batch(trainer, trainer.next_batch(), 20)
     assert losses[0] > 0.01 and losses[-1] < 0.2 * losses[0], losses
 
 
@@ -379,16 +385,7 @@ def test_step_distillation_targets_and_a_falling_loss(tmp_path, tiny_model_dir, 
                 held.append(real(*args, **kwargs))
             return held[0]
         trainer.rollout_states = rollout_once
-    start = trainer.generator.get_state()
-    losses = []
-    for _ in range(30):
-        trainer.generator.set_state(start)  # the same states, rollouts and teacher steps every time
-        trainer.optimizer.zero_grad()
-        loss, _ = trainer.micro_step_loss(batch)
-        loss.backward()
-        trainer.optimizer.step()
-        losses.append(loss.item())
-    trainer.stream.close()
+    losses = _losses_on_a_fixed_batch(trainer, batch, 30)
     assert losses[0] > 0.005 and losses[-1] < 0.3 * losses[0], losses
 
 
