@@ -308,6 +308,19 @@ def test_recipes_load_and_the_config_layers(tmp_path):
         load_distill_config(None, {"guidance_maxx": 2})
     result = _invoke("distill", "--config", str(recipes[0]), "--guidance-max", "2.5", "--print-config")
     assert result.exit_code == 0 and "guidance_max: 2.5" in result.output and "teacher:" in result.output
+    # YAML's own types are coerced to each field's (one coercion for train and distill fields alike).
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("distill_steps: [4, 8]\nrollout_temperature: [1, 0]\nguidance_max: 3\nlr: '2e-3'\nstep_distill: 2\n")
+    cfg = load_distill_config(recipe)
+    assert (cfg.distill_steps, cfg.step_counts, cfg.rollout_temperatures) == ("4,8", [4, 8], (1.0, 0.0))
+    assert isinstance(cfg.guidance_max, float) and cfg.guidance_max == 3.0 and cfg.lr == 2e-3 and cfg.step_distill == 2
+    recipe.write_text("rollout_temperature: 0.5\n")
+    assert load_distill_config(recipe).rollout_temperatures == (0.5, 0.01)
+    for bad, word in [("guidance_min: true", "guidance_min should be a float"), ("step_distill: 1.5", "step_distill"),
+                      ("distill_steps: [[4]]", "distill_steps should be a str"), ("teacher: {a: 1}", "teacher")]:
+        recipe.write_text(bad + "\n")
+        with pytest.raises(ConfigError, match=word):
+            load_distill_config(recipe)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -313,3 +314,50 @@ def test_unreadable_sidecar_names_the_file_and_its_writers(tmp_path):
         (tmp_path / "a.json").write_text(text)
         with pytest.raises(InputError, match=f"a.json: {expected}.*; sidecars are written by `sample`/`edit`$"):
             load_items(tmp_path)
+
+
+def test_prompts_from_standard_input_and_pipes(tmp_path, weights):
+    """`eval --prompts -` reads standard input once (txt, or --prompts-format jsonl|json), as `sample --prompts -`
+    does; a named pipe (<(...)) is read as txt; empty input or a bad format is one Error: line, nothing written."""
+    import threading
+
+    from meissonic_cli.model.scaffold import build_tiny_model_folder
+
+    model = build_tiny_model_folder(tmp_path / "model")
+    common = ["--model", str(model), "--clip-model", str(weights["clip_model"]), "--clip-checkpoint", str(weights["clip"]),
+              "--steps", "2", "--cfg", "2", "--resolution", "64", "--device", "cpu", "--grid-size", "0"]
+    result = runner.invoke(app, ["eval", "--suite", "clip", "--prompts", "-", "--out", str(tmp_path / "txt"), *common],
+                           input="# a comment\na cat\n\na dog\n")
+    assert result.exit_code == 0, result.output
+    sidecars = sorted((tmp_path / "txt" / "images").glob("*.json"))
+    assert [json.loads(p.read_text())["prompt"] for p in sidecars] == ["a cat", "a dog"]
+    assert json.loads((tmp_path / "txt" / "report.json").read_text())["count"] == 2
+
+    rows = '{"prompt": "a cat", "category": "anime"}\n{"prompt": "a car", "category": "photo"}\n'
+    result = runner.invoke(app, ["eval", "--suite", "clip", "--prompts", "-", "--prompts-format", "jsonl",
+                                 "--out", str(tmp_path / "jsonl"), *common], input=rows)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "jsonl" / "report.json").read_text())
+    assert set(report["metrics"]["clip_t"]["by_category"]) == {"anime", "photo"}
+
+    for args, stdin, needle in [
+        (["--prompts-format", "yaml"], "a cat\n", "--prompts-format must be one of txt, jsonl, json"),
+        ([], "\n# only a comment\n", "no prompts"),
+        (["--prompts-format", "json"], "[1, 2]", "expected a non-empty prompt string"),
+    ]:
+        out = tmp_path / f"bad-{len(stdin)}"
+        bad = runner.invoke(app, ["eval", "--suite", "clip", "--prompts", "-", "--out", str(out), *args, *common],
+                            input=stdin)
+        assert bad.exit_code == 1, bad.output
+        errors = [line for line in bad.output.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and needle in errors[0], bad.output
+        assert "Traceback" not in bad.output and not (out / "images").exists()
+
+    fifo = tmp_path / "prompts-pipe"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text("a red circle\n"))
+    writer.start()
+    try:
+        assert [e.prompt for e in read_eval_prompts(str(fifo))] == ["a red circle"]
+    finally:
+        writer.join(timeout=10)

@@ -119,8 +119,11 @@ class EvalConfig:
     images: Optional[str] = field(None, help="Folder of images with NAME.json sidecars from `sample` or `edit` "
                                              "('prompt', optional 'category', 'source' for edits).", short="-i")
     prompts: Optional[str] = field(None, help="Instead of --images: prompts to sample with --model first: .txt, .jsonl or "
-                                              ".json ({prompt, category}), a folder of CATEGORY.json/.txt files (the HPS "
-                                              "v2 benchmark layout), or 'shapes' for the shapes benchmark prompts.")
+                                              ".json ({prompt, category}), - for standard input, a folder of "
+                                              "CATEGORY.json/.txt files (the HPS v2 benchmark layout), or 'shapes' for "
+                                              "the shapes benchmark prompts.")
+    prompts_format: Optional[str] = field(None, help="Format of --prompts: txt, jsonl or json. Default: the file's ending; "
+                                                     "standard input (-) and names without an ending (<(...)) are txt.")
     model: Optional[str] = field(None, help="Model folder that samples --prompts.", short="-m")
     out: Optional[str] = field(None, help="Report folder (report.json, report.md, grid.png); with --prompts the samples "
                                           "go to OUT/images. Default with --images: DIR-eval beside it.", short="-o")
@@ -187,6 +190,8 @@ class EvalConfig:
                 f"--hps-version must be one of {', '.join(HPS_FILES)}, got {self.hps_version!r}")
         p.check(self.images_per_prompt >= 1, f"--images-per-prompt must be >= 1, got {self.images_per_prompt}")
         p.check(self.grid >= 0, f"--grid-size must be >= 0, got {self.grid}")
+        p.check(self.prompts_format in (None, "", *PROMPT_FORMATS),
+                f"--prompts-format must be one of {', '.join(PROMPT_FORMATS)}, got {self.prompts_format!r}")
         p.check(self.weights_config is None or Path(self.weights_config).is_file(),
                 f"--weights-config {self.weights_config} is not a file")
         p.raise_if_any()
@@ -314,60 +319,72 @@ def _entry(row: Any, where: str, category: Optional[str]) -> PromptEntry:
     raise InputError(f"{where}: expected a non-empty prompt string or an object with a 'prompt'")
 
 
-def read_eval_prompts(spec: str) -> list[PromptEntry]:
-    """Prompts (with categories) from a file, a folder of CATEGORY files, or 'shapes'."""
+PROMPT_FORMATS = ("txt", "jsonl", "json")
+
+
+def read_eval_prompts(spec: str, fmt: Optional[str] = None) -> list[PromptEntry]:
+    """Prompts (with categories) from a file, standard input (-), a pipe, a folder of CATEGORY files, or
+    'shapes'. `fmt` (--prompts-format) names a file's format; by default its ending, txt without one."""
+    from meissonic_cli.textfiles import STDIN
+
     if spec in _PLUGINS and _PLUGINS[spec].prompts is not None:
         return _PLUGINS[spec].prompts()
     path = Path(spec)
-    if path.is_dir():
+    if spec != STDIN and path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".json", ".txt", ".jsonl"))
         if not files:
             raise InputError(f"--prompts {path}: no CATEGORY.json/.txt/.jsonl files (the HPS v2 benchmark layout)")
         return [PromptEntry(e.prompt, e.category or f.stem, e.extra) for f in files for e in _read_prompt_file(f)]
-    if not path.is_file():
-        raise InputError(f"--prompts {path}: no such file; give a .txt/.jsonl/.json file, a folder of them, or 'shapes'")
-    return _read_prompt_file(path)
+    if spec != STDIN and not path.exists():
+        raise InputError(f"--prompts {path}: no such file; give a .txt/.jsonl/.json file, - for standard input, a folder "
+                         "of them, or 'shapes'")
+    return _read_prompt_file(path if spec != STDIN else None, fmt)
 
 
-def _read_prompt_file(path: Path) -> list[PromptEntry]:
-    from meissonic_cli.textfiles import jsonl_lines, read_text, txt_lines
+def _read_prompt_file(path: Optional[Path], fmt: Optional[str] = None) -> list[PromptEntry]:
+    """The entries of one prompt file (`path` None: standard input), in format `fmt` or the file's ending."""
+    from meissonic_cli.textfiles import STDIN, jsonl_lines, read_text, txt_lines
 
-    text = read_text(str(path), "--prompts")
-    suffix = path.suffix.lower()
+    text = read_text(STDIN if path is None else str(path), "--prompts")
+    name = "(stdin)" if path is None else str(path)
+    suffix = fmt or ("" if path is None else path.suffix.lower().lstrip(".")) or "txt"
     entries: list[PromptEntry] = []
-    if suffix == ".json":
+    if suffix == "json":
         try:
-            entries = _entries_from_json(json.loads(text), str(path))
+            entries = _entries_from_json(json.loads(text), name)
         except json.JSONDecodeError as err:
-            raise InputError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    elif suffix == ".jsonl":
+            raise InputError(f"{name}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    elif suffix == "jsonl":
         for number, line in enumerate(jsonl_lines(text), start=1):
             if line.strip():
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise InputError(f"{path} line {number}: not valid JSON ({err.msg})") from None
-                entries.append(_entry(row, f"{path} line {number}", None))
-    elif suffix == ".txt":
+                    raise InputError(f"{name} line {number}: not valid JSON ({err.msg})") from None
+                entries.append(_entry(row, f"{name} line {number}", None))
+    elif suffix == "txt":
         entries = [PromptEntry(line.strip()) for line in txt_lines(text) if line.strip() and not line.strip().startswith("#")]
     else:
-        raise InputError(f"--prompts {path}: expected .txt (one prompt per line), .jsonl or .json")
+        raise InputError(f"--prompts {name}: expected .txt (one prompt per line), .jsonl or .json, or name the format "
+                         "with --prompts-format txt|jsonl|json")
     if not entries:
-        raise InputError(f"--prompts {path}: no prompts")
+        raise InputError(f"--prompts {name}: no prompts")
     return entries
 
 
-
-
-def sample_prompts(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> list[EvalItem]:
-    """Sample `cfg.prompts` with `cfg.model` into OUT/images (resumable) and return the items to score.
+def sample_prompts(cfg: EvalConfig, progress: bool = True, pipeline: Any = None,
+                   prompts: Optional[list[PromptEntry]] = None) -> list[EvalItem]:
+    """Sample `cfg.prompts` (or the `prompts` already read from it: standard input reads once) with
+    `cfg.model` into OUT/images (resumable) and return the items to score.
 
     Sampling goes through `sample.run_sample`; the categories (and shapes expectations) of the prompt
     file are added to each sidecar so that a later `eval --images OUT/images` sees them too.
     """
     from meissonic_cli.sample.sample import read_prompts, run_sample
 
-    entries = [e for e in read_eval_prompts(str(cfg.prompts)) for _ in range(cfg.images_per_prompt)]
+    if prompts is None:
+        prompts = read_eval_prompts(str(cfg.prompts), cfg.prompts_format or None)
+    entries = [e for e in prompts for _ in range(cfg.images_per_prompt)]
     images_dir = cfg.out_dir / "images"
     sample_cfg = dataclasses.replace(cfg.sample, model=str(cfg.model), prompt=[e.prompt for e in entries],
                                      prompts=None, out=str(images_dir), grid=False, allow_download=cfg.allow_download)
@@ -413,8 +430,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> di
         items = load_items(cfg.images)
         check_items(items, cfg.suites)
     else:
-        read_eval_prompts(str(cfg.prompts))  # a bad prompt file fails before the model loads
-        items = sample_prompts(cfg, progress=progress, pipeline=pipeline)
+        prompts = read_eval_prompts(str(cfg.prompts), cfg.prompts_format or None)  # bad prompts fail before sampling
+        items = sample_prompts(cfg, progress=progress, pipeline=pipeline, prompts=prompts)
         check_items(items, cfg.suites)
     if "fid" in cfg.suites and len(items) < 2:
         raise InputError(f"--suite fid needs at least 2 images, found {len(items)}")

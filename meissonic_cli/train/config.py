@@ -239,9 +239,10 @@ class TrainConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
 
-def _coerce_types(values: dict[str, Any], source: str) -> dict[str, Any]:
-    """YAML writes 1e-4 as a string and ints where floats are meant: coerce to each field's type."""
-    types = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+def _coerce_types(values: dict[str, Any], source: str, config_type: type = TrainConfig) -> dict[str, Any]:
+    """YAML writes 1e-4 as a string, ints where floats are meant and lists where comma-separated text is
+    meant (`distill_steps: [4, 8]`): coerce each value to its field's type in `config_type`."""
+    types = {f.name: f.type for f in dataclasses.fields(config_type)}
     out: dict[str, Any] = {}
     problems: list[str] = []
     for key, value in values.items():
@@ -252,6 +253,8 @@ def _coerce_types(values: dict[str, Any], source: str) -> dict[str, Any]:
                 problems.append(f"{source}: {key} has no value")
                 continue
             if kind in ("float", float):
+                if isinstance(value, bool):
+                    raise ValueError
                 value = float(value)
             elif kind in ("int", int):
                 if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -261,6 +264,12 @@ def _coerce_types(values: dict[str, Any], source: str) -> dict[str, Any]:
                 if not isinstance(value, bool):
                     raise ValueError
             elif kind in ("str", str):
+                if isinstance(value, list):
+                    if not value or any(isinstance(v, (list, dict, bool)) or v is None for v in value):
+                        raise ValueError
+                    value = ",".join(str(v) for v in value)
+                elif isinstance(value, (dict, bool)):
+                    raise ValueError
                 value = str(value)
             elif kind in ("list", list):
                 if isinstance(value, str):
@@ -276,13 +285,14 @@ def _coerce_types(values: dict[str, Any], source: str) -> dict[str, Any]:
     return out
 
 
-def apply_overrides(cfg: TrainConfig, values: dict[str, Any], source: str) -> TrainConfig:
-    """`cfg` with `values` (field name -> value) applied; unknown names are reported by name."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+def apply_overrides(cfg: TrainConfig, values: dict[str, Any], source: str, command: str = "train") -> TrainConfig:
+    """`cfg` (a `TrainConfig` or a subclass) with `values` (field name -> value) applied; unknown names are
+    reported by name, with the `meissonic COMMAND --help` that lists the fields."""
+    names = {f.name for f in dataclasses.fields(cfg)}
     unknown = sorted(k for k in values if k.replace("-", "_") not in names)
     if unknown:
-        raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; run `meissonic train --help` for the fields")
-    return update_from_dict(cfg, _coerce_types(values, source), source)
+        raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; run `meissonic {command} --help` for the fields")
+    return update_from_dict(cfg, _coerce_types(values, source, type(cfg)), source)
 
 
 def load_train_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

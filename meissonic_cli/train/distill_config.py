@@ -5,14 +5,12 @@ import here, so the command's `--help` stays fast. The loop is `train/distill.py
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meissonic_cli.config import Problems, field, flag_of, update_from_dict
-from meissonic_cli.errors import ConfigError
+from meissonic_cli.config import Problems, field, flag_of
 from meissonic_cli.train.config import PRECISIONS, TrainConfig, apply_overrides, read_yaml_mapping
 
 LOSSES = ("kl", "ce")
@@ -118,52 +116,12 @@ class DistillConfig(TrainConfig):
         return self
 
 
-_DISTILL_ONLY = tuple(f.name for f in dataclasses.fields(DistillConfig)
-                      if f.name not in {g.name for g in dataclasses.fields(TrainConfig)})
-
-
-def _coerce_own(values: dict[str, Any], source: str) -> dict[str, Any]:
-    """The distill-only fields of `values` with YAML's types made right (numbers as floats, step lists as text)."""
-    out, problems = {}, []
-    for key, value in values.items():
-        name = key.replace("-", "_")
-        if name in ("guidance_min", "guidance_max", "distill_temperature", "rollout_token_temperature"):
-            try:
-                if isinstance(value, bool):
-                    raise TypeError
-                value = float(value)
-            except (TypeError, ValueError):
-                problems.append(f"{source}: {key} should be a number, got {value!r}")
-                continue
-        elif name == "distill_steps" and isinstance(value, list):
-            value = ",".join(str(v) for v in value)
-        elif name == "rollout_temperature" and isinstance(value, (int, float, list)) and not isinstance(value, bool):
-            value = ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
-        elif name == "step_distill":
-            if not isinstance(value, int) or isinstance(value, bool):
-                problems.append(f"{source}: {key} should be a whole number, got {value!r}")
-                continue
-        elif not isinstance(value, str):
-            problems.append(f"{source}: {key} should be text, got {value!r}")
-            continue
-        out[name] = value
-    if problems:
-        raise ConfigError(problems)
-    return out
-
-
 def load_distill_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> DistillConfig:
     """Defaults, then the YAML recipe at `path`, then `overrides` (field name -> value); not yet validated."""
     cfg = DistillConfig()
     layers = ([(read_yaml_mapping(path), str(path))] if path else []) + ([(overrides, "command line")] if overrides else [])
-    names = {f.name for f in dataclasses.fields(DistillConfig)}
     for values, source in layers:
-        unknown = sorted(k for k in values if k.replace("-", "_") not in names)
-        if unknown:
-            raise ConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; run `meissonic distill --help` for the fields")
-        own = {k: v for k, v in values.items() if k.replace("-", "_") in _DISTILL_ONLY}
-        cfg = apply_overrides(cfg, {k: v for k, v in values.items() if k not in own}, source)
-        cfg = update_from_dict(cfg, _coerce_own(own, source), source)
+        cfg = apply_overrides(cfg, values, source, command="distill")
     return cfg
 
 
