@@ -311,6 +311,17 @@ def _checked(component: Any) -> Any:
     return component
 
 
+def _steps_and_seed(gr: Any, s: SampleConfig) -> tuple[Any, Any, Any, Any]:
+    """The rows both tabs share: steps and guidance scale, then seed and the random-seed box."""
+    with gr.Row():
+        steps = gr.Slider(1, 100, value=s.steps, step=1, label="Steps")
+        guidance = gr.Slider(0, 20, value=s.cfg, step=0.5, label="Guidance scale")
+    with gr.Row():
+        seed = gr.Number(value=s.seed, precision=0, label="Seed")
+        random_seed = gr.Checkbox(value=False, label="Random seed")
+    return steps, guidance, seed, random_seed
+
+
 def build_app(app: MeissonicApp) -> Any:
     """The Gradio Blocks of the page: a Text to image tab and an Edit tab, with named API endpoints."""
     gr = _import_gradio()
@@ -326,12 +337,7 @@ def build_app(app: MeissonicApp) -> Any:
                 with gr.Column():
                     prompt = gr.Textbox(label="Prompt", lines=2, elem_id="prompt")
                     negative = gr.Textbox(label="Negative prompt", value=s.negative_prompt)
-                    with gr.Row():
-                        steps = gr.Slider(1, 100, value=s.steps, step=1, label="Steps")
-                        guidance = gr.Slider(0, 20, value=s.cfg, step=0.5, label="Guidance scale")
-                    with gr.Row():
-                        seed = gr.Number(value=s.seed, precision=0, label="Seed")
-                        random_seed = gr.Checkbox(value=False, label="Random seed")
+                    steps, guidance, seed, random_seed = _steps_and_seed(gr, s)
                     with gr.Row():
                         resolution = gr.Textbox(value=app.default_resolution, label="Resolution (N or WxH)")
                         images = gr.Slider(1, app.cfg.max_images, value=1, step=1, label="Images per prompt")
@@ -360,12 +366,7 @@ def build_app(app: MeissonicApp) -> Any:
                         extend = gr.Textbox(label="Outpaint: extend left,top,right,bottom")
                         target = gr.Textbox(label="Outpaint: canvas WxH")
                     strength = gr.Slider(0.05, 1.0, value=0.5, step=0.05, label="Strength (mask-free edit)")
-                    with gr.Row():
-                        edit_steps = gr.Slider(1, 100, value=s.steps, step=1, label="Steps")
-                        edit_guidance = gr.Slider(0, 20, value=s.cfg, step=0.5, label="Guidance scale")
-                    with gr.Row():
-                        edit_seed = gr.Number(value=s.seed, precision=0, label="Seed")
-                        edit_random = gr.Checkbox(value=False, label="Random seed")
+                    edit_steps, edit_guidance, edit_seed, edit_random = _steps_and_seed(gr, s)
                     edit_negative = gr.Textbox(label="Negative prompt", value=s.negative_prompt)
                     run_edit_button = gr.Button("Edit", variant="primary", elem_id="edit")
                 with gr.Column():
