@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sampler_study import ATTRIBUTES, fmt, mean_rows, parse_ints, plot  # noqa: E402
+from sampler_study import ATTRIBUTES, fmt, mean_rows, parse_ints, plot, run_cells  # noqa: E402
 
 RECIPE = REPO / "pipelines" / "distill" / "demo_distill.yaml"
 
@@ -356,7 +356,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     if args.settings:
         wanted = {x.strip() for x in args.settings.split(",")}
         settings = [s for s in settings if s["setting"] in wanted]
-    cells_path = out / "cells.jsonl"
     # A cell is reused when it was run on the same captions with the same model (teacher cells do not depend
     # on the student, so one teacher run serves every student compared in OUT).
     split_key = {"teacher": str(study.teacher_path), "images": len(study.prompts), "split": args.split,
@@ -365,22 +364,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     def key_of(setting_name: str) -> dict[str, Any]:
         return {**split_key, "student": str(study.student_path) if setting_name.startswith("student") else ""}
 
-    cells = [json.loads(line) for line in cells_path.read_text().splitlines() if line.strip()] if cells_path.is_file() else []
-    cells = [c for c in cells if all(c.get(k) == v for k, v in key_of(c["setting"]).items())]
-    done = {(c["setting"], c["steps"], c["seed"]) for c in cells}
-    for steps in steps_list:
-        for s in settings:
-            if s["setting"] == "teacher cfg1" and steps < 8:
-                continue
-            for seed in seeds:
-                if (s["setting"], steps, seed) in done or args.report_only:
-                    continue
-                cell = {**study.cell(s, steps, seed), **key_of(s["setting"])}
-                cells.append(cell)
-                with cells_path.open("a") as fh:
-                    fh.write(json.dumps(cell) + "\n")
-                print(f"{s['setting']:>24} {steps:>3} steps seed {seed}: overall {cell['overall']:.3f}, "
-                      f"{cell['seconds_per_image']:.4f} s/image", flush=True)
+    by_name = {s["setting"]: s for s in settings}
+    plan = [(s["setting"], steps, seed) for steps in steps_list for s in settings for seed in seeds
+            if not (s["setting"] == "teacher cfg1" and steps < 8)]
+    cells = run_cells(out / "cells.jsonl", lambda c: all(c.get(k) == v for k, v in key_of(c["setting"]).items()), plan,
+                      lambda name, steps, seed: {**study.cell(by_name[name], steps, seed), **key_of(name)},
+                      run_new=not args.report_only)
     names = [s["setting"] for s in settings]
     cells = [c for c in cells if c["setting"] in names and c["steps"] in steps_list and c["seed"] in seeds]
     rows = with_errors(mean_rows(cells), cells)

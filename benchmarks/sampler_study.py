@@ -32,7 +32,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Iterable, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -83,6 +83,25 @@ def parse_ints(text: str) -> list[int]:
     if not values or min(values) < 0:
         raise SystemExit(f"expected comma-separated integers >= 0, got {text!r}")
     return values
+
+
+def run_cells(cells_path: Path, keep: Callable[[dict[str, Any]], bool], plan: Iterable[tuple[str, int, int]],
+              run: Callable[[str, int, int], dict[str, Any]], run_new: bool = True) -> list[dict[str, Any]]:
+    """The cells of `cells_path` that `keep` accepts, plus each (setting, steps, seed) of `plan` not among them,
+    run with `run` (unless not `run_new`) and appended to the file as it finishes, so a rerun resumes."""
+    cells = [json.loads(line) for line in cells_path.read_text().splitlines() if line.strip()] if cells_path.is_file() else []
+    cells = [c for c in cells if keep(c)]
+    done = {(c["setting"], c["steps"], c["seed"]) for c in cells}
+    for name, steps, seed in plan:
+        if (name, steps, seed) in done or not run_new:
+            continue
+        cell = run(name, steps, seed)
+        cells.append(cell)
+        with cells_path.open("a") as fh:
+            fh.write(json.dumps(cell) + "\n")
+        print(f"{name:>24} {steps:>3} steps seed {seed}: overall {cell['overall']:.3f}, "
+              f"{cell['seconds_per_image']:.4f} s/image", flush=True)
+    return cells
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,24 +371,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     study = Study(args)
-    cells_path = out / "cells.jsonl"
-    cells = [json.loads(line) for line in cells_path.read_text().splitlines() if line.strip()] if cells_path.is_file() else []
     key = (len(study.prompts), str(study.checkpoint), study.prompt_set)
-    cells = [c for c in cells if (c.get("images"), c.get("checkpoint"), c.get("prompt_set", "all")) == key]
-    done = {(c["setting"], c["steps"], c["seed"]) for c in cells}
     # Step counts outermost, in the order given: a run cut short still compares every setting.
-    for steps in steps_list:
-        for name in names:
-            for seed in seeds:
-                if (name, steps, seed) in done:
-                    continue
-                cell = {**study.cell(SETTINGS[name], steps, seed), "checkpoint": str(study.checkpoint),
-                        "prompt_set": study.prompt_set}
-                cells.append(cell)
-                with cells_path.open("a") as fh:
-                    fh.write(json.dumps(cell) + "\n")
-                print(f"{name:>20} {steps:>3} steps seed {seed}: overall {cell['overall']:.3f}, "
-                      f"{cell['seconds_per_image']:.4f} s/image", flush=True)
+    cells = run_cells(out / "cells.jsonl", lambda c: (c.get("images"), c.get("checkpoint"), c.get("prompt_set", "all")) == key,
+                      [(name, steps, seed) for steps in steps_list for name in names for seed in seeds],
+                      lambda name, steps, seed: {**study.cell(SETTINGS[name], steps, seed), "checkpoint": str(study.checkpoint),
+                                                 "prompt_set": study.prompt_set})
     cells = [c for c in cells if c["setting"] in names and c["steps"] in steps_list and c["seed"] in seeds]
     rows = mean_rows(cells)
 
