@@ -271,6 +271,19 @@ def test_a_teacher_and_student_that_do_not_pair_is_one_error_line(tmp_path, tiny
     assert not (tmp_path / "run").exists()
 
 
+def test_the_distill_command_runs_and_reports_json(tmp_path, tiny_model_dir):
+    """`meissonic distill ... --json`: a guidance model checkpoint, and one JSON document on stdout naming it."""
+    data = make_token_dataset(tmp_path / "data", shards=1, per_shard=4)
+    result = _invoke("distill", "--data", str(data), "--out", str(tmp_path / "run"), "--teacher", str(tiny_model_dir),
+                     "--resolution", str(GRID * 16), "--batch-size", "2", "--max-steps", "2", "--checkpoint-every", "2",
+                     "--distill-steps", "2,4", "--guidance-max", "3", "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["steps"] == 2 and doc["last_checkpoint"] == str(tmp_path / "run" / "step-00000002")
+    assert set(doc["losses"]) == {"1", "2"} and all(v >= 0 for v in doc["losses"].values())
+    assert MeissonicTransformer.from_pretrained(Path(doc["last_checkpoint"])).config.guidance_embeds
+
+
 def test_a_guidance_distilled_teacher_is_refused(tmp_path):
     data = make_token_dataset(tmp_path / "data", shards=1, per_shard=2)
     MeissonicTransformer(meissonic_tiny(guidance_embeds=True)).save_pretrained(tmp_path / "student" / "transformer")

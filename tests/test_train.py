@@ -453,9 +453,14 @@ def test_cli_runs_the_tiny_cpu_recipe(tmp_path):
     data = make_token_dataset(tmp_path / "data", shards=1)
     te = make_model_folder(tmp_path / "model") / "text_encoder"
     result = _invoke("--config", str(REPO / "pipelines" / "tiny_cpu.yaml"), "--data", str(data), "--out",
-                     str(tmp_path / "run"), "--text-encoder", str(te), "--batch-size", "2", "--max-steps", "2")
+                     str(tmp_path / "run"), "--text-encoder", str(te), "--batch-size", "2", "--max-steps", "2", "--json")
     assert result.exit_code == 0, _error_text(result)
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]
+    # --json: the one document on stdout names the run's result; the summary table went to stderr.
+    doc = json.loads(result.stdout)
+    assert (doc["start_step"], doc["steps"], doc["skipped_steps"]) == (0, 2, 0)
+    assert doc["last_checkpoint"] == str(tmp_path / "run" / "step-00000002") and set(doc["losses"]) == {"1", "2"}
+    assert doc["final_loss"] == pytest.approx(sum(doc["losses"].values()) / 2) and "meissonic train" in result.stderr
     saved = load_train_config(tmp_path / "run" / "step-00000002" / "train_config.yaml")
     assert (saved.max_steps, saved.batch_size, saved.lr, saved.cond_dropout) == (2, 2, 3e-3, 0.1)
 

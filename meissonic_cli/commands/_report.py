@@ -92,6 +92,11 @@ def _stdout_to_stderr() -> Iterator[None]:
             os.close(saved_fd)
 
 
+def rank_zero() -> bool:
+    """Under torchrun only rank 0 prints the JSON document (one document per command run)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 @contextlib.contextmanager
 def report(json_mode: bool) -> Iterator[Report]:
     """The one place a command's output is routed (see the module docstring)."""
@@ -108,4 +113,4 @@ def report(json_mode: bool) -> Iterator[Report]:
             sys.stdout.flush()
 
 
-__all__ = ["JSON_OPTION", "Report", "plain", "report"]
+__all__ = ["JSON_OPTION", "Report", "plain", "rank_zero", "report"]

@@ -16,13 +16,16 @@ from meissonic_cli.config import flag_of
 
 from ._common import fail
 from ._options import Group, Options, command, extra_option
+from ._report import JSON_OPTION, rank_zero, report
+from .train import result_data
 
 # Train flags that mean nothing here: the teacher's empty prompt is the unconditional half of every
 # target (no condition dropout), and teacher and student read the same frozen text features.
 EXCLUDED = ("cond_dropout", "train_text_encoder", "text_encoder_lr")
 
 
-def _distill_command(opts: Options, config: Optional[Path] = None, print_config: bool = False) -> None:
+def _distill_command(opts: Options, config: Optional[Path] = None, print_config: bool = False,
+                     json_out: bool = False) -> None:
     """Distil classifier-free guidance into a student that samples with one forward per step.
 
     The student (--init, default the --teacher) gets a guidance embedding and learns the teacher's guided logits
@@ -42,7 +45,8 @@ def _distill_command(opts: Options, config: Optional[Path] = None, print_config:
     from meissonic_cli.train.distill import distill
 
     try:
-        distill(cfg)
+        with report(json_out and rank_zero()) as out:
+            out.data = result_data(distill(cfg))
     except KeyboardInterrupt:
         parts = ["meissonic", "distill"] + (["--config", str(config)] if config else [])
         for name, value in overrides.items():
@@ -62,6 +66,7 @@ def register(app: typer.Typer) -> None:
             "override it.", show_default=False)),
         extra_option("print_config", bool, typer.Option(
             False, "--print-config", metavar="", help="Print the resolved config as YAML and exit without training.")),
+        JSON_OPTION,
     ]
     command(app, "distill", [Group(DistillConfig, key="distill", exclude=EXCLUDED)], extra=extra,
             no_args_is_help=True)(_distill_command)

@@ -10,7 +10,7 @@ import typer
 from meissonic_cli.data.tokenize import TokenizeConfig
 
 from ._options import Group, Options, command
-from ._report import JSON_OPTION, report
+from ._report import JSON_OPTION, rank_zero, report
 
 
 def register(app: typer.Typer) -> None:
@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
         """
         from meissonic_cli.data.tokenize import summary_table, tokenize
 
-        with report(json_out and _rank_zero()) as out:
+        with report(json_out and rank_zero()) as out:
             result = tokenize(opts.build("tokenize"))
             if result.rank == 0:
                 out.data = {**vars(result), "images_per_second": result.images_per_second,
@@ -38,9 +38,3 @@ def register(app: typer.Typer) -> None:
                     for f in shown:
                         out.show(f"  {f['shard']} {f['key']}: {f['error']}", markup=False, highlight=False)
 
-
-def _rank_zero() -> bool:
-    """Under torchrun only rank 0 prints the JSON document (one document per command run)."""
-    import os
-
-    return os.environ.get("RANK", "0") == "0"

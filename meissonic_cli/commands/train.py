@@ -16,9 +16,19 @@ from meissonic_cli.train.config import TrainConfig
 
 from ._common import fail
 from ._options import Group, Options, command, extra_option
+from ._report import JSON_OPTION, rank_zero, report
 
 
-def _train_command(opts: Options, config: Optional[Path] = None, print_config: bool = False) -> None:
+def result_data(result: Any) -> dict[str, Any]:
+    """`--json`'s document for a finished `train`/`distill` run: the TrainResult plus the final loss."""
+    last = [v for _, v in sorted(result.losses.items())][-10:]
+    losses = {str(k): v for k, v in sorted(result.losses.items())}
+    return {**{k: v for k, v in vars(result).items() if k != "losses"}, "final_loss": sum(last) / len(last) if last else None,
+            "losses": losses}
+
+
+def _train_command(opts: Options, config: Optional[Path] = None, print_config: bool = False,
+                   json_out: bool = False) -> None:
     """Train or fine-tune a Meissonic transformer on token shards from `meissonic tokenize`.
 
     Settings: field defaults, then --config FILE (a recipe from pipelines/), then the flags given here.
@@ -37,7 +47,8 @@ def _train_command(opts: Options, config: Optional[Path] = None, print_config: b
     from meissonic_cli.train.trainer import train
 
     try:
-        train(cfg)
+        with report(json_out and rank_zero()) as out:
+            out.data = result_data(train(cfg))
     except KeyboardInterrupt:
         raise fail(f"interrupted; the checkpoints in {cfg.output} are kept. Resume with: "
                    f"{_resume_command(config_file, overrides)}", 130) from None
@@ -70,5 +81,6 @@ def register(app: typer.Typer) -> None:
             show_default=False)),
         extra_option("print_config", bool, typer.Option(
             False, "--print-config", metavar="", help="Print the resolved config as YAML and exit without training.")),
+        JSON_OPTION,
     ]
     command(app, "train", [Group(TrainConfig, key="train")], extra=extra, no_args_is_help=True)(_train_command)
