@@ -343,3 +343,18 @@ def test_shuffled_stream_default_seed_is_zero(tmp_path):
             ShardStream(shards, shuffle=True, seed=1) as c:
         first, zero, one = ([next(s).key for _ in range(8)] for s in (a, b, c))
     assert first == zero and first != one and sorted(first) == sorted(one)
+
+
+def test_non_finite_features_are_a_damaged_shard() -> None:
+    """NaN or infinity in a float member (text, pooled, micro) is refused with the shard and sample named:
+    `tokenize` never writes one, so the file was damaged after its stats file called it complete."""
+    base = {"codes.npy": _codes(), "micro.npy": _micro()}
+    cases = [("pooled.npy", _npy(np.array([0.5, np.nan, 1.0], dtype=np.float16))),
+             ("text.npy", _npy(np.full((2, 3), np.inf, dtype=np.float16))),
+             ("micro.npy", _npy(np.array([64, 48, 0, 0, -np.inf], dtype=np.float32)))]
+    for member, data in cases:
+        with pytest.raises(InputError, match=rf"^/d/tokens-00002\.tar: sample 'k3' has non-finite values \(NaN or "
+                                             rf"infinity\) in {member}; the shard is damaged: re-run `meissonic tokenize`"):
+            decode_sample("k3", {**base, member: data}, "/d/tokens-00002.tar")
+    finite = decode_sample("k3", {**base, "pooled.npy": _npy(np.array([0.5, -2.0], dtype=np.float16))}, "x.tar")
+    assert finite.pooled.tolist() == [0.5, -2.0]

@@ -266,3 +266,25 @@ def test_bad_input_errors(image_folder, model_dir, tmp_path):
         tokenize(TokenizeConfig(input=str(image_folder), out=str(done), model=str(model_dir), resolution=64,
                                 text_features="none"), show_progress=False)
     assert {p.name: p.read_bytes() for p in done.iterdir()} == snapshot
+
+
+def test_non_finite_text_features_are_a_failed_sample_not_a_written_one(image_folder, model_dir, tmp_path, monkeypatch):
+    """A text encoder state beyond float16's range (infinity after the cast) is never written to a shard: the
+    sample is listed as failed with the reason, so `train` never meets it."""
+    import meissonic_cli.data.tokenize as tok
+
+    real = tok._encode_batch
+
+    def overflowing(*args, **kwargs):
+        samples = real(*args, **kwargs)
+        samples[0].pooled[0] = np.inf
+        return samples
+
+    monkeypatch.setattr(tok, "_encode_batch", overflowing)
+    res = tokenize(TokenizeConfig(input=str(image_folder), out=str(tmp_path / "o"), model=str(model_dir), resolution=R,
+                                  text_features="pooled", batch_size=64), show_progress=False)
+    written = [s for shard in list_token_shards(tmp_path / "o") for s in read_token_shard(shard)]
+    failures = [f for shard in list_token_shards(tmp_path / "o") for f in read_shard_stats(shard)["failures"]]
+    overflowed = [f["key"] for f in failures if "non-finite pooled features (beyond float16's range)" in f["error"]]
+    assert len(overflowed) == 1 and overflowed[0] not in {s.key for s in written}
+    assert res.failed == len(failures) == 2 and len(written) == res.images == 4  # the folder's broken image + this one

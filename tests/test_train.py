@@ -479,6 +479,37 @@ def test_tensorboard_is_optional(tmp_path):
         assert list((tmp_path / "run" / "tensorboard").glob("events.*"))
 
 
+@pytest.mark.parametrize("flag,value,word", [("--grad-accum", "1000000000", "--grad-accum must be between 1 and 65536"),
+                                              ("--lora-rank", "1000000000", "--lora-rank must be between 0 and 4096")])
+def test_absurd_but_finite_counts_are_refused_before_anything(tmp_path, flag, value, word):
+    """A billion micro-steps per step (a run that never ends) or a billion-rank adapter (a 1 TB allocation)
+    is one Error: line before any file is written."""
+    result = _invoke("--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--init", str(tmp_path / "m"),
+                     "--device", "cpu", flag, value)
+    assert result.exit_code == 1 and result.output.startswith("Error:") and word in result.output, result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_shard_damaged_after_tokenize_stops_training_with_one_error(tmp_path):
+    """NaN bytes written over a sample's pooled features (file size unchanged, so the stats file still calls
+    the shard complete): training stops with one Error: naming the shard and sample, never a skipped step."""
+    import tarfile
+
+    data = make_token_dataset(tmp_path / "data", shards=1, per_shard=4)
+    shard = data / "tokens-00000.tar"
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("pooled.npy"))
+    with open(shard, "r+b") as fh:  # the last 16 bytes of the array: 8 float16 NaNs
+        fh.seek(member.offset_data + member.size - 16)
+        fh.write(np.full(8, np.nan, dtype=np.float16).tobytes())
+    result = _invoke("--data", str(data), "--out", str(tmp_path / "run"), "--arch", "tiny", "--resolution", "64",
+                     "--device", "cpu", "--batch-size", "2", "--max-steps", "2", "--no-shuffle", "--cond-dropout", "0")
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "tokens-00000.tar: sample 's00000' has non-finite values" in errors[0], result.output
+    assert "Traceback" not in result.output and not list((tmp_path / "run").glob("step-*"))
+
+
 @pytest.mark.parametrize("case", ["missing", "empty", "grid", "field"])
 def test_cli_bad_inputs_fail_with_one_line(tmp_path, case):
     data = make_token_dataset(tmp_path / "data", shards=1)

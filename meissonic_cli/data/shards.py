@@ -346,12 +346,19 @@ def _load_npy(data: bytes) -> np.ndarray:
 
 
 def _load_field(fields: dict[str, bytes], name: str, key: str, source: str) -> np.ndarray:
-    """One .npy member; pickled (object) or unreadable arrays are refused, never unpickled."""
+    """One .npy member; pickled (object) or unreadable arrays are refused, never unpickled, and so are
+    floating-point arrays holding NaN or infinity (`tokenize` never writes them: the file was damaged)."""
+    import numpy as np
+
     try:
-        return _load_npy(fields[name])
+        array = _load_npy(fields[name])
     except (ValueError, OSError, EOFError) as e:
         raise InputError(f"{source}: sample {key!r} has an unreadable {name} ({str(e).splitlines()[0]}); "
                          "not a token shard written by `meissonic tokenize`") from None
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InputError(f"{source}: sample {key!r} has non-finite values (NaN or infinity) in {name}; the shard is "
+                         "damaged: re-run `meissonic tokenize` for it, or remove it and its .stats.json")
+    return array
 
 
 def decode_sample(key: str, fields: dict[str, bytes], source: str = "") -> TokenSample:

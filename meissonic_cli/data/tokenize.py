@@ -413,6 +413,8 @@ def _encode_batch(prepared: list[Prepared], vq: Any, text: Any | None, mode: str
 
 def _run_unit(unit: WorkUnit, cfg: TokenizeConfig, out: Path, vq: Any, text: Any | None,
               pool: ThreadPoolExecutor | None, on_images: Callable[[int], None]) -> dict[str, Any]:
+    import numpy as np
+
     remove_stale_temp_files(out, unit.index)
     counters = {"score_defaulted": 0, "size_from_image": 0, "no_caption": 0}
 
@@ -439,6 +441,12 @@ def _run_unit(unit: WorkUnit, cfg: TokenizeConfig, out: Path, vq: Any, text: Any
                     writer.add_failure(*r)
             if good:
                 for sample in _encode_batch(good, vq, text, cfg.text_features):
+                    bad = [name for name, value in (("text", sample.text), ("pooled", sample.pooled))
+                           if value is not None and not np.isfinite(value).all()]
+                    if bad:  # e.g. float16 overflow of the text encoder's states: never written, listed as failed
+                        writer.add_failure(sample.key, f"the text encoder gave non-finite {' and '.join(bad)} features "
+                                                       "(beyond float16's range)")
+                        continue
                     writer.write(sample)
                 for p in good:
                     counters["score_defaulted"] += p.score_defaulted

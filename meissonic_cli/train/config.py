@@ -23,6 +23,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 COMPRESSION = ("auto", "on", "off")
 OPTIMIZERS = ("adamw", "adamw8bit")
 REPORT_TO = ("none", "tensorboard", "wandb")
+MAX_LORA_RANK = 4096  # adapter rank (the released model's attention projections are 1024 wide; PEFT ranks are 4-256)
 
 
 @dataclass
@@ -85,7 +86,7 @@ class TrainConfig:
 
     # --- optimisation -------------------------------------------------------------------------
     batch_size: int = field(8, bounds=(1, MAX_BATCH), help="Samples per process per micro-step; the global batch is batch_size x grad_accum x processes.")
-    grad_accum: int = field(1, help="Micro-steps accumulated into one optimizer step.")
+    grad_accum: int = field(1, bounds=(1, MAX_BATCH), help="Micro-steps accumulated into one optimizer step.")
     max_steps: int = field(1000, help="Optimizer steps to train for (a resumed run continues up to this count).")
     lr: float = field(1e-4, bounds=(0, 10), help="Peak learning rate (AdamW).")
     lr_schedule: str = field("constant", help="constant (paper stages 1-3) or cosine (decays to --min-lr-ratio x lr at --max-steps).")
@@ -117,7 +118,7 @@ class TrainConfig:
     device: str = field("auto", help="auto (the process's CUDA device under torchrun, else cuda:0 when present, else CPU), cpu, cuda, cuda:N or mps.")
 
     # --- fine-tuning --------------------------------------------------------------------------
-    lora_rank: int = field(0, help="Train rank-r LoRA adapters on the attention projections instead of all weights (needs --init); 0 disables LoRA.")
+    lora_rank: int = field(0, bounds=(0, MAX_LORA_RANK), help="Train rank-r LoRA adapters on the attention projections instead of all weights (needs --init); 0 disables LoRA.")
     lora_alpha: float = field(0.0, help="LoRA scale numerator (update = alpha/rank * B A); 0 means alpha = rank.")
     save_merged: bool = field(False, help="With --lora-rank: also write each checkpoint's base weights with the adapter "
                                           "merged in (transformer/, a full released-layout model). Without it a "
