@@ -361,3 +361,98 @@ def test_prompts_from_standard_input_and_pipes(tmp_path, weights):
         assert [e.prompt for e in read_eval_prompts(str(fifo))] == ["a red circle"]
     finally:
         writer.join(timeout=10)
+
+
+def _one_error(result) -> str:
+    """The single `Error:` line of a failed run (exit 1, no traceback)."""
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 1 and len(errors) == 1 and "Traceback" not in result.output, result.output
+    assert "internal error" not in errors[0], errors[0]
+    return errors[0]
+
+
+def test_bad_prompt_files_fail_before_sampling(tmp_path, tiny_model_dir):
+    """Prompt files go through the bounded JSON reader; rows have only `prompt` and `category`, both text (so
+    no NaN/Infinity reaches a sidecar); a prompt a suite cannot score fails before anything is sampled."""
+    fast = ["--model", str(tiny_model_dir), "--steps", "2", "--resolution", "64", "--device", "cpu", "-s", "shapes"]
+    cases = [  # (ending or None for stdin as json, content, needle)
+        (None, "[" * 100_000 + "]" * 100_000, "(stdin): JSON nested too deep"),
+        ("jsonl", '{"prompt": "a red circle", "n": ' + "9" * 5000 + "}\n", "line 1: not valid JSON"),
+        ("jsonl", '{"prompt": "a red circle", "foo": NaN, "source": "/etc/hostname"}\n',
+         "line 1: unknown key(s) foo, source; allowed: prompt, category"),
+        ("json", '[{"prompt": "a red circle", "category": [1]}]', "item 1: 'category' must be text, got [1]"),
+        ("json", '[{"prompt": "a red circle", "category": NaN}]', "'category' must be text, got nan"),
+        ("jsonl", '{"prompt": Infinity}\n', "'prompt' must be text, got inf"),
+        ("json", "[NaN]", "expected a non-empty prompt string"),
+        ("json", '{"anime": {"nested": ["a red circle"]}}', "expected a list of prompts"),
+        ("txt", "a red circle\nhello world\n", "00001-hello-world.png's prompt 'hello world' is not a shapes-world"),
+    ]
+    for i, (ending, text, needle) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        if ending is None:
+            result = runner.invoke(app, ["eval", "--prompts", "-", "--prompts-format", "json", "-o", str(out), *fast],
+                                   input=text)
+        else:
+            (tmp_path / f"p{i}.{ending}").write_text(text)
+            result = runner.invoke(app, ["eval", "--prompts", str(tmp_path / f"p{i}.{ending}"), "-o", str(out), *fast])
+        assert needle in _one_error(result), (i, result.output)
+        assert not out.exists(), i  # nothing sampled, nothing written
+
+
+def test_prompt_rows_reach_sidecars_as_strict_json_and_outputs_are_the_declared_ones(tmp_path, tiny_model_dir):
+    """A good prompt file's category reaches each sidecar (strict JSON, nothing else added); the files eval
+    writes in --out are exactly `eval_outputs` (the list the overwrite check uses)."""
+    from meissonic_cli.metrics.evaluate import eval_outputs
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a red circle", "category": "mine"}\n"two blue squares"\n')
+    out = tmp_path / "ev"
+    cfg = EvalConfig(suites=["shapes"], prompts=str(prompts), model=str(tiny_model_dir), out=str(out), device="cpu")
+    cfg.sample.steps, cfg.sample.resolution, cfg.sample.device = 2, 64, "cpu"
+    report = run_eval(cfg, progress=False)
+    assert report["count"] == 2
+
+    def strict(text: str) -> dict:
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in a sidecar"))
+
+    metas = [strict(p.read_text()) for p in sorted((out / "images").glob("*.json"))]
+    assert [m.get("category") for m in metas] == ["mine", None]
+    assert not any("source" in m or "foo" in m for m in metas)
+    assert sorted(p.name for p in out.iterdir() if p.name != "images") == sorted(eval_outputs(cfg))
+    assert set(eval_outputs(cfg)) == {"report.json", "report.md", "grid.png", "shapes_bench.json"}
+
+
+def test_eval_refuses_to_overwrite_any_file_it_writes(tmp_path):
+    images = tmp_path / "images"
+    for i, p in enumerate(shapes.benchmark_prompts()[:2]):
+        _write(images, f"{i}", shapes.render(p.scene, 64), prompt=p.text)
+    out = tmp_path / "g2out"
+    out.mkdir()
+    precious = {"grid.png": "precious", "report.md": "precious", "shapes_bench.json": '{"x": 1}'}
+    for name, text in precious.items():
+        (out / name).write_text(text)
+    args = ["eval", "--images", str(images), "-o", str(out), "-s", "shapes"]
+    error = _one_error(runner.invoke(app, args))
+    assert all(str(out / name) in error for name in precious) and "--overwrite" in error, error
+    assert {name: (out / name).read_text() for name in precious} == precious and not (out / "report.json").exists()
+
+    # --out the images folder itself: an unrelated grid.png there is not replaced either.
+    (images / "grid.png").write_text("precious")
+    error = _one_error(runner.invoke(app, ["eval", "--images", str(images), "-o", str(images), "-s", "shapes"]))
+    assert str(images / "grid.png") in error and "--overwrite" in error
+    assert (images / "grid.png").read_text() == "precious" and not (images / "report.json").exists()
+    (images / "grid.png").unlink()
+
+    # A folder where a report file goes is refused even with --overwrite.
+    (out / "report.json").mkdir()
+    error = _one_error(runner.invoke(app, [*args, "--overwrite"]))
+    assert f"{out / 'report.json'} is a folder" in error
+    assert {name: (out / name).read_text() for name in precious} == precious
+    (out / "report.json").rmdir()
+
+    result = runner.invoke(app, [*args, "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert (out / "report.md").read_text().startswith("# meissonic eval")
+    assert json.loads((out / "shapes_bench.json").read_text())["summary"]["images"] == 2
+    with Image.open(out / "grid.png") as grid:
+        assert grid.format == "PNG"

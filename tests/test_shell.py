@@ -171,6 +171,41 @@ def test_info_eval_json(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert doc["count"] == 2 and doc["shapes"]["overall"] == 1.0 and doc["report_json"] == str(tmp_path / "r" / "report.json")
 
 
+def test_json_document_to_a_closed_stdout_is_one_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With file descriptor 1 closed (`>&-`) Python's sys.stdout is None: the document cannot be written, and
+    that is one plain error; a command that already failed keeps its own error."""
+    from meissonic_cli.commands._report import report
+    from meissonic_cli.errors import InputError, MeissonicError
+
+    monkeypatch.setattr(sys, "stdout", None)
+    with pytest.raises(MeissonicError, match=r"^cannot write the JSON document to standard output "
+                                             r"\(standard output is closed\)$"):
+        with report(True) as out:
+            out.data = {"count": 1}
+    with pytest.raises(InputError, match="^the command's own error$"):
+        with report(True) as out:
+            out.data = {"partial": True}
+            raise InputError("the command's own error")
+
+
+@pytest.mark.slow  # a fresh process (torch start-up)
+def test_real_shell_json_with_stdout_closed(tmp_path: Path) -> None:
+    from meissonic_cli.shapes import world as shapes
+
+    images = tmp_path / "images"
+    images.mkdir()
+    p = shapes.benchmark_prompts()[0]
+    shapes.render(p.scene, 64).save(images / "0.png")
+    (images / "0.json").write_text(json.dumps({"prompt": p.text}))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "120"}
+    script = f"{sys.executable} -m meissonic_cli eval --images {images} -o {tmp_path}/r -s shapes --json >&-"
+    run = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    errors = [line for line in run.stderr.splitlines() if line.startswith("Error:")]
+    assert run.returncode == 1 and errors == [
+        "Error: cannot write the JSON document to standard output (standard output is closed)"], run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
+
+
 def test_curate_and_tokenize_json(tiny_model_dir: Path, tmp_path: Path) -> None:
     from meissonic_cli.shapes.source import synthetic_table
 

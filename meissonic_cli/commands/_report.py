@@ -27,6 +27,8 @@ from typing import Any, Iterator, Optional
 
 import typer
 
+from meissonic_cli.errors import MeissonicError
+
 from ._options import extra_option
 
 JSON_OPTION = extra_option("json_out", bool, typer.Option(
@@ -104,13 +106,29 @@ def report(json_mode: bool) -> Iterator[Report]:
         yield Report(False)
         return
     out = Report(True)
+    failed = True
     try:
         with _stdout_to_stderr():
             yield out
+        failed = False
     finally:  # stdout is itself again: the document goes there, even when the command then fails
         if out.data is not None:
-            sys.stdout.write(json.dumps(plain(out.data), indent=2, ensure_ascii=False) + "\n")
-            sys.stdout.flush()
+            _write_document(out.data, quiet=failed)
+
+
+def _write_document(data: Any, quiet: bool) -> None:
+    """Print the JSON document on stdout; one error when stdout cannot take it (closed: `>&-`, a full
+    disk), unless `quiet` (the command already failed: its own error is the one to show)."""
+    text = json.dumps(plain(data), indent=2, ensure_ascii=False) + "\n"
+    try:
+        if sys.stdout is None:  # Python's stdout when file descriptor 1 was closed
+            raise OSError("standard output is closed")
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except (OSError, ValueError) as err:  # ValueError: a closed file object
+        if not quiet:
+            reason = getattr(err, "strerror", None) or str(err)
+            raise MeissonicError(f"cannot write the JSON document to standard output ({reason})") from None
 
 
 __all__ = ["JSON_OPTION", "Report", "plain", "rank_zero", "report"]

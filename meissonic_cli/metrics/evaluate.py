@@ -73,9 +73,11 @@ PLUGIN_PROVIDERS = {"shapes": "meissonic_cli.shapes.bench"}
 class PluginSuite:
     """A metric suite registered from outside this module.
 
-    `start(items)` -> state (checks every item first); `score(state, item, image)` -> the image's report row
-    fields; `finish(state)` -> what `write(result, out)` gets; `write` saves extra files and returns the
-    report.json entry. `prompts()` (optional) gives the suite's own prompt set for `--prompts NAME`.
+    `start(items)` -> state (checks every item first, loading nothing: with --prompts it is also called on
+    the planned items before anything is sampled); `score(state, item, image)` -> the image's report row
+    fields; `finish(state)` -> what `write(result, out)` gets; `write` saves `outputs` (file names in
+    --out, checked against overwriting before any work) and returns the report.json entry. `prompts()`
+    (optional) gives the suite's own prompt set for `--prompts NAME`.
     """
 
     name: str
@@ -84,6 +86,7 @@ class PluginSuite:
     finish: Callable[[Any], Any]
     write: Callable[[Any, Path], Any]
     prompts: Optional[Callable[[], list[Any]]] = None
+    outputs: tuple[str, ...] = ()
 
 
 _PLUGINS: dict[str, PluginSuite] = {}
@@ -106,8 +109,6 @@ def plugin_suite(name: str) -> PluginSuite:
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 GRID_PNG = "grid.png"
-
-
 
 
 @dataclass
@@ -157,8 +158,9 @@ class EvalConfig:
                                              "hub id (owner/name) not in the local Hugging Face cache (not when "
                                              "HF_HUB_OFFLINE is set). Off: nothing is fetched.")
     device: str = field("auto", help="Device for the metric networks: auto, cpu, cuda, cuda:N.")
-    overwrite: bool = field(False, help="Replace report.json, report.md and grid.png of an existing report in --out "
-                                        "(default: refuse).")
+    overwrite: bool = field(False, help="Replace the files of an existing report in --out (report.json, report.md, "
+                                        "grid.png, shapes_bench.json, fid_reference_stats.npz; default: refuse if "
+                                        "any exists).")
     batch_size: int = field(32, bounds=(1, MAX_BATCH), help="Images per batch through the metric networks (FID, CLIP, "
                                                             "HPS, DINO); does not change a score.")
     images_per_prompt: int = field(1, bounds=(1, MAX_STEPS), help="With --prompts: images sampled per prompt (seeds differ).")
@@ -213,6 +215,36 @@ def parse_suites(text: str) -> list[str]:
         if name and name not in out:
             out.append(name)
     return out
+
+
+def eval_outputs(cfg: EvalConfig) -> list[str]:
+    """The names of the files `run_eval` writes in --out (OUT/images, sampled resumably with --prompts, aside):
+    the one list both the overwrite check (`check_outputs`) and the writers in `run_eval` go by."""
+    from meissonic_cli.metrics.fid_suite import REFERENCE_STATS
+
+    names = [REPORT_JSON, REPORT_MD] + ([GRID_PNG] if cfg.grid > 0 else [])
+    if "fid" in cfg.suites and cfg.reference is not None and not Path(cfg.reference).is_file():
+        names.append(REFERENCE_STATS)  # a reference folder's statistics, for the next run
+    for suite in cfg.suites:
+        if suite in _PLUGINS:
+            names.extend(_PLUGINS[suite].outputs)
+    return names
+
+
+def check_outputs(cfg: EvalConfig) -> None:
+    """Refuse (OutputExistsError) when a file `run_eval` would write exists in --out, unless --overwrite;
+    a folder in the way is refused even then."""
+    out = cfg.out_dir
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a folder")
+    check_output_folder(out)
+    present = [out / name for name in eval_outputs(cfg) if (out / name).exists() or (out / name).is_symlink()]
+    folders = [p for p in present if p.is_dir()]
+    if folders:
+        raise OutputExistsError(f"{folders[0]} is a folder, where eval writes a file; move it or use another --out")
+    if present and not cfg.overwrite:
+        raise OutputExistsError(f"{', '.join(map(str, present))} exist{'s' if len(present) == 1 else ''}; "
+                                f"pass --overwrite to replace {'it' if len(present) == 1 else 'them'}, or use another --out")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,26 +329,46 @@ class PromptEntry:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def _entries_from_json(data: Any, where: str, category: Optional[str] = None) -> list[PromptEntry]:
-    if isinstance(data, dict):
-        # {"anime": [...], "photo": [...]}: one list per category
-        return [e for cat, rows in data.items() for e in _entries_from_json(rows, f"{where}[{cat}]", str(cat))]
+# The keys a row of a user's prompt file may have (the HPS v2 benchmark's CATEGORY.json files are lists of
+# strings; a built-in set such as 'shapes' adds its own checked keys, e.g. `expects`, in code).
+PROMPT_KEYS = ("prompt", "category")
+
+
+def _entries_from_json(data: Any, where: str) -> list[PromptEntry]:
+    if isinstance(data, dict):  # {"anime": [...], "photo": [...]}: one list per category
+        return [e for cat, rows in data.items() for e in _entry_list(rows, f"{where}[{cat!r}]", str(cat))]
+    return _entry_list(data, where, None)
+
+
+def _entry_list(data: Any, where: str, category: Optional[str]) -> list[PromptEntry]:
     if not isinstance(data, list):
-        raise InputError(f"{where}: expected a list of prompts (strings or objects with 'prompt')")
-    out = []
-    for i, row in enumerate(data):
-        out.append(_entry(row, f"{where} item {i + 1}", category))
-    return out
+        raise InputError(f"{where}: expected a list of prompts (strings or objects with 'prompt'), "
+                         f"got {type(data).__name__}")
+    return [_entry(row, f"{where} item {i + 1}", category) for i, row in enumerate(data)]
 
 
 def _entry(row: Any, where: str, category: Optional[str]) -> PromptEntry:
-    if isinstance(row, str) and row.strip():
+    """One prompt: a non-empty string, or an object with only `PROMPT_KEYS` whose values are text."""
+    if isinstance(row, str):
+        if not row.strip():
+            raise InputError(f"{where}: the prompt is empty")
         return PromptEntry(row.strip(), category)
-    if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip():
-        cat = row.get("category", category)
-        extra = {k: v for k, v in row.items() if k not in ("prompt", "category")}
-        return PromptEntry(row["prompt"].strip(), None if cat is None else str(cat), extra)
-    raise InputError(f"{where}: expected a non-empty prompt string or an object with a 'prompt'")
+    if not isinstance(row, dict):
+        raise InputError(f"{where}: expected a non-empty prompt string or an object with a 'prompt', got "
+                         f"{type(row).__name__}: {row!r}"[:300])
+    unknown = sorted(set(row) - set(PROMPT_KEYS))
+    if unknown:
+        raise InputError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(PROMPT_KEYS)}"[:300])
+    if "prompt" not in row:
+        raise InputError(f"{where}: missing 'prompt'")
+    for key in PROMPT_KEYS:
+        if key in row and not isinstance(row[key], str):
+            raise InputError(f"{where}: {key!r} must be text, got {row[key]!r}"[:300])
+    if not row["prompt"].strip():
+        raise InputError(f"{where}: 'prompt' is empty")
+    if "category" in row and not row["category"].strip():
+        raise InputError(f"{where}: 'category' is empty (leave it out for none)")
+    return PromptEntry(row["prompt"].strip(), row["category"].strip() if "category" in row else category)
 
 
 PROMPT_FORMATS = ("txt", "jsonl", "json")
@@ -343,25 +395,20 @@ def read_eval_prompts(spec: str, fmt: Optional[str] = None) -> list[PromptEntry]
 
 def _read_prompt_file(path: Optional[Path], fmt: Optional[str] = None) -> list[PromptEntry]:
     """The entries of one prompt file (`path` None: standard input), in format `fmt` or the file's ending."""
+    from meissonic_cli.readers import parse_json
     from meissonic_cli.textfiles import STDIN, jsonl_lines, read_text, txt_lines
 
     text = read_text(STDIN if path is None else str(path), "--prompts")
     name = "(stdin)" if path is None else str(path)
     suffix = fmt or ("" if path is None else path.suffix.lower().lstrip(".")) or "txt"
     entries: list[PromptEntry] = []
-    if suffix == "json":
-        try:
-            entries = _entries_from_json(json.loads(text), name)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{name}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if suffix == "json":  # bounded: nesting and huge numbers are one error; NaN/Infinity are refused below
+        entries = _entries_from_json(parse_json(text, name), name)
     elif suffix == "jsonl":
         for number, line in enumerate(jsonl_lines(text), start=1):
             if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise InputError(f"{name} line {number}: not valid JSON ({err.msg})") from None
-                entries.append(_entry(row, f"{name} line {number}", None))
+                where = f"{name} line {number}"
+                entries.append(_entry(parse_json(line, where), where, None))
     elif suffix == "txt":
         entries = [PromptEntry(line.strip()) for line in txt_lines(text) if line.strip() and not line.strip().startswith("#")]
     else:
@@ -372,6 +419,35 @@ def _read_prompt_file(path: Optional[Path], fmt: Optional[str] = None) -> list[P
     return entries
 
 
+def _entry_meta(entry: PromptEntry) -> dict[str, Any]:
+    """What the prompt file adds to an image's sidecar: its category and a built-in set's own keys."""
+    return {k: v for k, v in {"category": entry.category, **entry.extra}.items() if v is not None}
+
+
+def _sample_plan(cfg: EvalConfig, prompts: list[PromptEntry]) -> tuple[SampleConfig, list[PromptEntry], list[EvalItem]]:
+    """The `sample` settings for `prompts`, one entry per image, and the items the images will be."""
+    from meissonic_cli.sample.sample import read_prompts
+
+    entries = [e for e in prompts for _ in range(cfg.images_per_prompt)]
+    images_dir = cfg.out_dir / "images"
+    sample_cfg = dataclasses.replace(cfg.sample, model=str(cfg.model), prompt=[e.prompt for e in entries],
+                                     prompts=None, out=str(images_dir), grid=False, allow_download=cfg.allow_download)
+    planned = [EvalItem(images_dir / f"{p.stem}.png", e.prompt, e.category,
+                        meta={"prompt": e.prompt, **_entry_meta(e)})
+               for e, p in zip(entries, read_prompts(sample_cfg))]
+    return sample_cfg, entries, planned
+
+
+def check_prompts(cfg: EvalConfig, prompts: list[PromptEntry]) -> None:
+    """Raise InputError if some prompt cannot serve a requested suite (a shapes suite and a prompt that is
+    not a shapes-world caption, dino without a source image...), before anything is sampled."""
+    planned = _sample_plan(cfg, prompts)[2]
+    check_items(planned, cfg.suites)
+    for suite in cfg.suites:
+        if suite in _PLUGINS:
+            plugin_suite(suite).start(planned)  # checks every item; the state is dropped
+
+
 def sample_prompts(cfg: EvalConfig, progress: bool = True, pipeline: Any = None,
                    prompts: Optional[list[PromptEntry]] = None) -> list[EvalItem]:
     """Sample `cfg.prompts` (or the `prompts` already read from it: standard input reads once) with
@@ -380,25 +456,22 @@ def sample_prompts(cfg: EvalConfig, progress: bool = True, pipeline: Any = None,
     Sampling goes through `sample.run_sample`; the categories (and shapes expectations) of the prompt
     file are added to each sidecar so that a later `eval --images OUT/images` sees them too.
     """
-    from meissonic_cli.sample.sample import read_prompts, run_sample
+    from meissonic_cli.readers import read_json_object
+    from meissonic_cli.sample.sample import run_sample
 
     if prompts is None:
         prompts = read_eval_prompts(str(cfg.prompts), cfg.prompts_format or None)
-    entries = [e for e in prompts for _ in range(cfg.images_per_prompt)]
-    images_dir = cfg.out_dir / "images"
-    sample_cfg = dataclasses.replace(cfg.sample, model=str(cfg.model), prompt=[e.prompt for e in entries],
-                                     prompts=None, out=str(images_dir), grid=False, allow_download=cfg.allow_download)
+    sample_cfg, entries, planned = _sample_plan(cfg, prompts)
     run_sample(sample_cfg, progress=progress, pipeline=pipeline)
     items = []
-    for entry, prompt_item in zip(entries, read_prompts(sample_cfg)):
-        png, sidecar = images_dir / f"{prompt_item.stem}.png", images_dir / f"{prompt_item.stem}.json"
-        meta = json.loads(sidecar.read_text(encoding="utf-8"))
-        extra = {k: v for k, v in {"category": entry.category, **entry.extra}.items()
-                 if v is not None and k not in meta}
+    for entry, item in zip(entries, planned):
+        sidecar = item.path.with_suffix(".json")
+        meta = read_json_object(sidecar, "sidecar")
+        extra = {k: v for k, v in _entry_meta(entry).items() if k not in meta}
         if extra:
             meta.update(extra)
-            write_text(sidecar, json.dumps(meta, indent=2) + "\n")
-        items.append(EvalItem(png, entry.prompt, entry.category, meta=meta))
+            write_text(sidecar, json.dumps(meta, indent=2, allow_nan=False) + "\n")
+        items.append(EvalItem(item.path, entry.prompt, entry.category, meta=meta))
     return items
 
 
@@ -412,25 +485,20 @@ def run_eval(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> di
     Weights and inputs are all checked before anything is sampled or any metric network is loaded.
     `pipeline` may be a loaded `MeissonicPipeline` for --prompts (the CLI loads it from --model).
     """
-    from meissonic_cli.metrics.fid_suite import REFERENCE_STATS
-
     cfg.validate()
     weights, models = resolve_weights(cfg)
     from meissonic_cli.sample.pipeline import resolve_device
 
     device = resolve_device(cfg.device)
     out = cfg.out_dir
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; give a folder")
-    check_output_folder(out)
-    for name in (REPORT_JSON, REFERENCE_STATS):
-        if (out / name).exists() and not cfg.overwrite:
-            raise OutputExistsError(f"{out / name} exists; pass --overwrite to replace the report, or use another --out")
+    outputs = eval_outputs(cfg)
+    check_outputs(cfg)
     if cfg.images is not None:
         items = load_items(cfg.images)
         check_items(items, cfg.suites)
     else:
         prompts = read_eval_prompts(str(cfg.prompts), cfg.prompts_format or None)  # bad prompts fail before sampling
+        check_prompts(cfg, prompts)
         items = sample_prompts(cfg, progress=progress, pipeline=pipeline, prompts=prompts)
         check_items(items, cfg.suites)
     if "fid" in cfg.suites and len(items) < 2:
@@ -478,7 +546,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> di
     report["per_image"] = scorer.rows
 
     make_output_folder(out)
-    grid = write_grid(items, scorer.rows, out / GRID_PNG, cfg.grid)
+    grid = write_grid(items, scorer.rows, out / GRID_PNG, cfg.grid) if GRID_PNG in outputs else None
     report["grid"] = str(grid) if grid else None
     write_text(out / REPORT_JSON, json.dumps(report, indent=2) + "\n")
     write_text(out / REPORT_MD, _markdown(report, grid.name if grid else None))
@@ -486,5 +554,5 @@ def run_eval(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> di
 
 
 __all__ = ["EvalConfig", "EvalItem", "GRID_PNG", "IMAGE_SUFFIXES", "METRIC_LABELS", "PluginSuite", "PromptEntry", "REPORT_JSON", "REPORT_MD", "SUITES",
-           "WEIGHTS", "check_items", "load_items", "parse_suites", "pixel_l1", "read_eval_prompts", "report_table",
+           "WEIGHTS", "check_items", "check_outputs", "check_prompts", "eval_outputs", "load_items", "parse_suites", "pixel_l1", "read_eval_prompts", "report_table",
            "register_suite", "resolve_weights", "run_eval", "sample_prompts", "summarize_metrics", "write_grid"]

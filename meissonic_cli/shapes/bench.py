@@ -429,7 +429,7 @@ def register_eval_suite() -> None:
     from meissonic_cli.metrics.evaluate import PluginSuite, register_suite
 
     register_suite(PluginSuite("shapes", start=_eval_start, score=_eval_score, finish=lambda state: state["results"],
-                               write=_eval_write, prompts=_eval_prompts))
+                               write=_eval_write, prompts=_eval_prompts, outputs=(REPORT_NAME,)))
 
 
 register_eval_suite()
