@@ -7,6 +7,7 @@ text for `--help` (`help_of`), so every field is documented exactly once.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from pathlib import Path
@@ -88,6 +89,20 @@ def parse_resolution(value: Any, flag: str = "--resolution") -> Optional[tuple[i
     return w, h
 
 
+def parse_temperature(value: str) -> Any:
+    """'2,0' -> (2.0, 0.0); '3' -> 3.0; each number in [0, MAX_TEMPERATURE] (the one check of every command's
+    --temperature: sample, edit, eval's sampler flags, the app)."""
+    parts = [s.strip() for s in str(value).split(",")]
+    try:
+        numbers = [float(s) for s in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 2) or not all(math.isfinite(x) and 0 <= x <= MAX_TEMPERATURE for x in numbers):
+        raise InputError(f"--temperature {value!r} must be 'start,end' (e.g. 2,0) or one number, each between 0 and "
+                         f"{MAX_TEMPERATURE:g}")
+    return numbers[0] if len(numbers) == 1 else (numbers[0], numbers[1])
+
+
 def read_json_object(path: str | os.PathLike, missing: Optional[str] = None,
                      error: type[MeissonicError] = ModelFormatError, hint: str = "",
                      schema: Optional[dict[str, Any]] = None) -> dict[str, Any]:
@@ -122,6 +137,8 @@ MAX_STEPS = 10_000  # sampling steps (the paper samples 48-64)
 MAX_BATCH = 65_536  # items per forward pass
 MAX_GUIDANCE = 1_000.0  # classifier-free guidance scale (the paper uses 9)
 MAX_SCORE = 1_000.0  # the score micro-condition (aesthetic scores are 0-10)
+MAX_TEMPERATURE = 100.0  # the sampler's masking (Gumbel) temperature, each of start/end in [0, this] (the official 2,0)
+MAX_NOISE_REG = 100.0  # the noise-regularization scale on the logits (the paper's 2)
 
 
 def number_kind(f: dataclasses.Field) -> Optional[str]:

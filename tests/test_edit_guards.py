@@ -229,3 +229,27 @@ def test_single_edit_loads_the_asked_dtype_notes_on_stderr_and_shows_progress(tm
     assert note in captured.err and note not in captured.out
     # The steps bar ends at the case's step count (the sampler's callback moves it).
     assert re.search(r"steps \(one\).* 2/2", captured.out), captured.out
+
+
+def test_working_size_is_the_rounded_size_under_the_side_limit(tmp_path, pipe):
+    """`check_working_size`, the one size check of every edit path: an image's own size is read from its header and
+    rounded to the model's pixel multiple (8190 -> 8192 passes); a side over 8192, or an outpaint canvas over it
+    (rounded to the even token grid with the model), is refused with the way out."""
+    from meissonic_cli.sample.edit_masks import check_working_size, dilate_tokens
+
+    near = tmp_path / "near.png"
+    Image.new("1", (8190, 40)).save(near)
+    assert check_working_size(EditCase(index=0, image=near, prompt="a", box=(0, 0, 8, 8))) == (8190, 40)
+    assert check_working_size(EditCase(index=0, image=near, prompt="a", box=(0, 0, 8, 8)), pipe) == (8192, 32)
+    over = tmp_path / "over.png"
+    Image.new("1", (8200, 32)).save(over)
+    with pytest.raises(InputError, match=r"image over.png 8200x32 is over the largest supported side of 8192 .*--resolution"):
+        check_working_size(EditCase(index=0, image=over, prompt="a", box=(0, 0, 8, 8)))
+    assert check_working_size(EditCase(index=0, image=over, prompt="a", box=(0, 0, 8, 8), resolution=(512, 64))) == (512, 64)
+    wide = EditCase(index=0, image=near, prompt="a", mode="outpaint", extend=(0, 0, 16, 0))
+    with pytest.raises(InputError, match=r"outpaint canvas .* 8224x32 is over"):
+        check_working_size(wide, pipe)  # 8192 + one token, + one more for the even grid
+    # A dilation wider than the token grid covers what the grid's own size covers (and costs no more).
+    cells = torch.zeros(4, 6, dtype=torch.bool)
+    cells[1, 2] = True
+    assert torch.equal(dilate_tokens(cells, 10**9), dilate_tokens(cells, 6)) and bool(dilate_tokens(cells, 10**9).all())

@@ -62,12 +62,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from meissonic_cli.config import Problems, field
+from meissonic_cli.config import Problems, check_number, field
 from meissonic_cli.errors import InputError, OutputExistsError
 from meissonic_cli.progress import key_value_table, make_progress
+from meissonic_cli.safety import MAX_RESOLUTION
 from meissonic_cli.sample.edit_cases import OFFICIAL_CASE_KEYS, parse_ints, parse_size, read_cases, single_case
 from meissonic_cli.sample.edit_masks import (
     box_mask,
+    check_working_size,
     dilate_tokens,
     feather_blend,
     image_size,
@@ -133,8 +135,8 @@ class EditConfig:
                                            "level is >= 128, the official rule). Unlike the official code, a mask "
                                            "that selects no token keeps the image, and any grid size works.")
     box: Optional[str] = field(None, help="Inpaint box instead of a mask: x0,y0,x1,y1 in pixels (end-exclusive).")
-    dilate: int = field(0, help="Grow the token mask by this many tokens on every side (inpaint).")
-    blend: int = field(0, help="Paste the original pixels back outside the edited tokens, feathered over this many "
+    dilate: int = field(0, bounds=(0, MAX_RESOLUTION), help="Grow the token mask by this many tokens on every side (inpaint).")
+    blend: int = field(0, bounds=(0, MAX_RESOLUTION), help="Paste the original pixels back outside the edited tokens, feathered over this many "
                                "pixels at the seam (0: output the decoded tokens as they are).")
     extend: Optional[str] = field(None, help="Outpaint: pixels to add as left,top,right,bottom (rounded to the token "
                                              "grid).")
@@ -223,8 +225,8 @@ class EditCase:
             raise InputError(f"{at}--strength must be in (0, 1] (the fraction of tokens to redraw), got {self.strength}")
         if self.mode == "edit" and self.edit_rule not in EDIT_RULES:
             raise InputError(f"{at}--edit-rule must be one of {', '.join(EDIT_RULES)}, got {self.edit_rule!r}")
-        if self.dilate < 0 or self.blend < 0:
-            raise InputError(f"{at}--dilate and --blend must be >= 0, got {self.dilate} and {self.blend}")
+        for name in ("dilate", "blend"):  # the flags' bounds, for --cases rows too
+            check_number(getattr(self, name), f"{at}{name}" if at else f"--{name}", EditConfig, name)
         if self.steps < 1:
             raise InputError(f"{at}steps must be >= 1, got {self.steps}")
         if self.extend is not None and min(self.extend) < 0:
@@ -315,6 +317,7 @@ def edit_image(pipe: Any, case: EditCase, callback: Optional[Callable[[int, int]
     from meissonic_cli.model.vq import tensor_to_images
 
     case.check()
+    check_working_size(case, pipe)  # before the image is decoded
     image = load_image(case.image)
     f = int(pipe.vq.downsample_factor)
     multiple = int(pipe.pixel_multiple)
@@ -444,6 +447,7 @@ def _check_done_matches(out: Path, case: EditCase, model: Optional[dict[str, Any
 
 def _precheck(case: EditCase) -> None:
     """Everything about a case's files that can fail, checked before the model loads."""
+    check_working_size(case)  # from the header: an oversized image is refused before it is decoded
     image = load_image(case.image)
     if case.mode == "inpaint":
         if case.mask is not None:
@@ -518,6 +522,7 @@ def run_edit(cfg: EditConfig, progress: bool = True, pipeline: Any = None,
     check_negative_prompts([case.negative_prompt for case in todo], pipeline.transformer)
     model_label = model_id["model"]
     for case in todo:
+        check_working_size(case, pipeline)  # rounded to the model's token grid, before --out is made
         for note in case_notes(pipeline, case):
             if notify is not None:
                 notify(note)

@@ -5,7 +5,7 @@ official img2img masking probability, outpaint layout and the feathered paste-ba
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from meissonic_cli.errors import InputError
 from meissonic_cli.imaging import load_rgb8
@@ -77,6 +77,7 @@ def dilate_tokens(cells: "torch.Tensor", dilate: int) -> "torch.Tensor":
 
     if dilate <= 0:
         return cells
+    dilate = min(int(dilate), max(cells.shape))  # a wider square covers the same tokens
     grown = F.max_pool2d(cells[None, None].float(), kernel_size=2 * dilate + 1, stride=1, padding=dilate)
     return grown[0, 0] > 0
 
@@ -167,6 +168,36 @@ def outpaint_layout(size: tuple[int, int], factor: int, even_grid: bool,
     return (gw + left + right) * factor, (gh + top + bottom) * factor, left * factor, top * factor
 
 
+def check_working_size(case: Any, pipe: Any = None) -> tuple[int, int]:
+    """The size `case` is edited at: --resolution, else its image's own size (read from the file's header,
+    nothing decoded) rounded to `pipe`'s pixel multiple as `edit_image` rounds it. Refused (InputError saying
+    what to do) when it, or the outpaint canvas built on it from --extend/--target, has a side over
+    `MAX_RESOLUTION` or more pixels than the image limit: `safety.check_resolution`, the check of
+    `sample --resolution`. Without `pipe` (before the model loads) the sizes are taken unrounded; the
+    one check of every edit path (the command, --cases rows, the app, `edit_image`)."""
+    from meissonic_cli.safety import MAX_RESOLUTION, check_resolution
+
+    source = image_size(case.image)
+    work = case.resolution or round_size(*source, int(pipe.pixel_multiple) if pipe is not None else 1)
+    way_out = f"pass --resolution WxH (each side at most {MAX_RESOLUTION}) to edit a smaller copy"
+    try:
+        check_resolution(*work, f"image {case.image.name}" if case.resolution is None else "--resolution")
+    except InputError as err:
+        raise InputError(f"{err}; {way_out}" if case.resolution is None else str(err)) from None
+    if case.mode != "outpaint" or (case.extend is None and case.target is None):
+        return work
+    if pipe is not None:
+        f = int(pipe.vq.downsample_factor)
+        canvas = outpaint_layout(work, f, bool(pipe.transformer.config.downsample), case.extend, case.target)[:2]
+    else:
+        canvas = case.target or (work[0] + case.extend[0] + case.extend[2], work[1] + case.extend[1] + case.extend[3])
+    try:
+        check_resolution(*canvas, f"the outpaint canvas ({work[0]}x{work[1]} image plus --extend/--target)")
+    except InputError as err:
+        raise InputError(f"{err}; extend by less, or {way_out}") from None
+    return work
+
+
 def feather_blend(decoded: "Image.Image", original: "Image.Image", keep: "np.ndarray", feather: int) -> "Image.Image":
     """Original pixels where `keep` (H, W) is True, decoded elsewhere, mixed over a `feather`-pixel seam."""
     import numpy as np
@@ -185,6 +216,6 @@ def feather_blend(decoded: "Image.Image", original: "Image.Image", keep: "np.nda
     return Image.fromarray(np.clip(out.round(), 0, 255).astype(np.uint8))
 
 
-__all__ = ["box_mask", "dilate_tokens", "feather_blend", "image_size", "img2img_mask_ratio", "img2img_start",
+__all__ = ["box_mask", "check_working_size", "dilate_tokens", "feather_blend", "image_size", "img2img_mask_ratio", "img2img_start",
            "load_image", "load_mask", "mask_levels", "mask_token_grid", "open_resized", "outpaint_layout", "round_size",
            "token_mask"]

@@ -31,7 +31,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from meissonic_cli.config import MAX_BATCH, MAX_GUIDANCE, MAX_STEPS, Problems, check_number, field, parse_resolution
+from meissonic_cli.config import (
+    MAX_BATCH,
+    MAX_GUIDANCE,
+    MAX_NOISE_REG,
+    MAX_STEPS,
+    Problems,
+    check_number,
+    field,
+    parse_resolution,
+    parse_temperature,
+)
 from meissonic_cli.errors import InputError, ModelFormatError, OutputExistsError
 from meissonic_cli.model.compiled import COMPILE_HELP
 from meissonic_cli.model.hub import ALLOW_DOWNLOAD_HELP, VARIANT_HELP, VARIANTS
@@ -106,7 +116,7 @@ class SampleConfig:
                                           "sampler), halton (a fixed, spread-out 2-D Halton order) or random.")
     schedule: Optional[str] = field(None, help="How many tokens stay masked after each step: cosine, linear, arccos, "
                                                "sqrt or square. Default: the model's scheduler config (cosine).")
-    noise_reg: float = field(0.0, help="Noise regularization: Gaussian noise of this scale (times |cos| of the step) "
+    noise_reg: float = field(0.0, bounds=(0, MAX_NOISE_REG), help="Noise regularization: Gaussian noise of this scale (times |cos| of the step) "
                                        "on the logits before each draw; 0 = off, 2 = the paper's (arXiv 2411.10781).")
     differential: float = field(0.0, help="Differential sampling: this fraction of the masked positions, those whose "
                                           "prediction moved least since the last step, draw from the change of their "
@@ -262,18 +272,6 @@ class SampleResult:
 
 # ----------------------------------------------------------------------------------------------
 # Parsing
-
-
-def parse_temperature(value: str) -> Any:
-    """'2,0' -> (2.0, 0.0); '3' -> 3.0."""
-    parts = [s.strip() for s in str(value).split(",")]
-    try:
-        numbers = [float(s) for s in parts]
-    except ValueError:
-        numbers = []
-    if len(numbers) not in (1, 2) or not all(math.isfinite(x) for x in numbers):
-        raise InputError(f"--temperature {value!r} must be 'start,end' (e.g. 2,0) or one number")
-    return numbers[0] if len(numbers) == 1 else (numbers[0], numbers[1])
 
 
 def slugify(text: str, max_len: int = 48) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meissonic_cli.config import Problems, field, flag_of
+from meissonic_cli.config import MAX_TEMPERATURE, Problems, field, flag_of
 from meissonic_cli.train.config import PRECISIONS, TrainConfig, apply_overrides, read_yaml_mapping
 
 LOSSES = ("kl", "ce")
@@ -103,8 +103,9 @@ class DistillConfig(TrainConfig):
             temperatures = self.rollout_temperatures
         except (ValueError, IndexError):
             temperatures = (math.nan,)
-        p.check(len(str(self.rollout_temperature).split(",")) <= 2 and all(math.isfinite(t) and 0 <= t <= 100 for t in temperatures),
-                f"{flag('rollout_temperature')} must be 'start,end' or one number, each in [0, 100], got {self.rollout_temperature!r}")
+        p.check(len(str(self.rollout_temperature).split(",")) <= 2 and all(math.isfinite(t) and 0 <= t <= MAX_TEMPERATURE for t in temperatures),
+                f"{flag('rollout_temperature')} must be 'start,end' or one number, each in [0, {MAX_TEMPERATURE:g}], got "
+                f"{self.rollout_temperature!r}")
         p.check(self.step_distill == 1 or self.distill_timesteps != "train",
                 f"{flag('step_distill')} > 1 follows sampling runs: use {flag('distill_timesteps')} sampler or rollout")
         p.check(self.teacher_precision in PRECISIONS,
