@@ -135,6 +135,7 @@ MAX_SEED = 2**63 - 1  # the one seed range: 0 ..= MAX_SEED (torch, numpy and ran
 # Shared ranges of settings that size work or scale logits (the `bounds` of those fields).
 MAX_STEPS = 10_000  # sampling steps (the paper samples 48-64)
 MAX_BATCH = 65_536  # items per forward pass
+MAX_IMAGES = 1_000_000  # images one `sample` run lists (prompts x --images-per-prompt)
 MAX_GUIDANCE = 1_000.0  # classifier-free guidance scale (the paper uses 9)
 MAX_SCORE = 1_000.0  # the score micro-condition (aesthetic scores are 0-10)
 MAX_TEMPERATURE = 100.0  # the sampler's masking (Gumbel) temperature, each of start/end in [0, this] (the official 2,0)

@@ -179,6 +179,9 @@ CASES: list[Case] = [
                                                             str(ws / "o"), "--sample-fraction", "1e-320"],
       expect="sample.fraction"),
     # ---- 2. size bombs
+    C(2, "sample-over-a-million-images", lambda ws, m: ["sample", "-m", str(m), "--prompts", str(write(
+        ws / "p.txt", "".join(f"a red circle {i}\n" for i in range(101)))), "--images-per-prompt", "10000", "-o",
+        str(ws / "o"), "--device", "cpu"], model=True, expect="1,000,000 images"),
     C(2, "train-recipe-billion-laughs", lambda ws, m: recipe(ws, billion_laughs("data")), expect="alias"),
     C(2, "train-recipe-deep-nesting", lambda ws, m: recipe(ws, "validation_prompts: " + "[" * 5000 + "]" * 5000 + "\n"),
       expect="recipe|yaml|nest"),

@@ -34,6 +34,7 @@ from typing import Any, Callable, Optional, Sequence
 from meissonic_cli.config import (
     MAX_BATCH,
     MAX_GUIDANCE,
+    MAX_IMAGES,
     MAX_NOISE_REG,
     MAX_STEPS,
     Problems,
@@ -298,6 +299,8 @@ def read_prompts(cfg: SampleConfig) -> list[PromptItem]:
             cfg_scale: Optional[float] = None) -> None:
         for j in range(cfg.images_per_prompt):
             i = len(items)
+            if i >= MAX_IMAGES:
+                raise InputError(f"the prompts ask for over {MAX_IMAGES:,} images (prompts x --images-per-prompt): split them")
             image_seed = derive_seed(cfg.seed, i) if seed is None else derive_seed(seed, j)
             items.append(PromptItem(index=cfg.first_index + i, prompt=prompt,
                                     negative_prompt=cfg.negative_prompt if negative is None else negative,
