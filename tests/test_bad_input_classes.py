@@ -227,6 +227,19 @@ CASES: list[Case] = [
     C(4, "tokenize-rerun-other-input-keeps-dataset-json", lambda ws, m: (tokenized(ws, m), [
         "tokenize", str(image_shards(ws / "sh2", keys=("000000007",))), "-o", str(ws / "tok"), "--model", str(m),
         "--resolution", "64", "--device", "cpu"])[-1], model=True, expect="input changed"),
+    # An --out that is, holds or sits inside an input: --overwrite replaced the folder, deleting the input (and
+    # anything else in it); nested, a rerun reads its own output. The snapshot check pins "nothing removed".
+    C(4, "curate-out-is-the-input-folder", lambda ws, m: (parquet(ws / "in" / "m.parquet"), write(
+        ws / "in" / "notes.txt", "precious\n"), ["curate", str(ws / "in" / "m.parquet"), "-o", str(ws / "in"),
+                                                  "--overwrite"])[-1], expect="holds the input"),
+    C(4, "curate-out-holds-the-input", lambda ws, m: (parquet(ws / "par" / "sub" / "m.parquet"), [
+        "curate", str(ws / "par" / "sub" / "m.parquet"), "-o", str(ws / "par"), "--overwrite"])[-1],
+      expect="holds the input"),
+    C(4, "curate-out-inside-the-input-folder", lambda ws, m: (parquet(ws / "in" / "m.parquet"), [
+        "curate", str(ws / "in"), "-o", str(ws / "in" / "curated")])[-1], expect="inside the input folder"),
+    C(4, "download-out-is-the-input-folder", lambda ws, m: (parquet(ws / "in" / "m.parquet"), write(
+        ws / "in" / "notes.txt", "precious\n"), ["download", str(ws / "in"), "-o", str(ws / "in"),
+                                                  "--overwrite"])[-1], expect="input"),
     # ---- 6. structured files of the wrong shape
     C(6, "train-dataset-json-list", lambda ws, m: (tokens(ws), write(ws / "data" / "dataset.json", "[1, 2]"),
                                                    train_args(ws, data=ws / "data"))[-1], expect="dataset.json"),

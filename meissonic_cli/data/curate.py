@@ -253,9 +253,10 @@ def curate(cfg: CurateConfig) -> CurateResult:
 
     out = Path(cfg.output) if cfg.output else None
     if out is not None and not cfg.dry_run:
-        from meissonic_cli.data.inputs import check_output_parent
+        from meissonic_cli.data.inputs import check_output_apart, check_output_parent
 
         check_output_parent(out, "--out")
+        check_output_apart(out, cfg.inputs, files)
         if out.exists() and not out.is_dir():
             raise OutputExistsError(f"{out} exists and is not a directory; choose another --out")
         if out.exists() and any(out.iterdir()) and not cfg.overwrite:

@@ -42,7 +42,7 @@ from typing import Any, Iterator
 from meissonic_cli.atomic import atomic_write, replace_directory, write_json
 from meissonic_cli.config import Problems, field, flag_of, read_json_object
 from meissonic_cli.data.curate import ROLE_CANDIDATES, detect_columns, resolve_inputs
-from meissonic_cli.data.inputs import check_output_parent, staging_folder, url_scheme_mask
+from meissonic_cli.data.inputs import check_output_apart, check_output_parent, staging_folder, url_scheme_mask
 from meissonic_cli.data.workers import end_with_parent
 from meissonic_cli.errors import ConfigError, InputError, MeissonicError, OutputExistsError
 from meissonic_cli.safety import DEFAULT_URL_SCHEMES, parse_schemes
@@ -423,6 +423,7 @@ def download(cfg: DownloadConfig) -> DownloadResult:
     saved = [SAVED_NAMES[r] for r in SAVED_NAMES if r in columns]
 
     check_output_parent(out, "--out")
+    check_output_apart(out, cfg.inputs, files)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a directory; choose another --out")
     if out.exists() and any(out.iterdir()) and not cfg.overwrite:

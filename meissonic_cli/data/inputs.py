@@ -42,6 +42,21 @@ def check_output_parent(out: Path, flag: str) -> None:
             return
 
 
+def check_output_apart(out: Path, inputs: Iterable[str], files: Iterable[Path], flag: str = "--out") -> None:
+    """Refuse an output folder that is, holds or sits inside an input: replacing it (--overwrite) would
+    delete the input, and a rerun would read the output as input."""
+    where = out.resolve()
+    for file in files:
+        if where in Path(file).resolve().parents:
+            raise InputError(f"{flag} {out} holds the input {file}; --overwrite would delete it: choose an {flag} "
+                             "outside the inputs")
+    for item in inputs:
+        folder = Path(item)
+        if folder.is_dir() and (folder.resolve() == where or folder.resolve() in where.parents):
+            raise InputError(f"{flag} {out} is inside the input folder {item}; a rerun would read its own output: "
+                             f"choose an {flag} outside the inputs")
+
+
 @contextlib.contextmanager
 def staging_folder(out: Path, flag: str = "--out") -> Iterator[Path]:
     """A fresh `.NAME.tmp-PID-N` folder beside `out` (removed on exit, whatever happens; one left by
