@@ -240,6 +240,9 @@ CASES: list[Case] = [
     C(4, "download-out-is-the-input-folder", lambda ws, m: (parquet(ws / "in" / "m.parquet"), write(
         ws / "in" / "notes.txt", "precious\n"), ["download", str(ws / "in"), "-o", str(ws / "in"),
                                                   "--overwrite"])[-1], expect="input"),
+    C(4, "tokenize-out-inside-the-input-folder", lambda ws, m: ["tokenize", str(image_shards(ws / "sh")), "-o",
+                                                                str(ws / "sh" / "tokens"), "--model", str(m)],
+      expect="neither may hold the other"),
     # ---- 6. structured files of the wrong shape
     C(6, "train-dataset-json-list", lambda ws, m: (tokens(ws), write(ws / "data" / "dataset.json", "[1, 2]"),
                                                    train_args(ws, data=ws / "data"))[-1], expect="dataset.json"),

@@ -138,7 +138,9 @@ class TokenizeConfig:
             p.check(bool(self.model or self.text_encoder),
                     f"--text-features {self.text_features} needs --model or --text-encoder (or use --text-features none)")
         if self.input and self.out:
-            p.check(Path(self.input).resolve() != Path(self.out).resolve(), "--out must differ from --input")
+            given, out = Path(self.input).resolve(), Path(self.out).resolve()
+            p.check(given != out and out not in given.parents and not (Path(self.input).is_dir() and given in out.parents),
+                    "--out must differ from --input, and neither may hold the other")
         p.raise_if_any()
         return self
 
