@@ -225,3 +225,25 @@ def test_reusing_out_for_another_input_or_a_broken_dataset_json(white_folder, wh
 def test_missing_input_message():
     with pytest.raises(ConfigError, match=r"--input is required \(image shards or an image folder\)"):
         TokenizeConfig(out="o", vq="v", text_features="none").validate()
+
+
+def test_tar_sample_json_is_read_bounded_and_missing_captions_are_counted(tmp_path):
+    """A sample's .json nested 100,000 deep is that sample's failure (it reached the last-resort handler
+    as a RecursionError); a sample without .txt is marked no_caption, as folder and table inputs mark it."""
+    import tarfile
+
+    from meissonic_cli.data.sources import _shard_samples
+
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").save(buf, "PNG")
+    members = [("a.png", buf.getvalue()), ("a.json", b"[" * 100_000 + b"]" * 100_000),
+               ("b.png", buf.getvalue()), ("b.txt", b"a red square"), ("c.png", buf.getvalue())]
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    samples = {s.key: s for s in _shard_samples(tmp_path / "00000.tar")}
+    assert samples["a"].error == "unreadable json: a.json: JSON nested too deep"
+    assert samples["c"].meta.get("no_caption") is True and samples["c"].error is None
+    assert "no_caption" not in samples["b"].meta and samples["b"].caption == "a red square"

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator
 from meissonic_cli.data.inputs import check_image_shards, unique_key
 from meissonic_cli.data.shards import safe_key
 from meissonic_cli.errors import InputError
+from meissonic_cli.readers import parse_json
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -72,14 +73,17 @@ def _shard_samples(tar_path: Path) -> Iterator[RawSample]:
             error = None
             if "json" in lower:
                 try:
-                    meta = json.loads(lower["json"])
-                except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                    meta = parse_json(lower["json"].decode("utf-8"), f"{key}.json")
+                except (UnicodeDecodeError, InputError) as err:  # invalid, nested too deep, a number too long
                     error = f"unreadable json: {err}"
             if image_ext is None and error is None:
                 error = f"no image member (.{'/.'.join(IMAGE_EXTS)}); members: {', '.join(sorted(fields))}"
             caption = lower.get("txt", b"").decode("utf-8", errors="replace").strip()
+            meta = meta if isinstance(meta, dict) else {"json": meta}
+            if not caption:
+                meta["no_caption"] = True
             yield RawSample(unique_key(safe_key(key), seen), lower.get(image_ext) if image_ext else None, caption,
-                            meta if isinstance(meta, dict) else {"json": meta}, error)
+                            meta, error)
     except (tarfile.TarError, EOFError, OSError) as err:
         yield RawSample(f"{safe_key(tar_path.stem)}__truncated", None, "", {},
                         f"input tar {tar_path.name} is damaged after {n} sample(s): {err}")
@@ -89,8 +93,8 @@ def _expected_count(tar_path: Path) -> int | None:
     # img2dataset writes NNNNN_stats.json beside each shard with the number of successes.
     stats = tar_path.with_name(tar_path.stem + "_stats.json")
     try:
-        return int(json.loads(stats.read_text())["successes"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(parse_json(stats.read_text(), stats.name)["successes"])
+    except (OSError, ValueError, KeyError, TypeError, InputError):  # InputError: invalid or nested too deep
         return None
 
 
@@ -104,9 +108,9 @@ def _folder_samples(root: Path, images: list[Path], keys: list[str], caption_key
         error = None
         if meta_path.is_file():
             try:
-                loaded = json.loads(meta_path.read_text())
+                loaded = parse_json(meta_path.read_text(encoding="utf-8"), meta_path.name)
                 meta = {**loaded, **meta} if isinstance(loaded, dict) else meta
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            except (UnicodeDecodeError, InputError) as err:
                 error = f"unreadable {meta_path.name}: {err}"
         caption = caption_path.read_text(encoding="utf-8", errors="replace").strip() if caption_path.is_file() else ""
         if not caption_path.is_file():  # else the caption in the .json sidecar, if it has one
