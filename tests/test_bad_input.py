@@ -319,6 +319,12 @@ CASES: list[Case] = [
                                                 "--processes", "0"]),
     C("download-timeout-zero", lambda ws, m: ["download", str(parquet(ws / "m.parquet")), "-o", str(ws / "dl"),
                                               "--timeout", "0"]),
+    # Upper bounds on what sizes a download (checked before anything is staged or fetched).
+    *[C(f"download-{flag[2:]}-huge", lambda ws, m, flag=flag, value=value: [
+        "download", str(parquet(ws / "m.parquet")), "-o", str(ws / "dl"), flag, value, "--upscale"], expect=flag)
+      for flag, value in (("--image-size", "20000"), ("--min-image-size", "9000"), ("--processes", "100000"),
+                          ("--threads", "5000"), ("--retries", "1000000000"), ("--timeout", "99999"),
+                          ("--shard-size", "100000000"))],
     C("download-aspect-below-one", lambda ws, m: ["download", str(parquet(ws / "m.parquet")), "-o", str(ws / "dl"),
                                                   "--max-aspect-ratio", "0.5"]),
     C("download-url-col-missing", lambda ws, m: ["download", str(parquet(ws / "m.parquet")), "-o", str(ws / "dl"),
