@@ -576,6 +576,8 @@ CASES: list[Case] = [
     # ---- demo
     C("demo-budget-unknown", lambda ws, m: ["demo", "--out", str(ws / "d"), "--budget", "nope"]),
     C("demo-device-unknown", lambda ws, m: ["demo", "--out", str(ws / "d"), "--device", "nope"]),
+    # A device this machine lacks is refused before synth/curate/download write anything.
+    C("demo-device-absent", lambda ws, m: ["demo", "--out", str(ws / "d"), "--device", "cuda:99"], expect="cuda:99"),
     C("demo-out-nonempty", lambda ws, m: (write(ws / "d" / "mine.txt", "keep"), ["demo", "--out", str(ws / "d")])[-1]),
     C("demo-out-under-file", lambda ws, m: (write(ws / "file", "x"), ["demo", "--out", str(ws / "file" / "d"),
                                                                       "--budget", "small"])[-1]),
