@@ -140,6 +140,8 @@ MAX_GUIDANCE = 1_000.0  # classifier-free guidance scale (the paper uses 9)
 MAX_SCORE = 1_000.0  # the score micro-condition (aesthetic scores are 0-10)
 MAX_TEMPERATURE = 100.0  # the sampler's masking (Gumbel) temperature, each of start/end in [0, this] (the official 2,0)
 MAX_NOISE_REG = 100.0  # the noise-regularization scale on the logits (the paper's 2)
+MAX_LORA_RANK = 4096  # LoRA adapter rank (the released model's attention projections are 1024 wide; PEFT ranks are 4-256)
+MAX_LORA_ALPHA = 10_000.0  # LoRA alpha (peft's lora_alpha; adapters use 1-2x their rank)
 
 
 def number_kind(f: dataclasses.Field) -> Optional[str]:

@@ -319,6 +319,12 @@ CASES: list[Case] = [
                                                 "--processes", "0"]),
     C("download-timeout-zero", lambda ws, m: ["download", str(parquet(ws / "m.parquet")), "-o", str(ws / "dl"),
                                               "--timeout", "0"]),
+    # Upper bounds on what sizes a download (checked before anything is staged or fetched).
+    *[C(f"download-{flag[2:]}-huge", lambda ws, m, flag=flag, value=value: [
+        "download", str(parquet(ws / "m.parquet")), "-o", str(ws / "dl"), flag, value, "--upscale"], expect=flag)
+      for flag, value in (("--image-size", "20000"), ("--min-image-size", "9000"), ("--processes", "100000"),
+                          ("--threads", "5000"), ("--retries", "1000000000"), ("--timeout", "99999"),
+                          ("--shard-size", "100000000"))],
     C("download-aspect-below-one", lambda ws, m: ["download", str(parquet(ws / "m.parquet")), "-o", str(ws / "dl"),
                                                   "--max-aspect-ratio", "0.5"]),
     C("download-url-col-missing", lambda ws, m: ["download", str(parquet(ws / "m.parquet")), "-o", str(ws / "dl"),
@@ -570,6 +576,8 @@ CASES: list[Case] = [
     # ---- demo
     C("demo-budget-unknown", lambda ws, m: ["demo", "--out", str(ws / "d"), "--budget", "nope"]),
     C("demo-device-unknown", lambda ws, m: ["demo", "--out", str(ws / "d"), "--device", "nope"]),
+    # A device this machine lacks is refused before synth/curate/download write anything.
+    C("demo-device-absent", lambda ws, m: ["demo", "--out", str(ws / "d"), "--device", "cuda:99"], expect="cuda:99"),
     C("demo-out-nonempty", lambda ws, m: (write(ws / "d" / "mine.txt", "keep"), ["demo", "--out", str(ws / "d")])[-1]),
     C("demo-out-under-file", lambda ws, m: (write(ws / "file", "x"), ["demo", "--out", str(ws / "file" / "d"),
                                                                       "--budget", "small"])[-1]),

@@ -115,9 +115,11 @@ def test_bad_inputs_are_refused_before_downloading(tmp_path, served):
     pq.write_table(pq.read_table(source.parquet_files[0]).drop(["URL"]), tmp_path / "nourl.parquet")
     with pytest.raises(InputError, match="no url column.*columns present: TEXT"):
         download(DownloadConfig(inputs=[str(tmp_path / "nourl.parquet")], output=str(tmp_path / "o")))
-    with pytest.raises(ConfigError, match="--resize-mode.*--shard-size"):
+    with pytest.raises(ConfigError, match="--resize-mode.*--encode-format"):
         download(DownloadConfig(inputs=[str(source.parquet_files[0])], output=str(tmp_path / "o"),
-                                resize_mode="stretch", shard_size=0))
+                                resize_mode="stretch", encode_format="gif"))
+    with pytest.raises(ConfigError, match="--shard-size must be between 1 and 10000000, got 0"):  # numbers first
+        download(DownloadConfig(inputs=[str(source.parquet_files[0])], output=str(tmp_path / "o"), shard_size=0))
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")

@@ -123,6 +123,45 @@ def test_bad_adapters_are_one_error_line(tiny_model_dir, adapters, tmp_path):
         assert "Traceback" not in res.output and not any(out.glob("*.png"))
 
 
+def test_adapter_configs_out_of_range_are_one_error_line(tiny_model_dir, adapters, tmp_path):
+    """r/lora_alpha/patterns of adapter_config.json and meissonic-lora metadata: checked before sampling,
+    one Error line naming the file and key (not a crash, not a silently truncated rank or a huge scale)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base = json.loads((adapters["peft"] / "adapter_config.json").read_text())
+    tensors = load_file(str(adapters["meissonic-lora"]))
+    zero = {k: v[:0] if "lora_A" in k else v[:, :0] for k, v in tensors.items()}
+    cases = [({"r": float("nan")}, "LoRA rank r must be a whole number from 1 to 4096"),
+             ({"r": float("inf")}, "LoRA rank r must be a whole number"),
+             ({"r": 4.7}, "got 4.7"), ({"r": 0}, "got 0"), ({"r": 5000}, "from 1 to 4096"), ({"r": "4"}, "got '4'"),
+             ({"lora_alpha": 1e30}, "LoRA alpha lora_alpha must be a finite number above 0 and at most 10000"),
+             ({"lora_alpha": float("nan")}, "lora_alpha"),
+             ({"rank_pattern": {"(": 4}}, "rank_pattern key '(' is not a valid regular expression"),
+             ({"alpha_pattern": {"[": 4}}, "alpha_pattern key '[' is not a valid regular expression"),
+             ({"rank_pattern": {"to_q": 0}}, "rank_pattern['to_q']"),
+             ({"r": 8}, "has rank 4 in the weights but 8 in its config")]
+    specs = []
+    for i, (change, message) in enumerate(cases):
+        folder = tmp_path / f"peft{i}"
+        shutil.copytree(adapters["peft"], folder)
+        (folder / "adapter_config.json").write_text(json.dumps({**base, **change}))
+        specs.append((folder, str(folder / "adapter_config.json"), message))
+    for name, data, meta, message in (("rank0", tensors, {"rank": "0", "alpha": "8"}, "metadata rank"),
+                                      ("alpha-inf", tensors, {"rank": "4", "alpha": "inf"}, "metadata alpha"),
+                                      ("rank-frac", tensors, {"rank": "4.5", "alpha": "8"}, "got 4.5"),
+                                      ("zero-tensors", zero, {"rank": "4", "alpha": "8"}, "has rank 0; a LoRA rank")):
+        file = tmp_path / f"{name}.safetensors"
+        save_file({k: v.contiguous() for k, v in data.items()}, str(file), metadata={"format": "meissonic-lora", **meta})
+        specs.append((file, str(file), message))
+    for spec, where, message in specs:
+        out = tmp_path / "out"
+        res = _run("sample", "--model", str(tiny_model_dir), "--lora", str(spec), "--out", str(out), *FAST)
+        assert res.exit_code == 1 and res.output.startswith(f"Error: {where}") and message in res.output, (spec, res.output)
+        assert res.output.count("\n") == 1 and "internal error" not in res.output and not out.exists(), res.output
+
+
 def test_adapter_only_checkpoint_names_the_command_that_samples_it(tiny_model_dir, tmp_path):
     from meissonic_cli.model.lora import LoRA, save_lora
 

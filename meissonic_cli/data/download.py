@@ -45,7 +45,7 @@ from meissonic_cli.data.curate import ROLE_CANDIDATES, detect_columns, resolve_i
 from meissonic_cli.data.inputs import check_output_apart, check_output_parent, staging_folder, url_scheme_mask
 from meissonic_cli.data.workers import end_with_parent
 from meissonic_cli.errors import ConfigError, InputError, MeissonicError, OutputExistsError
-from meissonic_cli.safety import DEFAULT_URL_SCHEMES, parse_schemes
+from meissonic_cli.safety import DEFAULT_URL_SCHEMES, MAX_RESOLUTION, parse_schemes
 
 RESIZE_MODES = ("no", "border", "keep_ratio", "keep_ratio_largest", "center_crop")
 ENCODE_FORMATS = ("jpg", "png", "webp")
@@ -61,6 +61,13 @@ SAVED_NAMES: dict[str, str] = {
 }
 STATE_DIR = "_meissonic"
 
+# Ranges of the numbers that size a download (checked before any work, as every config number is).
+MAX_PROCESSES = 1024  # download processes, or Spark/Ray parallelism (a cluster's worth)
+MAX_THREADS = 1024  # download threads per process (img2dataset's default is 32-256)
+MAX_SHARD_SIZE = 10_000_000  # samples per output shard (img2dataset's default is 10,000)
+MAX_TIMEOUT = 3600  # seconds one image request may take
+MAX_RETRIES = 100  # retries per failed image
+
 
 @dataclass
 class DownloadConfig:
@@ -72,7 +79,7 @@ class DownloadConfig:
     )
     output: str = field("", help="Output directory for the webdataset shards.", flag="--out", short="-o",
                         aliases=("--output",))
-    image_size: int = field(512, help="Target image size in pixels (meaning depends on --resize-mode).")
+    image_size: int = field(512, bounds=(1, MAX_RESOLUTION), help="Target image size in pixels (meaning depends on --resize-mode).")
     resize_mode: str = field(
         "keep_ratio",
         help="How to resize: no, border (pad to a square), keep_ratio (shorter side = size), keep_ratio_largest "
@@ -83,16 +90,16 @@ class DownloadConfig:
         help="Only shrink images; never upscale small ones (tokenize crops and records the original size).",
         flag="--resize-only-if-bigger/--upscale",
     )
-    min_image_size: int = field(0, help="Skip images whose shorter side is below this many pixels.")
+    min_image_size: int = field(0, bounds=(0, MAX_RESOLUTION), help="Skip images whose shorter side is below this many pixels.")
     max_aspect_ratio: float | None = field(None, help="Skip images whose longer side / shorter side exceeds this.")
     encode_format: str = field("jpg", help="Image format in the shards: jpg, png or webp.")
     encode_quality: int | None = field(
         None,
         help="jpg quality 0-100, webp quality 1-100 (default 95), or png compression level 0-9 (default 1)."
     )
-    processes: int = field(1, help="Download processes (multiprocessing) or Spark/Ray parallelism.")
-    threads: int = field(32, help="Download threads per process.")
-    shard_size: int = field(10_000, help="Samples per output shard.")
+    processes: int = field(1, bounds=(1, MAX_PROCESSES), help="Download processes (multiprocessing) or Spark/Ray parallelism.")
+    threads: int = field(32, bounds=(1, MAX_THREADS), help="Download threads per process.")
+    shard_size: int = field(10_000, bounds=(1, MAX_SHARD_SIZE), help="Samples per output shard.")
     distributor: str = field(
         "multiprocessing",
         help="multiprocessing (one machine), pyspark (pip install 'meissonic[spark]', needs Java) or ray (pip "
@@ -109,8 +116,8 @@ class DownloadConfig:
         help="Ray cluster for --distributor ray: HOST:6379, ray://HOST:10001 or auto (default: $RAY_ADDRESS, else a "
              "local Ray instance with --processes CPUs). Unused when Ray is already initialised."
     )
-    timeout: int = field(10, help="Seconds before one image request gives up.")
-    retries: int = field(0, help="Retries per failed image.")
+    timeout: int = field(10, bounds=(1, MAX_TIMEOUT), help="Seconds before one image request gives up.")
+    retries: int = field(0, bounds=(0, MAX_RETRIES), help="Retries per failed image.")
     url_col: str | None = field(None, help="Column holding the image URL (default: detected, e.g. url or URL).")
     caption_col: str | None = field(None, help="Column holding the caption (default: detected, e.g. caption or TEXT).")
     overwrite: bool = field(False, help="Delete an existing output directory and start over (default: resume it).")

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from meissonic_cli.atomic import atomic_write, write_json
+from meissonic_cli.config import MAX_LORA_ALPHA, MAX_LORA_RANK
 from meissonic_cli.errors import InputError, ModelFormatError
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -189,11 +190,18 @@ def read_adapter(path: str | Path) -> AdapterFile:
     where = str(weights)
     if meta.get("format") == OWN_FORMAT:
         pieces = _split_keys(tensors, where)
-        try:
-            rank, alpha = int(meta["rank"]), float(meta["alpha"])
-        except (KeyError, ValueError):
-            raise ModelFormatError(f"{where}: meissonic-lora file without a usable rank/alpha in its metadata") from None
-        return AdapterFile(source, OWN_FORMAT, files, _layers(pieces, where, lambda name, r: alpha / rank))
+        if "rank" not in meta or "alpha" not in meta:
+            raise ModelFormatError(f"{where}: meissonic-lora file without a rank/alpha in its metadata")
+        rank = _rank_number(_metadata_number(meta["rank"]), where, "metadata rank")
+        alpha = _alpha_number(_metadata_number(meta["alpha"]), where, "metadata alpha")
+
+        def own_scaling(name: str, r: int) -> float:
+            if r != rank:
+                raise ModelFormatError(f"{where}: layer {name} has rank {r} in the weights but {rank} in its "
+                                       "metadata rank")
+            return alpha / rank
+
+        return AdapterFile(source, OWN_FORMAT, files, _layers(pieces, where, own_scaling))
     notes: list[str] = []
     if config_file is not None:
         config, layout = _read_json(config_file), "peft"
@@ -202,11 +210,15 @@ def read_adapter(path: str | Path) -> AdapterFile:
     pieces = _split_keys(tensors, where)
     if config is not None:
         _check_config(config, config_file or weights)
-        scaling = _config_scaling(config, where)
+        scaling = _config_scaling(config, config_file or weights)
     elif any("alpha" in parts for parts in pieces.values()):
         def scaling(name: str, r: int) -> float:
             alpha = pieces[name].get("alpha")
-            return float(alpha.float().reshape(-1)[0]) / r if alpha is not None else 1.0
+            if alpha is None:
+                return 1.0
+            if alpha.numel() < 1:
+                raise ModelFormatError(f"{where}: layer {name} has an empty alpha tensor")
+            return _alpha_number(float(alpha.float().reshape(-1)[0]), where, f"{name}.alpha") / r
     else:
         ranks = sorted({int(p["A"].shape[0]) for p in pieces.values() if "A" in p})
         notes.append(f"{weights} stores no LoRA alpha: using alpha = rank ({'/'.join(map(str, ranks))}), i.e. the update "
@@ -260,27 +272,72 @@ def _check_config(config: dict[str, Any], where: Path) -> None:
         raise ModelFormatError(f"{where}: uses {', '.join(used)}, which meissonic does not apply (plain LoRA only)")
 
 
-def _pattern_value(patterns: Any, name: str, default: float) -> float:
+def _metadata_number(text: Any) -> Any:
+    """A safetensors metadata value (a string) as the int or float it spells, or the text when it is neither."""
+    for kind in (int, float):
+        try:
+            return kind(str(text).strip())
+        except ValueError:
+            pass
+    return text
+
+
+def _rank_number(value: Any, where: Any, key: str) -> int:
+    """A LoRA rank from a config: a whole number in 1..MAX_LORA_RANK, else ModelFormatError naming `key`."""
+    whole = isinstance(value, int) or (isinstance(value, float) and math.isfinite(value) and value.is_integer())
+    if isinstance(value, bool) or not whole or not 1 <= value <= MAX_LORA_RANK:
+        raise ModelFormatError(f"{where}: LoRA rank {key} must be a whole number from 1 to {MAX_LORA_RANK}, "
+                               f"got {value!r}")
+    return int(value)
+
+
+def _alpha_number(value: Any, where: Any, key: str) -> float:
+    """A LoRA alpha from a config: a finite number in (0, MAX_LORA_ALPHA], else ModelFormatError naming `key`."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not 0 < value <= MAX_LORA_ALPHA:
+        raise ModelFormatError(f"{where}: LoRA alpha {key} must be a finite number above 0 and at most "
+                               f"{MAX_LORA_ALPHA:g}, got {value!r}")
+    return float(value)
+
+
+def _patterns(config: dict[str, Any], key: str, where: Any, check: Any) -> list[tuple[re.Pattern[str], Any]]:
+    """peft's rank_pattern/alpha_pattern as (compiled `(.*\\.)?(KEY)$`, checked value) pairs, in order."""
+    raw = config.get(key)
+    if raw in (None, {}):
+        return []
+    if not isinstance(raw, dict):
+        raise ModelFormatError(f"{where}: {key} must be a JSON object of layer pattern -> number")
+    out = []
+    for pattern, value in raw.items():
+        try:
+            compiled = re.compile(rf"(.*\.)?({pattern})$")
+        except re.error as err:
+            raise ModelFormatError(f"{where}: {key} key {pattern!r} is not a valid regular expression ({err})") from None
+        out.append((compiled, check(value, where, f"{key}[{pattern!r}]")))
+    return out
+
+
+def _pattern_value(patterns: list[tuple[re.Pattern[str], Any]], name: str, default: Any) -> Any:
     """peft's rank_pattern/alpha_pattern lookup: the first key that matches the end of the layer name."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return float(value)
-    return float(default)
+    for compiled, value in patterns:
+        if compiled.match(name):
+            return value
+    return default
 
 
-def _config_scaling(config: dict[str, Any], where: str) -> Any:
-    try:
-        r_default, alpha_default = float(config.get("r", 8)), float(config.get("lora_alpha", 8))
-    except (TypeError, ValueError):
-        raise ModelFormatError(f"{where}: adapter config r/lora_alpha must be numbers") from None
+def _config_scaling(config: dict[str, Any], where: Any) -> Any:
+    r_default = _rank_number(config.get("r", 8), where, "r")
+    alpha_default = _alpha_number(config.get("lora_alpha", 8), where, "lora_alpha")
+    rank_patterns = _patterns(config, "rank_pattern", where, _rank_number)
+    alpha_patterns = _patterns(config, "alpha_pattern", where, _alpha_number)
     rslora = bool(config.get("use_rslora", False))
 
     def scaling(name: str, r: int) -> float:
-        expected = _pattern_value(config.get("rank_pattern"), name, r_default)
-        if int(expected) != r:
-            raise ModelFormatError(f"{where}: layer {name} has rank {r} in the weights but {int(expected)} in its "
+        expected = _pattern_value(rank_patterns, name, r_default)
+        if expected != r:
+            raise ModelFormatError(f"{where}: layer {name} has rank {r} in the weights but {expected} in its "
                                    "config (r / rank_pattern)")
-        alpha = _pattern_value(config.get("alpha_pattern"), name, alpha_default)
+        alpha = _pattern_value(alpha_patterns, name, alpha_default)
         return alpha / math.sqrt(r) if rslora else alpha / r
 
     return scaling
@@ -327,6 +384,8 @@ def _layers(pieces: dict[str, dict[str, torch.Tensor]], where: str, scaling: Any
         if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
             raise ModelFormatError(f"{where}: layer {name} has A {tuple(down.shape)} and B {tuple(up.shape)}, not a "
                                    "rank-r pair (r, in) / (out, r)")
+        if not 1 <= down.shape[0] <= MAX_LORA_RANK:
+            raise ModelFormatError(f"{where}: layer {name} has rank {down.shape[0]}; a LoRA rank is 1 to {MAX_LORA_RANK}")
         if not (down.is_floating_point() and up.is_floating_point()):
             raise ModelFormatError(f"{where}: layer {name} holds non-float LoRA weights")
         s = float(scaling(name, int(down.shape[0])))

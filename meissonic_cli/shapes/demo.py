@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from meissonic_cli.atomic import atomic_write, write_text
 from meissonic_cli.config import Problems, field
-from meissonic_cli.device import DEVICE_CHOICES, valid_device_name
+from meissonic_cli.device import DEVICE_CHOICES, resolve_device, valid_device_name
 from meissonic_cli.errors import MeissonicError, OutputExistsError
 
 if TYPE_CHECKING:
@@ -318,6 +318,7 @@ def run_demo(cfg: DemoConfig, console: "Console | None" = None) -> DemoResult:
     from rich.console import Console
 
     cfg.validate()
+    resolve_device(cfg.device, per_rank=True)  # tokenize/train/sample's check, before synth writes anything
     console = console or Console()
     budget = BUDGETS[cfg.budget]
     out = Path(cfg.out)

@@ -13,7 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meissonic_cli.config import MAX_BATCH, MAX_GUIDANCE, MAX_SCORE, MAX_STEPS, Problems, field, flag_of, update_from_dict
+from meissonic_cli.config import (
+    MAX_BATCH,
+    MAX_GUIDANCE,
+    MAX_LORA_RANK,
+    MAX_SCORE,
+    MAX_STEPS,
+    Problems,
+    field,
+    flag_of,
+    update_from_dict,
+)
 from meissonic_cli.device import DEVICE_CHOICES, valid_device_name
 from meissonic_cli.errors import ConfigError, InputError
 from meissonic_cli.model.hub import ALLOW_DOWNLOAD_HELP, VARIANT_HELP, VARIANTS
@@ -23,7 +33,6 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 COMPRESSION = ("auto", "on", "off")
 OPTIMIZERS = ("adamw", "adamw8bit")
 REPORT_TO = ("none", "tensorboard", "wandb")
-MAX_LORA_RANK = 4096  # adapter rank (the released model's attention projections are 1024 wide; PEFT ranks are 4-256)
 
 
 @dataclass
