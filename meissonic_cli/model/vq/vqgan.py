@@ -187,7 +187,6 @@ class VQTokenizer(CodeGrid, nn.Module):
             raise ModelFormatError(f"{folder}: expected {VQ_WEIGHTS} (or {VQ_WEIGHTS_INDEX} with its shards)")
         chosen = pick_variant(folder, VQ_WEIGHTS, VQ_WEIGHTS_INDEX, variant)
         from diffusers import VQModel
-
         from diffusers.utils import logging as diffusers_logging
 
         check_vq_config(config, config_path)
