@@ -309,6 +309,8 @@ CASES: list[Case] = [
         part_config(m, ws, "vqvae", **{key: value}), ws / "out"), expect=rf"vqvae.config\.json: .*{key}")
       for key, value in (("norm_num_groups", 0), ("num_vq_embeddings", 0), ("block_out_channels", []),
                          ("layers_per_block", -1), ("num_vq_embeddings", 100000000), ("norm_num_groups", 3))],
+    C(6, "sample-vq-config-huge-channels", lambda ws, m: sample_args(
+        part_config(m, ws, "vqvae", block_out_channels=[32768] * 5), ws / "out"), expect=r"vqvae.config\.json.*parameters"),
     C(6, "info-vq-config-groups-zero", lambda ws, m: ["info", "-m", str(part_config(m, ws, "vqvae", norm_num_groups=0))],
       expect=r"vqvae.config\.json: norm_num_groups"),
     C(6, "info-rope-axis-negative", lambda ws, m: ["info", "-m", str(model_config(m, ws, axes_dims_rope=[-2, 2, 8]))],

@@ -33,7 +33,8 @@ def _estimated_parameters(channels: list[int], layers: int, latent: int, embed: 
                           in_channels: int, out_channels: int) -> int:
     """A rough count (the 3x3 convolutions dominate) so a config that describes an absurd model is
     refused before diffusers allocates it."""
-    convs = sum(9 * c * c * 2 * (2 * layers + 1) for c in channels)  # encoder + decoder resnets
+    convs = sum(9 * c * c * (2 * (2 * layers + 1) + 2) for c in channels)  # resnets + down/up samplers
+    convs += 4 * 2 * 9 * channels[-1] ** 2  # the encoder's and the decoder's mid blocks
     return convs + 9 * channels[0] * (in_channels + out_channels) + 9 * channels[-1] * latent * 2 + codes * embed
 
 
