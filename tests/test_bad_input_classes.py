@@ -71,6 +71,35 @@ def model_config(model: Path, ws: Path, **changes) -> Path:
     return m2
 
 
+def part_config(model: Path, ws: Path, part: str, **changes) -> Path:
+    """A copy of the tiny model whose `part`/config.json (vqvae, text_encoder, ...) has `changes`."""
+    m2 = copy_model(model, ws / "m2")
+    path = m2 / part / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return m2
+
+
+def vq_without(model: Path, ws: Path, prefix: str) -> Path:
+    """A copy of the tiny model whose VQ weights lack every tensor under `prefix`."""
+    from safetensors.torch import load_file, save_file
+
+    m2 = copy_model(model, ws / "m2")
+    path = m2 / "vqvae" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v for k, v in load_file(str(path)).items() if not k.startswith(prefix)}, str(path))
+    return m2
+
+
+def vq_extra(model: Path, ws: Path) -> Path:
+    """A copy of the tiny model whose VQ weights hold one tensor the VQ does not have."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    m2 = copy_model(model, ws / "m2")
+    path = m2 / "vqvae" / "diffusion_pytorch_model.safetensors"
+    save_file({**load_file(str(path)), "bogus.weight": torch.zeros(2)}, str(path))
+    return m2
+
+
 def billion_laughs(key: str, depth: int = 9) -> str:
     lines = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     for i in range(1, depth):
@@ -286,6 +315,26 @@ CASES: list[Case] = [
                                             ["info", "--model", str(ws / "m2")])[-1], expect="config.json"),
     C(6, "info-config-layers-text", lambda ws, m: ["info", "--model", str(model_config(m, ws, num_layers="many"))],
       expect="config.json|num_layers"),
+    C(6, "sample-vq-no-decoder-weights", lambda ws, m: sample_args(vq_without(m, ws, "decoder."), ws / "out"),
+      model=True, expect=r"vqvae.*missing key.*decoder\."),
+    C(6, "sample-vq-no-encoder-weights", lambda ws, m: sample_args(vq_without(m, ws, "encoder."), ws / "out"),
+      model=True, expect=r"vqvae.*missing key.*encoder\."),
+    C(6, "sample-vq-extra-weight", lambda ws, m: sample_args(vq_extra(m, ws), ws / "out"),
+      model=True, expect=r"vqvae.*unexpected key.*bogus\.weight"),
+    *[C(6, f"sample-vq-config-{key}-{value}", lambda ws, m, key=key, value=value: sample_args(
+        part_config(m, ws, "vqvae", **{key: value}), ws / "out"), expect=rf"vqvae.config\.json: .*{key}")
+      for key, value in (("norm_num_groups", 0), ("num_vq_embeddings", 0), ("block_out_channels", []),
+                         ("layers_per_block", -1), ("num_vq_embeddings", 100000000), ("norm_num_groups", 3))],
+    C(6, "sample-vq-config-huge-channels", lambda ws, m: sample_args(
+        part_config(m, ws, "vqvae", block_out_channels=[32768] * 5), ws / "out"), expect=r"vqvae.config\.json.*parameters"),
+    C(6, "info-vq-config-groups-zero", lambda ws, m: ["info", "-m", str(part_config(m, ws, "vqvae", norm_num_groups=0))],
+      expect=r"vqvae.config\.json: norm_num_groups"),
+    C(6, "info-rope-axis-negative", lambda ws, m: ["info", "-m", str(model_config(m, ws, axes_dims_rope=[-2, 2, 8]))],
+      expect="axes_dims_rope"),
+    *[C(6, f"sample-text-encoder-{key}-{value}", lambda ws, m, key=key, value=value: sample_args(
+        part_config(m, ws, "text_encoder", **{key: value}), ws / "out"), expect=rf"text_encoder.config\.json: .*{key}")
+      for key, value in (("num_attention_heads", 0), ("hidden_size", "abc"), ("layer_norm_eps", float("nan")),
+                         ("num_hidden_layers", 1.5))],
     C(6, "sample-scheduler-config-list", lambda ws, m: (copy_model(m, ws / "m2"),
                                                         write(ws / "m2" / "scheduler" / "scheduler_config.json", "[1]"),
                                                         sample_args(ws / "m2", ws / "o"))[-1], model=True,

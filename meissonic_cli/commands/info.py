@@ -77,6 +77,7 @@ def _info(opts: Options, out: Any) -> None:
         model = resolve_model_folder(model, opts.get("info", "allow_download"))
         tdir = transformer_folder(model)
         cfg = TransformerConfig.from_json(tdir / "config.json")
+        _check_part_configs(Path(model))
         title = str(tdir)
     meta_model = build_on_meta(cfg)
     if arch is None:
@@ -125,3 +126,21 @@ def _info(opts: Options, out: Any) -> None:
             console.print(parts)
         else:
             console.print("(a transformer folder on its own; no other parts of the released layout)", highlight=False)
+
+
+def _check_part_configs(root: Any) -> None:
+    """The checks loading applies to `vqvae/config.json` and `text_encoder/config.json`, when present."""
+    from meissonic_cli.config import read_json_object
+
+    vq_config = root / "vqvae" / "config.json"
+    if vq_config.is_file():
+        from meissonic_cli.model.vq.config_check import check_vq_config
+
+        config = read_json_object(vq_config)
+        if config.get("_class_name", "VQModel") == "VQModel":
+            check_vq_config(config, vq_config)
+    te_config = root / "text_encoder" / "config.json"
+    if te_config.is_file():
+        from meissonic_cli.model.text_encoder import TextEncoderConfig
+
+        TextEncoderConfig.from_hf(read_json_object(te_config), str(te_config))

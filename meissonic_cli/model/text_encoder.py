@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -51,6 +52,8 @@ SOT_ID = 49406
 EOT_ID = 49407
 
 
+MAX_TEXT_SIZE = 1 << 20  # any one size of a text encoder config (the released one's largest is 49408)
+
 @dataclass
 class TextEncoderConfig:
     """Shape of a CLIP text tower. Defaults are CLIP-ViT-H-14's, the paper's encoder."""
@@ -66,6 +69,21 @@ class TextEncoderConfig:
     layer_norm_eps: float = 1e-5
 
     def validate(self) -> None:
+        sizes = {"hidden_size": self.width, "num_hidden_layers": self.layers, "num_attention_heads": self.heads,
+                 "intermediate_size": self.intermediate_size, "max_position_embeddings": self.context_length,
+                 "vocab_size": self.vocab_size, "projection_dim": self.embed_dim}
+        bad = [f"{k} must be a whole number in [1, {MAX_TEXT_SIZE:,}], got {v!r}" for k, v in sizes.items()
+               if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_TEXT_SIZE]
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and 0 < eps < 1):
+            bad.append(f"layer_norm_eps must be a finite number in (0, 1), got {eps!r}")
+        if bad:
+            raise ModelFormatError("text encoder config: " + "; ".join(bad))
+        from meissonic_cli.safety import check_parameter_count
+
+        check_parameter_count((self.vocab_size + self.context_length) * self.width
+                              + self.layers * (4 * self.width + 2 * self.intermediate_size) * self.width
+                              + self.width * self.embed_dim, "text encoder config")
         problems = []
         if self.width % self.heads:
             problems.append(f"width {self.width} is not divisible by heads {self.heads}")
@@ -114,19 +132,31 @@ class TextEncoderConfig:
         missing = [k for k in required if k not in cfg]
         if missing:
             raise ModelFormatError(f"{source}: missing field(s) {', '.join(missing)} of a CLIP text config")
-        width = int(cfg["hidden_size"])
+        def whole(key: str, default: Any = None) -> int:
+            value = cfg.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ModelFormatError(f"{source}: {key} must be a whole number, got {value!r}")
+            return value
+
+        eps = cfg.get("layer_norm_eps", 1e-5)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise ModelFormatError(f"{source}: layer_norm_eps must be a number, got {eps!r}")
+        width = whole("hidden_size")
         out = cls(
             width=width,
-            layers=int(cfg["num_hidden_layers"]),
-            heads=int(cfg["num_attention_heads"]),
-            intermediate_size=int(cfg.get("intermediate_size", 4 * width)),
-            context_length=int(cfg.get("max_position_embeddings", 77)),
-            vocab_size=int(cfg.get("vocab_size", 49408)),
-            embed_dim=int(cfg.get("projection_dim") or width),
+            layers=whole("num_hidden_layers"),
+            heads=whole("num_attention_heads"),
+            intermediate_size=whole("intermediate_size", 4 * width),
+            context_length=whole("max_position_embeddings", 77),
+            vocab_size=whole("vocab_size", 49408),
+            embed_dim=whole("projection_dim", None) if cfg.get("projection_dim") else width,
             act=str(cfg.get("hidden_act", "gelu")),
-            layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
+            layer_norm_eps=float(eps),
         )
-        out.validate()
+        try:
+            out.validate()
+        except ModelFormatError as err:
+            raise ModelFormatError(f"{source}: {err}") from None
         return out
 
 

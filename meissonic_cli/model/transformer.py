@@ -120,6 +120,8 @@ class TransformerConfig:
             problems.append(f"axes_dims_rope {list(self.axes_dims_rope)} must be 3 values summing to attention_head_dim ({self.attention_head_dim})")
         if any(a % 2 for a in self.axes_dims_rope):
             problems.append(f"axes_dims_rope {list(self.axes_dims_rope)} must all be even")
+        if any(a < 0 for a in self.axes_dims_rope):
+            problems.append(f"axes_dims_rope {list(self.axes_dims_rope)} must all be >= 0")
         if self.vocab_size <= self.codebook_size:
             problems.append(f"vocab_size ({self.vocab_size}) must exceed codebook_size ({self.codebook_size}) to hold the mask token")
         if self.downsample != self.upsample:

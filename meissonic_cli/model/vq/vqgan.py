@@ -24,6 +24,7 @@ from torch import nn
 from meissonic_cli.config import read_json_object
 from meissonic_cli.errors import ModelFormatError
 from meissonic_cli.model.vq.base import VQ_CONFIG, CodeGrid
+from meissonic_cli.model.vq.config_check import check_vq_config
 
 VQ_WEIGHTS = "diffusion_pytorch_model.safetensors"
 VQ_WEIGHTS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -65,6 +66,21 @@ def tiny_vq_config(codebook_size: int = 64, levels: int = 5, channels: int = 16,
         num_vq_embeddings=codebook_size,
     )
     return cfg
+
+
+def _check_loading_info(folder: Path, info: dict[str, Any]) -> None:
+    """The key policy of `state_io.check_keys` for diffusers' loader: every weight the VQ expects must be
+    in the folder's files, no other key may be there, and shapes must match."""
+    problems = []
+    for name, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"), ("mismatched_keys", "shape-mismatched")):
+        keys = sorted(str(k[0] if isinstance(k, (tuple, list)) else k) for k in info.get(name) or ())
+        if keys:
+            problems.append(f"{len(keys)} {what} key(s) (e.g. {', '.join(keys[:4])})")
+    errors = [str(e).splitlines()[0] for e in info.get("error_msgs") or () if str(e).strip()]
+    if errors:
+        problems.append(errors[0])
+    if problems:
+        raise ModelFormatError(f"weights in {folder} do not match the VQ model its {VQ_CONFIG} describes: {'; '.join(problems)}")
 
 
 class VQTokenizer(CodeGrid, nn.Module):
@@ -171,11 +187,21 @@ class VQTokenizer(CodeGrid, nn.Module):
             raise ModelFormatError(f"{folder}: expected {VQ_WEIGHTS} (or {VQ_WEIGHTS_INDEX} with its shards)")
         chosen = pick_variant(folder, VQ_WEIGHTS, VQ_WEIGHTS_INDEX, variant)
         from diffusers import VQModel
+        from diffusers.utils import logging as diffusers_logging
 
+        check_vq_config(config, config_path)
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # its "weights not initialized" warning becomes our Error below
         try:
-            model = VQModel.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False, variant=chosen)
+            model, info = VQModel.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False,
+                                                  variant=chosen, output_loading_info=True)
         except (OSError, ValueError, RuntimeError, TypeError) as err:
-            raise ModelFormatError(f"{folder}: cannot load the VQ model ({str(err).splitlines()[0]})") from None
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+            detail = next((line for line in lines if "size mismatch" in line), lines[0])
+            raise ModelFormatError(f"{folder}: cannot load the VQ model ({detail})") from None
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        _check_loading_info(folder, info)
         vq = cls(model.eval())
         if dtype is not None and not (vq.force_upcast and dtype in (torch.float16, torch.bfloat16)):
             vq = vq.to(dtype)
