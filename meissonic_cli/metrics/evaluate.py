@@ -438,10 +438,9 @@ def _sample_plan(cfg: EvalConfig, prompts: list[PromptEntry]) -> tuple[SampleCon
     return sample_cfg, entries, planned
 
 
-def check_prompts(cfg: EvalConfig, prompts: list[PromptEntry]) -> None:
-    """Raise InputError if some prompt cannot serve a requested suite (a shapes suite and a prompt that is
-    not a shapes-world caption, dino without a source image...), before anything is sampled."""
-    planned = _sample_plan(cfg, prompts)[2]
+def check_prompts(cfg: EvalConfig, planned: list[EvalItem]) -> None:
+    """Raise InputError if some planned image cannot serve a requested suite (a shapes suite and a prompt that
+    is not a shapes-world caption, dino without a source image...); `sample_prompts` calls it before sampling."""
     check_items(planned, cfg.suites)
     for suite in cfg.suites:
         if suite in _PLUGINS:
@@ -462,6 +461,7 @@ def sample_prompts(cfg: EvalConfig, progress: bool = True, pipeline: Any = None,
     if prompts is None:
         prompts = read_eval_prompts(str(cfg.prompts), cfg.prompts_format or None)
     sample_cfg, entries, planned = _sample_plan(cfg, prompts)
+    check_prompts(cfg, planned)  # a prompt no requested suite can score fails before anything is sampled
     run_sample(sample_cfg, progress=progress, pipeline=pipeline)
     items = []
     for entry, item in zip(entries, planned):
@@ -498,7 +498,6 @@ def run_eval(cfg: EvalConfig, progress: bool = True, pipeline: Any = None) -> di
         check_items(items, cfg.suites)
     else:
         prompts = read_eval_prompts(str(cfg.prompts), cfg.prompts_format or None)  # bad prompts fail before sampling
-        check_prompts(cfg, prompts)
         items = sample_prompts(cfg, progress=progress, pipeline=pipeline, prompts=prompts)
         check_items(items, cfg.suites)
     if "fid" in cfg.suites and len(items) < 2:
