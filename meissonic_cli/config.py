@@ -89,16 +89,16 @@ def parse_resolution(value: Any, flag: str = "--resolution") -> Optional[tuple[i
     return w, h
 
 
-def parse_temperature(value: str) -> Any:
+def parse_temperature(value: str, flag: str = "--temperature") -> Any:
     """'2,0' -> (2.0, 0.0); '3' -> 3.0; each number in [0, MAX_TEMPERATURE] (the one check of every command's
-    --temperature: sample, edit, eval's sampler flags, the app)."""
+    --temperature: sample, edit, eval's sampler flags, the app, and `distill --rollout-temperature`)."""
     parts = [s.strip() for s in str(value).split(",")]
     try:
         numbers = [float(s) for s in parts]
     except ValueError:
         numbers = []
     if len(numbers) not in (1, 2) or not all(math.isfinite(x) and 0 <= x <= MAX_TEMPERATURE for x in numbers):
-        raise InputError(f"--temperature {value!r} must be 'start,end' (e.g. 2,0) or one number, each between 0 and "
+        raise InputError(f"{flag} {value!r} must be 'start,end' (e.g. 2,0) or one number, each between 0 and "
                          f"{MAX_TEMPERATURE:g}")
     return numbers[0] if len(numbers) == 1 else (numbers[0], numbers[1])
 

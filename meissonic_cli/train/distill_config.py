@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from meissonic_cli.config import MAX_TEMPERATURE, Problems, field, flag_of
+from meissonic_cli.config import Problems, field, flag_of, parse_temperature
+from meissonic_cli.errors import InputError
 from meissonic_cli.train.config import PRECISIONS, TrainConfig, apply_overrides, read_yaml_mapping
 
 LOSSES = ("kl", "ce")
@@ -64,8 +65,8 @@ class DistillConfig(TrainConfig):
     @property
     def rollout_temperatures(self) -> tuple[float, float]:
         """--rollout-temperature as (start, end); one number tau means (tau, 0.01), as the scheduler reads it."""
-        parts = [float(x) for x in str(self.rollout_temperature).split(",")]
-        return (parts[0], 0.01) if len(parts) == 1 else (parts[0], parts[1])
+        parsed = parse_temperature(self.rollout_temperature, "--rollout-temperature")
+        return parsed if isinstance(parsed, tuple) else (parsed, 0.01)
 
     @property
     def step_counts(self) -> list[int]:
@@ -100,12 +101,9 @@ class DistillConfig(TrainConfig):
         p.check(bool(counts) and all(1 <= n <= 1000 for n in counts),
                 f"{flag('distill_steps')} must be comma-separated step counts in 1..1000, got {self.distill_steps!r}")
         try:
-            temperatures = self.rollout_temperatures
-        except (ValueError, IndexError):
-            temperatures = (math.nan,)
-        p.check(len(str(self.rollout_temperature).split(",")) <= 2 and all(math.isfinite(t) and 0 <= t <= MAX_TEMPERATURE for t in temperatures),
-                f"{flag('rollout_temperature')} must be 'start,end' or one number, each in [0, {MAX_TEMPERATURE:g}], got "
-                f"{self.rollout_temperature!r}")
+            parse_temperature(self.rollout_temperature, flag("rollout_temperature"))
+        except InputError as err:
+            p.check(False, str(err))
         p.check(self.step_distill == 1 or self.distill_timesteps != "train",
                 f"{flag('step_distill')} > 1 follows sampling runs: use {flag('distill_timesteps')} sampler or rollout")
         p.check(self.teacher_precision in PRECISIONS,
