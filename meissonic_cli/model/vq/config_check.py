@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from meissonic_cli.config import number_problem
 from meissonic_cli.errors import ModelFormatError
 
 MAX_LEVELS = 12  # downsample factor 2**11; the released VQ has 5 levels
@@ -21,11 +22,12 @@ MAX_CODES = 1 << 20  # the released VQ has 8192 codes
 
 
 def _int(config: dict[str, Any], key: str, where: Path, low: int, high: int, default: Any = None) -> int:
+    """`config[key]` (or `default`) when a whole number in [low, high]: `config.number_problem`, the check of
+    every number setting, else ModelFormatError naming the file and the key."""
     value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ModelFormatError(f"{where}: {key} must be a whole number, got {value!r}")
-    if not low <= value <= high:
-        raise ModelFormatError(f"{where}: {key} must be in [{low}, {high:,}], got {value}")
+    problem = number_problem(value, f"{where}: {key}", "int", (low, high))
+    if problem:
+        raise ModelFormatError(problem)
     return value
 
 
